@@ -1,0 +1,310 @@
+//! The lab: hosts, nodes and pods as network namespaces that xlb's tests, demo and benchmarks
+//! create for themselves.
+//!
+//! Every namespace a lab creates is named `xlb-<pid>-<lab>-<name>`, so two runs never collide
+//! and a namespace whose creator is gone is recognisably stale; [`Lab::new`] removes such
+//! leftovers first. A lab tears down what it made when it is dropped (also on panic), killing
+//! the processes it started inside first. Nothing here touches the host's own namespace: every
+//! command runs with `ip -n <ns>` or `ip netns exec <ns>`, and links are only ever created
+//! between two lab namespaces.
+use std::{
+    ffi::OsStr,
+    fs::File,
+    io,
+    os::fd::AsRawFd as _,
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    thread,
+};
+
+const PREFIX: &str = "xlb-";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("`{cmd}` failed ({status}): {stderr}")]
+    Command {
+        cmd: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("`{cmd}` could not be started")]
+    Spawn {
+        cmd: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("entering namespace {ns}")]
+    Setns {
+        ns: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("the lab needs root (it creates network namespaces)")]
+    NotRoot,
+}
+
+pub type Result<T, E = LabError> = std::result::Result<T, E>;
+
+/// Whether this process runs as root.
+#[must_use]
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+/// Runs `cmd`, returning its output, or an error carrying its stderr when it fails.
+pub fn run(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| LabError::Spawn {
+            cmd: describe(cmd),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(LabError::Command {
+            cmd: describe(cmd),
+            status: out.status.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        })
+    }
+}
+
+fn ip<I, S>(args: I) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run(Command::new("ip").args(args))
+}
+
+/// Lab namespaces that exist now.
+fn lab_namespaces() -> Result<Vec<String>> {
+    let out = ip(["netns", "list"])?;
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with(PREFIX))
+        .map(str::to_owned)
+        .collect())
+}
+
+/// Removes lab namespaces whose creating process no longer runs (a crashed run's leftovers).
+pub fn remove_stale() -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    for ns in lab_namespaces()? {
+        let pid = ns[PREFIX.len()..]
+            .split('-')
+            .next()
+            .and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            delete_netns(&ns);
+            removed.push(ns);
+        }
+    }
+    Ok(removed)
+}
+
+/// Kills every process inside `ns`, then deletes it. Best effort: used in teardown.
+fn delete_netns(ns: &str) {
+    if let Ok(out) = ip(["netns", "pids", ns]) {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if let Ok(pid) = pid.parse::<i32>() {
+                // SAFETY: kill has no memory-safety preconditions; these pids live in a lab
+                // namespace this process (or a dead run of it) created.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let _ = ip(["netns", "del", ns]);
+}
+
+static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A set of namespaces (and processes in them) that is torn down together.
+pub struct Lab {
+    tag: String,
+    namespaces: Mutex<Vec<String>>,
+    children: Mutex<Vec<Child>>,
+}
+
+impl Lab {
+    /// Starts a lab; `tag` (short, `[a-z0-9]`) names it in namespace names.
+    pub fn new(tag: &str) -> Result<Self> {
+        if !is_root() {
+            return Err(LabError::NotRoot);
+        }
+        remove_stale()?;
+        let seq = LAB_SEQ.fetch_add(1, Ordering::Relaxed);
+        Ok(Self {
+            tag: format!("{PREFIX}{}-{seq}{tag}", std::process::id()),
+            namespaces: Mutex::new(Vec::new()),
+            children: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Creates namespace `name` with loopback up.
+    pub fn netns(&self, name: &str) -> Result<Netns> {
+        let full = format!("{}-{name}", self.tag);
+        ip(["netns", "add", &full])?;
+        self.namespaces
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(full.clone());
+        let ns = Netns { name: full };
+        ns.ip(["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Starts `cmd` (built with [`Netns::command`]); it is killed when the lab ends.
+    pub fn spawn(&self, cmd: &mut Command) -> Result<u32> {
+        let child = cmd.spawn().map_err(|source| LabError::Spawn {
+            cmd: describe(cmd),
+            source,
+        })?;
+        let pid = child.id();
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(child);
+        Ok(pid)
+    }
+
+    /// Kills one process started with [`Lab::spawn`] (SIGKILL) and reaps it.
+    pub fn kill(&self, pid: u32) {
+        let mut children = self
+            .children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(i) = children.iter().position(|c| c.id() == pid) {
+            let mut c = children.swap_remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let children = self
+            .children
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for c in children.iter_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let namespaces = self
+            .namespaces
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for ns in namespaces.drain(..).rev() {
+            delete_netns(&ns);
+        }
+    }
+}
+
+/// One network namespace of a lab.
+#[derive(Clone, Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip<I, S>(&self, args: I) -> Result<Output>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let mut cmd = Command::new("ip");
+        cmd.arg("-n").arg(&self.name).args(args);
+        run(&mut cmd)
+    }
+
+    /// A command that runs `program` inside this namespace.
+    #[must_use]
+    pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Sets a sysctl inside this namespace (e.g. `net.ipv4.ip_forward`).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        run(self
+            .command("sysctl")
+            .args(["-q", "-w", &format!("{key}={value}")]))?;
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has entered this namespace (sockets and BPF calls made
+    /// there belong to it) and returns its result.
+    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let file = File::open(format!("/var/run/netns/{}", self.name)).map_err(|source| {
+            LabError::Setns {
+                ns: self.name.clone(),
+                source,
+            }
+        })?;
+        thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns on this thread only; the fd is open for the call's duration.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(LabError::Setns {
+                        ns: self.name.clone(),
+                        source: io::Error::last_os_error(),
+                    });
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+        })
+    }
+}
+
+/// Creates a veth pair between two lab namespaces: `a_name` in `a`, `b_name` in `b`, both up.
+/// When `wire` is set, TX checksum offload is turned off on both ends, so packets carry full
+/// checksums as they would on a physical wire.
+pub fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str, wire: bool) -> Result<()> {
+    a.ip([
+        "link",
+        "add",
+        a_name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b_name,
+        "netns",
+        b.name(),
+    ])?;
+    a.ip(["link", "set", a_name, "up"])?;
+    b.ip(["link", "set", b_name, "up"])?;
+    if wire {
+        run(a.command("ethtool").args(["-K", a_name, "tx", "off"]))?;
+        run(b.command("ethtool").args(["-K", b_name, "tx", "off"]))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,292 @@
+//! The map ABI shared by xlb's eBPF datapath (`lb-ebpf`) and its agent (`lb-userspace`).
+//!
+//! Every type here is `#[repr(C)]` with explicit padding and a const size/offset assert, so the
+//! two sides cannot disagree about a layout without the build failing. Fields in network byte
+//! order carry a `_be` suffix: they hold the packet's bytes as a native integer
+//! (`u32::from_ne_bytes(packet[..4])`), never a host-order value. Map names carry the layout
+//! version (`_v1`); a layout change means a new suffix.
+#![no_std]
+
+pub mod csum;
+pub mod hash;
+
+/// Version of the map layouts below; part of every map name.
+pub const ABI_VERSION: u32 = 1;
+
+/// Map names as they appear in the object file (and under the pin directory).
+pub mod map_names {
+    pub const FRONTENDS: &str = "xlb_frontends_v1";
+    pub const BACKENDS: &str = "xlb_backends_v1";
+    pub const RINGS: &str = "xlb_rings_v1";
+    pub const CONNTRACK: &str = "xlb_ct_v1";
+    pub const SNAT: &str = "xlb_snat_v1";
+    pub const STATS: &str = "xlb_stats_v1";
+    pub const CONFIG: &str = "xlb_config_v1";
+}
+
+/// Default capacities; the agent may override each at load time.
+pub mod capacity {
+    pub const FRONTENDS: u32 = 65_536;
+    pub const BACKENDS: u32 = 262_144;
+    /// Ring slab slots (u32 backend ids): 16 Mi slots = 64 MiB, enough for 10,000 services
+    /// with 10 backends each at M ≥ 100·N.
+    pub const RING_SLOTS: u32 = 16 * 1024 * 1024;
+    pub const CONNTRACK: u32 = 1024 * 1024;
+    pub const SNAT: u32 = 256 * 1024;
+}
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Which view of a frontend a lookup wants. Traffic policies make the two differ: a `NodePort`
+/// with externalTrafficPolicy=Local has only node-local backends in its external entry.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Scope {
+    /// Traffic that entered the node from outside (XDP on a NIC).
+    External = 0,
+    /// Traffic that a pod on this node sent (TC on its interface).
+    Internal = 1,
+}
+
+/// Key of the frontends map: the address a client sends to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr_be: u32, // frontend IPv4 address, network order
+    pub port_be: u16, // frontend port, network order
+    pub proto: u8,    // IPPROTO_TCP or IPPROTO_UDP
+    pub scope: u8,    // Scope as u8
+}
+
+/// Frontend flag: backends may live on other nodes and need SNAT when reached from a NIC.
+/// Without it (externalTrafficPolicy=Local) the client's address is kept.
+pub const FRONTEND_F_SNAT_REMOTE: u32 = 1 << 0;
+
+/// Value of the frontends map: where this frontend's Maglev ring lives.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Frontend {
+    pub service_id: u32,    // agent-assigned id of the service port (stats, explain)
+    pub ring_offset: u32,   // first slot of this frontend's region in the ring slab
+    pub ring_size: u32,     // region length M (a prime); 0 = no usable backend
+    pub backend_count: u32, // distinct backends in the ring (diagnostics)
+    pub flags: u32,         // FRONTEND_F_*
+    pub _pad: u32,
+}
+
+/// Backend flag: the backend is a pod on this node.
+pub const BACKEND_F_LOCAL: u32 = 1 << 0;
+
+/// Value of the backends map (key: backend id, u32; id 0 means "none").
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Backend {
+    pub addr_be: u32, // backend IPv4 address, network order
+    pub port_be: u16, // backend port, network order
+    pub _pad0: u16,
+    pub generation: u32, // bumped when the id is reused; conntrack entries remember it
+    pub flags: u32,      // BACKEND_F_*
+}
+
+/// Key of the conntrack map: a packet's 5-tuple exactly as it arrives at the hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Conntrack entry kinds.
+pub const CT_FORWARD: u8 = 1;
+pub const CT_REVERSE: u8 = 2;
+
+/// Value of the conntrack map.
+///
+/// A forward entry (key: client → frontend) names the chosen backend and, for SNATed flows,
+/// the node address and port used as the new source. A reverse entry (key: backend → client or
+/// backend → SNAT address) says what the reply's source must become (the frontend) and, for
+/// SNATed flows, its destination (the original client).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct CtEntry {
+    pub backend_id: u32,         // forward: chosen backend
+    pub backend_generation: u32, // forward: its generation when chosen
+    pub nat_addr_be: u32,        // forward: SNAT source (0 = none); reverse: frontend address
+    pub orig_addr_be: u32,       // reverse: client address to restore (0 = no SNAT)
+    pub nat_port_be: u16,        // forward: SNAT port; reverse: frontend port
+    pub orig_port_be: u16,       // reverse: client port to restore
+    pub kind: u8,                // CT_FORWARD or CT_REVERSE
+    pub _pad: [u8; 3],
+    pub service_id: u32, // service the flow belongs to
+    pub _pad1: u32,
+}
+
+/// Key of the SNAT map: a (node address, port, protocol) taken by one SNATed flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SnatKey {
+    pub addr_be: u32,
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the SNAT map: the client the port was given to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SnatEntry {
+    pub client_addr_be: u32,
+    pub client_port_be: u16,
+    pub _pad: u16,
+}
+
+/// Maximum node addresses the datapath knows of.
+pub const MAX_NODE_ADDRS: usize = 8;
+
+/// The single entry of the config map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Config {
+    pub snat_addr_be: u32,    // source address for SNATed flows (0 = SNAT disabled)
+    pub snat_port_min: u16,   // SNAT port range, host order, inclusive
+    pub snat_port_max: u16,   // inclusive
+    pub node_addr_count: u32, // valid entries in node_addrs_be
+    pub flags: u32,
+    pub node_addrs_be: [u32; MAX_NODE_ADDRS],
+}
+
+/// What the datapath did with a packet; index of the stats map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Verdict {
+    /// Not service traffic: passed untouched.
+    PassNotService = 0,
+    /// Malformed or not parseable (truncated, bad IHL, length beyond buffer): passed untouched.
+    PassMalformed = 1,
+    /// An IPv4 fragment: passed untouched.
+    PassFragment = 2,
+    /// Not IPv4 TCP/UDP: passed untouched.
+    PassOtherProto = 3,
+    /// New flow to a frontend: backend chosen, translated.
+    NatNew = 4,
+    /// Established flow to a frontend: translated with its conntrack entry.
+    NatEstablished = 5,
+    /// Reply of a translated flow: reverse-translated.
+    ReverseNat = 6,
+    /// Translated and SNATed toward a remote backend, transmitted from XDP.
+    SnatTx = 7,
+    /// Frontend hit with no usable backend: dropped.
+    DropNoBackend = 8,
+    /// No free SNAT port: dropped.
+    DropSnatExhausted = 9,
+    /// FIB lookup failed for a SNATed flow: dropped.
+    DropNoRoute = 10,
+    /// A map update failed (full conntrack etc.): dropped.
+    DropMapFull = 11,
+    /// A checksum helper failed: dropped.
+    DropChecksum = 12,
+}
+
+impl Verdict {
+    pub const COUNT: u32 = 13;
+    pub const ALL: [Verdict; Self::COUNT as usize] = [
+        Verdict::PassNotService,
+        Verdict::PassMalformed,
+        Verdict::PassFragment,
+        Verdict::PassOtherProto,
+        Verdict::NatNew,
+        Verdict::NatEstablished,
+        Verdict::ReverseNat,
+        Verdict::SnatTx,
+        Verdict::DropNoBackend,
+        Verdict::DropSnatExhausted,
+        Verdict::DropNoRoute,
+        Verdict::DropMapFull,
+        Verdict::DropChecksum,
+    ];
+
+    /// Metric label of this verdict.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::PassNotService => "pass_not_service",
+            Verdict::PassMalformed => "pass_malformed",
+            Verdict::PassFragment => "pass_fragment",
+            Verdict::PassOtherProto => "pass_other_proto",
+            Verdict::NatNew => "nat_new",
+            Verdict::NatEstablished => "nat_established",
+            Verdict::ReverseNat => "reverse_nat",
+            Verdict::SnatTx => "snat_tx",
+            Verdict::DropNoBackend => "drop_no_backend",
+            Verdict::DropSnatExhausted => "drop_snat_exhausted",
+            Verdict::DropNoRoute => "drop_no_route",
+            Verdict::DropMapFull => "drop_map_full",
+            Verdict::DropChecksum => "drop_checksum",
+        }
+    }
+}
+
+/// Value of the per-CPU stats map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+macro_rules! assert_layout {
+    ($t:ty, $size:expr, $align:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $size);
+        const _: () = assert!(core::mem::align_of::<$t>() == $align);
+    };
+}
+macro_rules! assert_offset {
+    ($t:ty, $field:ident, $off:expr) => {
+        const _: () = assert!(core::mem::offset_of!($t, $field) == $off);
+    };
+}
+
+assert_layout!(FrontendKey, 8, 4);
+assert_offset!(FrontendKey, port_be, 4);
+assert_offset!(FrontendKey, proto, 6);
+assert_offset!(FrontendKey, scope, 7);
+assert_layout!(Frontend, 24, 4);
+assert_offset!(Frontend, ring_offset, 4);
+assert_offset!(Frontend, ring_size, 8);
+assert_offset!(Frontend, flags, 16);
+assert_layout!(Backend, 16, 4);
+assert_offset!(Backend, port_be, 4);
+assert_offset!(Backend, generation, 8);
+assert_offset!(Backend, flags, 12);
+assert_layout!(FlowKey, 16, 4);
+assert_offset!(FlowKey, sport_be, 8);
+assert_offset!(FlowKey, proto, 12);
+assert_layout!(CtEntry, 32, 4);
+assert_offset!(CtEntry, nat_port_be, 16);
+assert_offset!(CtEntry, kind, 20);
+assert_offset!(CtEntry, service_id, 24);
+assert_layout!(SnatKey, 8, 4);
+assert_layout!(SnatEntry, 8, 4);
+assert_layout!(Config, 48, 4);
+assert_offset!(Config, node_addrs_be, 16);
+assert_layout!(Counter, 16, 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is #[repr(C)], made only of integers, with all padding explicit, so
+    // any bit pattern is valid and no byte is uninitialised.
+    unsafe impl aya::Pod for super::FrontendKey {}
+    unsafe impl aya::Pod for super::Frontend {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::SnatKey {}
+    unsafe impl aya::Pod for super::SnatEntry {}
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Counter {}
+}

@@ -1,0 +1,133 @@
+//! Header parsing. All packet memory goes through `ptr_at`/`ptr_at_mut`, which bounds-check
+//! against the end of the packet; nothing else dereferences packet pointers.
+use lb_common::{IPPROTO_TCP, IPPROTO_UDP, Verdict};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: [u8; 2] = [0x08, 0x00];
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub proto: [u8; 2],
+}
+
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub ver_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub proto: u8,
+    pub check: [u8; 2],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+}
+
+/// The first 4 bytes of TCP and UDP.
+#[repr(C)]
+pub struct Ports {
+    pub src: [u8; 2],
+    pub dst: [u8; 2],
+}
+
+#[repr(C)]
+pub struct TcpHdr {
+    pub src: [u8; 2],
+    pub dst: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack: [u8; 4],
+    pub doff_flags: [u8; 2],
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urg: [u8; 2],
+}
+
+#[repr(C)]
+pub struct UdpHdr {
+    pub src: [u8; 2],
+    pub dst: [u8; 2],
+    pub len: [u8; 2],
+    pub check: [u8; 2],
+}
+
+/// Pointer to a `T` at `off` bytes into the packet, or `None` if it does not fit.
+#[inline(always)]
+pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*const T> {
+    let start = data.checked_add(off)?;
+    if start + size_of::<T>() > data_end {
+        return None;
+    }
+    Some(start as *const T)
+}
+
+/// Offsets of a parsed IPv4 TCP/UDP packet and its 5-tuple (network order).
+#[derive(Clone, Copy)]
+#[expect(
+    dead_code,
+    reason = "read by the service translation, which is not written yet"
+)]
+pub struct Flow {
+    pub l4_off: usize,
+    pub proto: u8,
+    pub src_be: u32,
+    pub dst_be: u32,
+    pub sport_be: u16,
+    pub dport_be: u16,
+}
+
+/// Parses Ethernet + IPv4 + the TCP/UDP ports. Anything that is not a complete, unfragmented
+/// IPv4 TCP/UDP packet yields the pass verdict that says why.
+#[inline(always)]
+pub fn ipv4_flow(data: usize, data_end: usize) -> Result<Flow, Verdict> {
+    let eth: *const EthHdr = ptr_at(data, data_end, 0).ok_or(Verdict::PassMalformed)?;
+    // SAFETY: ptr_at checked that the header lies inside the packet.
+    if unsafe { (*eth).proto } != ETH_P_IP {
+        return Err(Verdict::PassOtherProto);
+    }
+    let ip: *const Ipv4Hdr = ptr_at(data, data_end, ETH_HLEN).ok_or(Verdict::PassMalformed)?;
+    // SAFETY: as above.
+    let ip = unsafe { &*ip };
+    let ihl = usize::from(ip.ver_ihl & 0x0f) * 4;
+    if ip.ver_ihl >> 4 != 4 || ihl < 20 {
+        return Err(Verdict::PassMalformed);
+    }
+    let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
+    if tot_len < ihl || ETH_HLEN + tot_len > data_end - data {
+        return Err(Verdict::PassMalformed);
+    }
+    // MF set or a non-zero offset: a fragment.
+    if u16::from_be_bytes(ip.frag_off) & 0x3fff != 0 {
+        return Err(Verdict::PassFragment);
+    }
+    if ip.proto != IPPROTO_TCP && ip.proto != IPPROTO_UDP {
+        return Err(Verdict::PassOtherProto);
+    }
+    let l4_off = ETH_HLEN + ihl;
+    let min_l4 = if ip.proto == IPPROTO_TCP { 20 } else { 8 };
+    if tot_len < ihl + min_l4 {
+        return Err(Verdict::PassMalformed);
+    }
+    if ip.proto == IPPROTO_TCP {
+        let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Verdict::PassMalformed)?;
+        // SAFETY: as above.
+        if unsafe { (*tcp).doff_flags[0] } >> 4 < 5 {
+            return Err(Verdict::PassMalformed);
+        }
+    } else if ptr_at::<UdpHdr>(data, data_end, l4_off).is_none() {
+        return Err(Verdict::PassMalformed);
+    }
+    let ports: *const Ports = ptr_at(data, data_end, l4_off).ok_or(Verdict::PassMalformed)?;
+    // SAFETY: as above.
+    let ports = unsafe { &*ports };
+    Ok(Flow {
+        l4_off,
+        proto: ip.proto,
+        src_be: u32::from_ne_bytes(ip.src),
+        dst_be: u32::from_ne_bytes(ip.dst),
+        sport_be: u16::from_ne_bytes(ports.src),
+        dport_be: u16::from_ne_bytes(ports.dst),
+    })
+}

@@ -1,0 +1,2 @@
+//! xlb's agent and CLI: loads the eBPF datapath, attaches it, and programs its maps.
+pub mod loader;

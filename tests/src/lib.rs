@@ -1,0 +1,19 @@
+//! Shared helpers of xlb's packet tests and lab tests: privilege checks, a packet builder with
+//! real checksums, a checksum verifier, and a harness around `BPF_PROG_TEST_RUN`.
+pub mod harness;
+pub mod packet;
+
+/// Whether this test can use BPF and namespaces. Without root it is skipped with a note, except
+/// under `CI=true`, where a test that cannot run is a failure.
+#[must_use]
+pub fn privileged(test: &str) -> bool {
+    if lb_lab::is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test} needs root (BPF, network namespaces) and CI=true forbids skipping it"
+    );
+    eprintln!("skipping {test}: needs root");
+    false
+}
