@@ -1,2 +1,3 @@
 //! xlb's agent and CLI: loads the eBPF datapath, attaches it, and programs its maps.
 pub mod loader;
+pub mod state;
