@@ -108,41 +108,31 @@ pub const CT_REVERSE: u8 = 2;
 /// Value of the conntrack map.
 ///
 /// A forward entry (key: client → frontend) names the chosen backend and, for SNATed flows,
-/// the node address and port used as the new source. A reverse entry (key: backend → client or
-/// backend → SNAT address) says what the reply's source must become (the frontend) and, for
-/// SNATed flows, its destination (the original client).
+/// the node address and port used as the new source. A reverse entry (key: backend → client)
+/// names the frontend that the reply's source must become. Replies of SNATed flows are found
+/// in the SNAT map instead.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct CtEntry {
     pub backend_id: u32,         // forward: chosen backend
     pub backend_generation: u32, // forward: its generation when chosen
     pub nat_addr_be: u32,        // forward: SNAT source (0 = none); reverse: frontend address
-    pub orig_addr_be: u32,       // reverse: client address to restore (0 = no SNAT)
+    pub service_id: u32,         // service the flow belongs to
     pub nat_port_be: u16,        // forward: SNAT port; reverse: frontend port
-    pub orig_port_be: u16,       // reverse: client port to restore
     pub kind: u8,                // CT_FORWARD or CT_REVERSE
-    pub _pad: [u8; 3],
-    pub service_id: u32, // service the flow belongs to
-    pub _pad1: u32,
-}
-
-/// Key of the SNAT map: a (node address, port, protocol) taken by one SNATed flow.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-pub struct SnatKey {
-    pub addr_be: u32,
-    pub port_be: u16,
-    pub proto: u8,
     pub _pad: u8,
 }
 
-/// Value of the SNAT map: the client the port was given to.
+/// Value of the SNAT map, whose key is the reply's 5-tuple as it arrives (backend → SNAT
+/// address and port): the client and frontend to restore. Inserting it with `BPF_NOEXIST`
+/// is also how a SNAT port is reserved, so one port serves many backends at once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SnatEntry {
-    pub client_addr_be: u32,
+    pub client_addr_be: u32,   // original source of the flow
+    pub frontend_addr_be: u32, // address the client sent to
     pub client_port_be: u16,
-    pub _pad: u16,
+    pub frontend_port_be: u16,
 }
 
 /// Maximum node addresses the datapath knows of.
@@ -188,12 +178,14 @@ pub enum Verdict {
     DropNoRoute = 10,
     /// A map update failed (full conntrack etc.): dropped.
     DropMapFull = 11,
-    /// A checksum helper failed: dropped.
-    DropChecksum = 12,
+    /// A kernel helper failed halfway through a rewrite: dropped rather than sent half-done.
+    DropRewrite = 12,
+    /// TTL would expire in forwarding: passed to the kernel, which answers with ICMP.
+    PassTtl = 13,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::PassNotService,
         Verdict::PassMalformed,
@@ -207,7 +199,8 @@ impl Verdict {
         Verdict::DropSnatExhausted,
         Verdict::DropNoRoute,
         Verdict::DropMapFull,
-        Verdict::DropChecksum,
+        Verdict::DropRewrite,
+        Verdict::PassTtl,
     ];
 
     /// Metric label of this verdict.
@@ -226,7 +219,8 @@ impl Verdict {
             Verdict::DropSnatExhausted => "drop_snat_exhausted",
             Verdict::DropNoRoute => "drop_no_route",
             Verdict::DropMapFull => "drop_map_full",
-            Verdict::DropChecksum => "drop_checksum",
+            Verdict::DropRewrite => "drop_rewrite",
+            Verdict::PassTtl => "pass_ttl",
         }
     }
 }
@@ -266,12 +260,12 @@ assert_offset!(Backend, flags, 12);
 assert_layout!(FlowKey, 16, 4);
 assert_offset!(FlowKey, sport_be, 8);
 assert_offset!(FlowKey, proto, 12);
-assert_layout!(CtEntry, 32, 4);
+assert_layout!(CtEntry, 20, 4);
+assert_offset!(CtEntry, service_id, 12);
 assert_offset!(CtEntry, nat_port_be, 16);
-assert_offset!(CtEntry, kind, 20);
-assert_offset!(CtEntry, service_id, 24);
-assert_layout!(SnatKey, 8, 4);
-assert_layout!(SnatEntry, 8, 4);
+assert_offset!(CtEntry, kind, 18);
+assert_layout!(SnatEntry, 12, 4);
+assert_offset!(SnatEntry, client_port_be, 8);
 assert_layout!(Config, 48, 4);
 assert_offset!(Config, node_addrs_be, 16);
 assert_layout!(Counter, 16, 8);
@@ -285,7 +279,6 @@ mod pod {
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::CtEntry {}
-    unsafe impl aya::Pod for super::SnatKey {}
     unsafe impl aya::Pod for super::SnatEntry {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counter {}

@@ -1,5 +1,6 @@
-//! xlb's datapath: XDP on node NICs and TC on pod interfaces. Entry points only; the work lives
-//! in the modules (parse, stats, ...). Every outcome is a typed `Verdict` counted per CPU.
+//! xlb's datapath: XDP on node NICs and TC on pod interfaces. Entry points and the per-hook
+//! flow live here; parsing, selection, conntrack, rewriting and routing live in the modules.
+//! Every outcome is a typed `Verdict` counted per CPU; nothing is logged per packet.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 #![expect(
@@ -7,42 +8,179 @@
     reason = "entry points take their context by value"
 )]
 
+mod conntrack;
+mod fib;
 mod maps;
+mod nat;
 mod parse;
+mod select;
 mod stats;
 
+use aya_ebpf::macros::{classifier, xdp};
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, xdp_action},
-    macros::{classifier, xdp},
+    EbpfContext as _,
+    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
     programs::{TcContext, XdpContext},
 };
-use lb_common::Verdict;
+use lb_common::{Scope, Verdict};
 
-/// Node NICs: service traffic entering the node.
+use crate::{fib::Lookup, parse::Flow, select::Reverse};
+
+/// Node NICs: service traffic entering the node, and replies of SNATed flows.
 #[xdp]
 pub fn xlb_nic(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
     let (verdict, action) = nic(&ctx);
-    stats::count(verdict, (ctx.data_end() - ctx.data()) as u64);
+    stats::count(verdict, bytes);
     action
 }
 
+#[inline(always)]
 fn nic(ctx: &XdpContext) -> (Verdict, u32) {
-    // Service translation lands with the frontend maps; until then every packet passes.
-    match parse::ipv4_flow(ctx.data(), ctx.data_end()) {
-        Ok(_) => (Verdict::PassNotService, xdp_action::XDP_PASS),
-        Err(v) => (v, xdp_action::XDP_PASS),
+    let f = match parse::ipv4_flow(ctx.data(), ctx.data_end()) {
+        Ok(f) => f,
+        Err(v) => return (v, xdp_action::XDP_PASS),
+    };
+    if let Some(fe) = select::frontend(&f, Scope::External as u8) {
+        if f.ttl <= 1 {
+            // Let the kernel answer with ICMP time exceeded.
+            return (Verdict::PassTtl, xdp_action::XDP_PASS);
+        }
+        let fwd = match select::forward(&f, &fe, true) {
+            Ok(fwd) => fwd,
+            Err(v) => return (v, xdp_action::XDP_DROP),
+        };
+        let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
+        return match fwd.snat {
+            // A local backend: the kernel delivers it to the pod.
+            None => {
+                if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, None, dst, false) {
+                    (fwd.verdict, xdp_action::XDP_PASS)
+                } else {
+                    (Verdict::PassMalformed, xdp_action::XDP_PASS)
+                }
+            }
+            Some(src) => {
+                let (v, action) = nic_transmit(ctx, &f, Some(src), dst);
+                (if v == Verdict::SnatTx { v } else { fwd.verdict }, action)
+            }
+        };
+    }
+    let cfg = select::config();
+    if let Some(Reverse { src, dst }) = select::reverse(&f, cfg.as_ref()) {
+        if dst.is_none() {
+            // Reply to a client on this node (a pod): the kernel delivers it.
+            if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, Some(src), None, false) {
+                return (Verdict::ReverseNat, xdp_action::XDP_PASS);
+            }
+            return (Verdict::PassMalformed, xdp_action::XDP_PASS);
+        }
+        let (v, action) = nic_transmit(ctx, &f, Some(src), dst);
+        return (
+            if v == Verdict::SnatTx {
+                Verdict::ReverseNat
+            } else {
+                v
+            },
+            action,
+        );
+    }
+    (Verdict::PassNotService, xdp_action::XDP_PASS)
+}
+
+/// Rewrites a frame that this node must send on (SNATed flows and their replies) and
+/// transmits it from XDP. Without a resolved neighbour the translated frame goes to the
+/// kernel, which resolves it and forwards (the agent enables `accept_local` on NICs for this).
+#[inline(always)]
+fn nic_transmit(
+    ctx: &XdpContext,
+    f: &Flow,
+    src: Option<nat::Endpoint>,
+    dst: Option<nat::Endpoint>,
+) -> (Verdict, u32) {
+    let new_src = src.map_or(f.src_be, |s| s.0);
+    let new_dst = dst.map_or(f.dst_be, |d| d.0);
+    let ingress = ctx.ingress_ifindex() as u32;
+    match fib::lookup(ctx.as_ptr(), ingress, new_src, new_dst, f.proto, f.tot_len) {
+        Lookup::Found(route) => {
+            let (data, end) = (ctx.data(), ctx.data_end());
+            if !nat::xdp_rewrite(data, end, f, src, dst, true) || !fib::set_macs(data, end, &route)
+            {
+                return (Verdict::PassMalformed, xdp_action::XDP_PASS);
+            }
+            let action = if route.ifindex == ingress {
+                xdp_action::XDP_TX
+            } else {
+                fib::xdp_redirect(route.ifindex)
+            };
+            (Verdict::SnatTx, action)
+        }
+        Lookup::NoNeighbour(_) => {
+            if nat::xdp_rewrite(ctx.data(), ctx.data_end(), f, src, dst, false) {
+                (Verdict::NatNew, xdp_action::XDP_PASS)
+            } else {
+                (Verdict::PassMalformed, xdp_action::XDP_PASS)
+            }
+        }
+        Lookup::Fail => (Verdict::DropNoRoute, xdp_action::XDP_DROP),
     }
 }
 
-/// Pod interfaces (ingress = what the pod sends): pod → service, and replies of local backends.
+/// Pod interfaces (TC ingress = what the pod sends): pod → service, and replies of local
+/// backends.
 #[classifier]
 pub fn xlb_pod(ctx: TcContext) -> i32 {
-    let verdict = match parse::ipv4_flow(ctx.data(), ctx.data_end()) {
-        Ok(_) => Verdict::PassNotService,
-        Err(v) => v,
+    let bytes = u64::from(ctx.len());
+    let (verdict, action) = pod(&ctx);
+    stats::count(verdict, bytes);
+    action
+}
+
+/// Bytes that must be in the linear part of the skb for parsing: Ethernet, the largest IPv4
+/// header, TCP without options.
+const PARSE_LEN: u32 = 14 + 60 + 20;
+
+#[inline(always)]
+fn pod(ctx: &TcContext) -> (Verdict, i32) {
+    let len = ctx.len();
+    if ((ctx.data_end() - ctx.data()) as u32) < PARSE_LEN.min(len) {
+        // Headers outside the linear area cannot be parsed; a failed pull leaves the packet
+        // as it was and parsing then treats it as malformed.
+        let _ = ctx.pull_data(PARSE_LEN.min(len));
+    }
+    let f = match parse::ipv4_flow(ctx.data(), ctx.data_end()) {
+        Ok(f) => f,
+        Err(v) => return (v, TC_ACT_OK),
     };
-    stats::count(verdict, u64::from(ctx.len()));
-    TC_ACT_OK
+    if let Some(fe) = select::frontend(&f, Scope::Internal as u8) {
+        let fwd = match select::forward(&f, &fe, false) {
+            Ok(fwd) => fwd,
+            Err(v) => return (v, TC_ACT_SHOT),
+        };
+        let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
+        if nat::tc_rewrite(ctx, &f, None, dst).is_err() {
+            return (Verdict::DropRewrite, TC_ACT_SHOT);
+        }
+        return (fwd.verdict, TC_ACT_OK);
+    }
+    let cfg = select::config();
+    if let Some(Reverse { src, dst }) = select::reverse(&f, cfg.as_ref()) {
+        if nat::tc_rewrite(ctx, &f, Some(src), dst).is_err() {
+            return (Verdict::DropRewrite, TC_ACT_SHOT);
+        }
+        // The new source may be one of the node's own addresses (a NodePort), which the
+        // kernel would reject as martian on a pod interface: route and send it ourselves.
+        let new_dst = dst.map_or(f.dst_be, |d| d.0);
+        // SAFETY: reading the skb's ifindex from the program's own context.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let action = match fib::lookup(ctx.as_ptr(), ifindex, src.0, new_dst, f.proto, f.tot_len) {
+            Lookup::Found(r) => fib::tc_redirect_neigh(r.ifindex),
+            Lookup::NoNeighbour(ifindex) => fib::tc_redirect_neigh(ifindex),
+            Lookup::Fail => TC_ACT_OK,
+        };
+        return (Verdict::ReverseNat, action);
+    }
+    (Verdict::PassNotService, TC_ACT_OK)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -1,8 +1,40 @@
-//! The datapath's maps; layouts and names come from lb-common. Capacities here are defaults;
-//! the agent resizes them at load time.
-use aya_ebpf::{macros::map, maps::PerCpuArray};
-use lb_common::{Counter, Verdict};
+//! The datapath's maps; layouts and names come from lb-common. Sizes here are defaults; the
+//! agent sets each capacity at load time.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey, SnatEntry, Verdict, capacity,
+};
+
+/// Frontends: (address, port, protocol, scope) → the service's Maglev ring region.
+#[map(name = "xlb_frontends_v1")]
+pub static FRONTENDS: HashMap<FrontendKey, Frontend> =
+    HashMap::with_max_entries(capacity::FRONTENDS, 0);
+
+/// Backends by id (id 0 is "none").
+#[map(name = "xlb_backends_v1")]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(capacity::BACKENDS, 0);
+
+/// Maglev ring slab: backend ids; each frontend owns a region of it.
+#[map(name = "xlb_rings_v1")]
+pub static RINGS: Array<u32> = Array::with_max_entries(capacity::RING_SLOTS, 0);
+
+/// Connection tracking: forward entries pin a flow to its backend, reverse entries
+/// reverse-translate the replies.
+#[map(name = "xlb_ct_v1")]
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =
+    LruHashMap::with_max_entries(capacity::CONNTRACK, 0);
+
+/// SNATed flows by their reply tuple; an entry is also the reservation of its SNAT port.
+#[map(name = "xlb_snat_v1")]
+pub static SNAT: LruHashMap<FlowKey, SnatEntry> = LruHashMap::with_max_entries(capacity::SNAT, 0);
 
 /// Packets and bytes per verdict, per CPU (index: `Verdict as u32`).
 #[map(name = "xlb_stats_v1")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Verdict::COUNT, 0);
+
+/// Node configuration (one entry): SNAT address and port range.
+#[map(name = "xlb_config_v1")]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

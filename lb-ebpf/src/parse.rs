@@ -63,15 +63,20 @@ pub fn ptr_at<T>(data: usize, data_end: usize, off: usize) -> Option<*const T> {
     Some(start as *const T)
 }
 
+/// Mutable pointer to a `T` at `off` bytes into the packet, or `None` if it does not fit.
+#[inline(always)]
+pub fn ptr_at_mut<T>(data: usize, data_end: usize, off: usize) -> Option<*mut T> {
+    ptr_at::<T>(data, data_end, off).map(<*const T>::cast_mut)
+}
+
 /// Offsets of a parsed IPv4 TCP/UDP packet and its 5-tuple (network order).
 #[derive(Clone, Copy)]
-#[expect(
-    dead_code,
-    reason = "read by the service translation, which is not written yet"
-)]
 pub struct Flow {
     pub l4_off: usize,
     pub proto: u8,
+    pub ttl: u8,
+    /// IPv4 total length, host order.
+    pub tot_len: u16,
     pub src_be: u32,
     pub dst_be: u32,
     pub sport_be: u16,
@@ -125,6 +130,8 @@ pub fn ipv4_flow(data: usize, data_end: usize) -> Result<Flow, Verdict> {
     Ok(Flow {
         l4_off,
         proto: ip.proto,
+        ttl: ip.ttl,
+        tot_len: tot_len as u16,
         src_be: u32::from_ne_bytes(ip.src),
         dst_be: u32::from_ne_bytes(ip.dst),
         sport_be: u16::from_ne_bytes(ports.src),

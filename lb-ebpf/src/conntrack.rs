@@ -1,0 +1,59 @@
+//! Connection tracking: which backend a flow was given, and how to translate its replies.
+use lb_common::{CT_FORWARD, CT_REVERSE, CtEntry, FlowKey, SnatEntry};
+
+use crate::{
+    maps::{CONNTRACK, SNAT},
+    parse::Flow,
+};
+
+#[inline(always)]
+pub fn key(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> FlowKey {
+    FlowKey {
+        src_be,
+        dst_be,
+        sport_be,
+        dport_be,
+        proto,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+pub fn flow_key(f: &Flow) -> FlowKey {
+    key(f.src_be, f.dst_be, f.sport_be, f.dport_be, f.proto)
+}
+
+/// The forward entry of `flow`, if any.
+#[inline(always)]
+pub fn forward(k: &FlowKey) -> Option<CtEntry> {
+    // SAFETY: the value is copied out at once; LRU entries are plain data.
+    let e = unsafe { CONNTRACK.get(k) }.copied()?;
+    (e.kind == CT_FORWARD).then_some(e)
+}
+
+/// The reverse entry of `flow` (a reply of a translated, non-SNATed flow), if any.
+#[inline(always)]
+pub fn reverse(k: &FlowKey) -> Option<CtEntry> {
+    // SAFETY: as above.
+    let e = unsafe { CONNTRACK.get(k) }.copied()?;
+    (e.kind == CT_REVERSE).then_some(e)
+}
+
+/// The SNAT entry of a reply arriving at a SNAT address and port, if any.
+#[inline(always)]
+pub fn snat_reply(k: &FlowKey) -> Option<SnatEntry> {
+    // SAFETY: as above.
+    unsafe { SNAT.get(k) }.copied()
+}
+
+#[inline(always)]
+pub fn insert(k: &FlowKey, e: &CtEntry) -> Result<(), i32> {
+    CONNTRACK.insert(k, e, 0)
+}
+
+/// Reserves the reply tuple `k` for a SNATed flow; fails if it is taken.
+#[inline(always)]
+pub fn reserve_snat(k: &FlowKey, e: &SnatEntry) -> Result<(), i32> {
+    const BPF_NOEXIST: u64 = 1;
+    SNAT.insert(k, e, BPF_NOEXIST)
+}

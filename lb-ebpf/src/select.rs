@@ -1,0 +1,176 @@
+//! Frontend lookup and backend selection: conntrack first (an established flow keeps its
+//! backend while that backend lives), Maglev for new flows.
+use lb_common::{
+    BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, CtEntry, FRONTEND_F_SNAT_REMOTE,
+    FlowKey, Frontend, FrontendKey, SnatEntry, Verdict, hash::flow_hash,
+};
+
+use crate::{
+    conntrack,
+    maps::{BACKENDS, CONFIG, FRONTENDS, RINGS},
+    parse::Flow,
+};
+
+/// How many SNAT ports a new flow tries before giving up.
+const SNAT_TRIES: u32 = 8;
+
+#[inline(always)]
+pub fn frontend(f: &Flow, scope: u8) -> Option<Frontend> {
+    let k = FrontendKey {
+        addr_be: f.dst_be,
+        port_be: f.dport_be,
+        proto: f.proto,
+        scope,
+    };
+    // SAFETY: the value is copied out at once.
+    unsafe { FRONTENDS.get(k) }.copied()
+}
+
+#[inline(always)]
+pub fn config() -> Option<Config> {
+    CONFIG.get(0).copied()
+}
+
+/// What to do with a packet of a frontend's flow.
+pub struct Forward {
+    pub backend: Backend,
+    /// New source (address, port) for SNATed flows.
+    pub snat: Option<(u32, u16)>,
+    pub verdict: Verdict,
+}
+
+/// A live backend by id: present, with an address, and (if `generation` is given) the same
+/// incarnation a conntrack entry remembers.
+#[inline(always)]
+fn backend(id: u32, generation: Option<u32>) -> Option<Backend> {
+    if id == 0 {
+        return None;
+    }
+    let b = BACKENDS.get(id).copied()?;
+    if b.addr_be == 0 || generation.is_some_and(|g| g != b.generation) {
+        return None;
+    }
+    Some(b)
+}
+
+/// Finds the backend of `f` (a packet to frontend `fe`): its conntrack entry if it has a live
+/// one, else a Maglev pick recorded in conntrack. `snat_ok` says whether this hook may SNAT
+/// (the NIC hook does, for remote backends of frontends flagged for it).
+#[inline(always)]
+pub fn forward(f: &Flow, fe: &Frontend, snat_ok: bool) -> Result<Forward, Verdict> {
+    let key = conntrack::flow_key(f);
+    if let Some(ct) = conntrack::forward(&key)
+        && let Some(b) = backend(ct.backend_id, Some(ct.backend_generation))
+    {
+        let snat = (ct.nat_addr_be != 0).then_some((ct.nat_addr_be, ct.nat_port_be));
+        return Ok(Forward {
+            backend: b,
+            snat,
+            verdict: Verdict::NatEstablished,
+        });
+    }
+    if fe.ring_size == 0 {
+        return Err(Verdict::DropNoBackend);
+    }
+    let h = flow_hash(f.src_be, f.dst_be, f.sport_be, f.dport_be, f.proto);
+    let slot = fe
+        .ring_offset
+        .wrapping_add(h.checked_rem(fe.ring_size).unwrap_or(0));
+    let id = RINGS.get(slot).copied().unwrap_or(0);
+    let b = backend(id, None).ok_or(Verdict::DropNoBackend)?;
+    let wants_snat =
+        snat_ok && b.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_SNAT_REMOTE != 0;
+    let snat = if wants_snat {
+        Some(reserve_snat(f, &b, h)?)
+    } else {
+        None
+    };
+    let (nat_addr_be, nat_port_be) = snat.unwrap_or((0, 0));
+    let entry = CtEntry {
+        backend_id: id,
+        backend_generation: b.generation,
+        nat_addr_be,
+        service_id: fe.service_id,
+        nat_port_be,
+        kind: CT_FORWARD,
+        _pad: 0,
+    };
+    conntrack::insert(&key, &entry).map_err(|_| Verdict::DropMapFull)?;
+    if snat.is_none() {
+        // Replies come from the backend to the client; they must appear to come from the
+        // frontend. (SNATed flows keep this in their SNAT entry.)
+        let rev = conntrack::key(b.addr_be, f.src_be, b.port_be, f.sport_be, f.proto);
+        let entry = CtEntry {
+            backend_id: id,
+            backend_generation: b.generation,
+            nat_addr_be: f.dst_be,
+            service_id: fe.service_id,
+            nat_port_be: f.dport_be,
+            kind: CT_REVERSE,
+            _pad: 0,
+        };
+        conntrack::insert(&rev, &entry).map_err(|_| Verdict::DropMapFull)?;
+    }
+    Ok(Forward {
+        backend: b,
+        snat,
+        verdict: Verdict::NatNew,
+    })
+}
+
+/// Picks a free SNAT port for a flow to backend `b`, starting where the flow hash points and
+/// probing a few neighbours; the SNAT entry records the client and frontend for the replies.
+#[inline(always)]
+fn reserve_snat(f: &Flow, b: &Backend, h: u32) -> Result<(u32, u16), Verdict> {
+    let cfg = config().ok_or(Verdict::DropSnatExhausted)?;
+    let (min, max) = (u32::from(cfg.snat_port_min), u32::from(cfg.snat_port_max));
+    if cfg.snat_addr_be == 0 || min == 0 || max < min {
+        return Err(Verdict::DropSnatExhausted);
+    }
+    let range = max - min + 1;
+    let entry = SnatEntry {
+        client_addr_be: f.src_be,
+        frontend_addr_be: f.dst_be,
+        client_port_be: f.sport_be,
+        frontend_port_be: f.dport_be,
+    };
+    let start = h.checked_rem(range).unwrap_or(0);
+    for i in 0..SNAT_TRIES {
+        let port = min + (start + i).checked_rem(range).unwrap_or(0);
+        let port_be = (port as u16).to_be();
+        let reply: FlowKey =
+            conntrack::key(b.addr_be, cfg.snat_addr_be, b.port_be, port_be, f.proto);
+        if conntrack::reserve_snat(&reply, &entry).is_ok() {
+            return Ok((cfg.snat_addr_be, port_be));
+        }
+    }
+    Err(Verdict::DropSnatExhausted)
+}
+
+/// How a reply must be rewritten: new source, and for SNATed flows a new destination.
+pub struct Reverse {
+    pub src: (u32, u16),
+    pub dst: Option<(u32, u16)>,
+}
+
+/// Looks up `f` as a reply of a translated flow.
+#[inline(always)]
+pub fn reverse(f: &Flow, cfg: Option<&Config>) -> Option<Reverse> {
+    let key = conntrack::flow_key(f);
+    if let Some(ct) = conntrack::reverse(&key) {
+        return Some(Reverse {
+            src: (ct.nat_addr_be, ct.nat_port_be),
+            dst: None,
+        });
+    }
+    let cfg = cfg?;
+    let port = u16::from_be(f.dport_be);
+    if f.dst_be != cfg.snat_addr_be || port < cfg.snat_port_min || port > cfg.snat_port_max {
+        return None;
+    }
+    let s = conntrack::snat_reply(&key)?;
+    Some(Reverse {
+        src: (s.frontend_addr_be, s.frontend_port_be),
+        dst: Some((s.client_addr_be, s.client_port_be)),
+    })
+}
