@@ -17,9 +17,12 @@ pub static FRONTENDS: HashMap<FrontendKey, Frontend> =
 #[map(name = "xlb_backends_v1")]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(capacity::BACKENDS, 0);
 
-/// Maglev ring slab: backend ids; each frontend owns a region of it.
+/// Maglev ring slab: backend ids; each frontend owns a region of it. Memory-mappable, so
+/// the agent writes whole regions with plain stores instead of one syscall per slot.
 #[map(name = "xlb_rings_v1")]
-pub static RINGS: Array<u32> = Array::with_max_entries(capacity::RING_SLOTS, 0);
+pub static RINGS: Array<u32> = Array::with_max_entries(capacity::RING_SLOTS, BPF_F_MMAPABLE);
+
+const BPF_F_MMAPABLE: u32 = 1 << 10;
 
 /// Connection tracking: forward entries pin a flow to its backend, reverse entries
 /// reverse-translate the replies.

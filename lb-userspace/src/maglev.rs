@@ -128,13 +128,18 @@ mod tests {
     use super::{is_prime, populate, table_size};
 
     fn names(n: usize) -> Vec<String> {
-        (0..n).map(|i| format!("10.244.{}.{}:8080/TCP", i / 200, i % 200 + 2)).collect()
+        (0..n)
+            .map(|i| format!("10.244.{}.{}:8080/TCP", i / 200, i % 200 + 2))
+            .collect()
     }
 
     fn table(names: &[String]) -> Vec<usize> {
         let m = table_size(names.len(), None, 1 << 24).expect("size");
-        let input: Vec<(&[u8], usize)> =
-            names.iter().enumerate().map(|(i, n)| (n.as_bytes(), i)).collect();
+        let input: Vec<(&[u8], usize)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_bytes(), i))
+            .collect();
         populate(&input, m)
     }
 
@@ -177,7 +182,10 @@ mod tests {
             let ideal = t.len() as f64 / n as f64;
             for (b, &c) in counts.iter().enumerate() {
                 let dev = (c as f64 - ideal).abs() / ideal;
-                assert!(dev <= 0.01, "n={n} backend {b} has {c} slots, ideal {ideal:.1}");
+                assert!(
+                    dev <= 0.01,
+                    "n={n} backend {b} has {c} slots, ideal {ideal:.1}"
+                );
             }
         }
     }

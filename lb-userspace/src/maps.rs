@@ -1,0 +1,270 @@
+//! Writing the datapath's maps. The programmer turns desired state into a list of [`Op`]s;
+//! an [`LbMaps`] applies them one at a time: [`AyaMaps`] to the kernel's maps, [`FakeMaps`]
+//! to memory (tests and benchmarks), where [`FakeMaps::resolve`] plays the datapath's lookup.
+use std::{
+    collections::BTreeMap,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, Map, MapData, MapError},
+};
+use lb_common::{Backend, Config, Frontend, FrontendKey, hash::flow_hash, map_names};
+
+/// One write to the datapath's maps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// Create or update backend `id`.
+    SetBackend {
+        id: u32,
+        value: Backend,
+    },
+    /// Write a ring region starting at `offset`.
+    WriteRing {
+        offset: u32,
+        slots: Vec<u32>,
+    },
+    /// Create or flip a frontend (to a new ring region, flags, ...).
+    SetFrontend {
+        key: FrontendKey,
+        value: Frontend,
+    },
+    RemoveFrontend {
+        key: FrontendKey,
+    },
+    /// Clear backend `id` (no frontend uses it any more).
+    ClearBackend {
+        id: u32,
+    },
+    SetConfig(Config),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MapsError {
+    #[error("map {0} is missing from the datapath object")]
+    Missing(&'static str),
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("mapping the ring slab: {0}")]
+    Mmap(#[source] io::Error),
+    #[error("ring region {offset}+{len} is beyond the slab ({capacity} slots)")]
+    RingBounds {
+        offset: u32,
+        len: usize,
+        capacity: u32,
+    },
+}
+
+/// Something that applies [`Op`]s.
+pub trait LbMaps {
+    fn apply(&mut self, op: &Op) -> Result<(), MapsError>;
+}
+
+/// The ring slab, memory-mapped: a region is written with plain stores.
+struct RingSlab {
+    _map: MapData,
+    base: NonNull<u32>,
+    len: usize,
+    slots: u32,
+}
+
+// SAFETY: the mapping is owned by this value and only written through &mut self.
+unsafe impl Send for RingSlab {}
+
+impl RingSlab {
+    fn new(map: MapData, slots: u32) -> Result<Self, MapsError> {
+        let page = 4096usize;
+        let len = (slots as usize * 4).div_ceil(page) * page;
+        // SAFETY: mapping a BPF_F_MMAPABLE array's fd, shared, for its whole size; the
+        // mapping stays valid while `map` (its fd) lives, and we unmap it in Drop.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MapsError::Mmap(io::Error::last_os_error()));
+        }
+        let base =
+            NonNull::new(ptr.cast::<u32>()).ok_or(MapsError::Mmap(io::Error::other("null")))?;
+        Ok(Self {
+            _map: map,
+            base,
+            len,
+            slots,
+        })
+    }
+
+    fn write(&mut self, offset: u32, slots: &[u32]) -> Result<(), MapsError> {
+        if u64::from(offset) + slots.len() as u64 > u64::from(self.slots) {
+            return Err(MapsError::RingBounds {
+                offset,
+                len: slots.len(),
+                capacity: self.slots,
+            });
+        }
+        // SAFETY: bounds checked above; the region is ours (the programmer allocates regions
+        // and never hands one to two frontends with different contents). Volatile stores:
+        // the datapath reads this memory concurrently.
+        unsafe {
+            let dst = self.base.as_ptr().add(offset as usize);
+            for (i, s) in slots.iter().enumerate() {
+                dst.add(i).write_volatile(*s);
+            }
+        }
+        std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    fn read(&self, offset: u32, len: u32) -> Vec<u32> {
+        let end = (u64::from(offset) + u64::from(len)).min(u64::from(self.slots));
+        // SAFETY: clamped to the slab.
+        (u64::from(offset)..end)
+            .map(|i| unsafe { self.base.as_ptr().add(i as usize).read_volatile() })
+            .collect()
+    }
+}
+
+impl Drop for RingSlab {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+    }
+}
+
+/// The kernel's maps of a loaded datapath.
+pub struct AyaMaps {
+    frontends: HashMap<MapData, FrontendKey, Frontend>,
+    backends: Array<MapData, Backend>,
+    rings: RingSlab,
+    config: Array<MapData, Config>,
+}
+
+fn take(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, MapsError> {
+    ebpf.take_map(name).ok_or(MapsError::Missing(name))
+}
+
+impl AyaMaps {
+    /// Takes the writable maps out of a loaded datapath (the programs keep using them).
+    pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        let err = |name| move |source| MapsError::Map { name, source };
+        let frontends = HashMap::try_from(take(ebpf, map_names::FRONTENDS)?)
+            .map_err(err(map_names::FRONTENDS))?;
+        let backends =
+            Array::try_from(take(ebpf, map_names::BACKENDS)?).map_err(err(map_names::BACKENDS))?;
+        let config =
+            Array::try_from(take(ebpf, map_names::CONFIG)?).map_err(err(map_names::CONFIG))?;
+        let Map::Array(ring_data) = take(ebpf, map_names::RINGS)? else {
+            return Err(MapsError::Missing(map_names::RINGS));
+        };
+        let slots = ring_data
+            .info()
+            .map_err(err(map_names::RINGS))?
+            .max_entries();
+        let rings = RingSlab::new(ring_data, slots)?;
+        Ok(Self {
+            frontends,
+            backends,
+            rings,
+            config,
+        })
+    }
+
+    /// Reads a ring region back (inspection, tests).
+    #[must_use]
+    pub fn ring(&self, offset: u32, len: u32) -> Vec<u32> {
+        self.rings.read(offset, len)
+    }
+}
+
+impl LbMaps for AyaMaps {
+    fn apply(&mut self, op: &Op) -> Result<(), MapsError> {
+        let res = match op {
+            Op::SetBackend { id, value } => self
+                .backends
+                .set(*id, value, 0)
+                .map_err(|e| (map_names::BACKENDS, e)),
+            Op::ClearBackend { id } => self
+                .backends
+                .set(*id, Backend::default(), 0)
+                .map_err(|e| (map_names::BACKENDS, e)),
+            Op::WriteRing { offset, slots } => return self.rings.write(*offset, slots),
+            Op::SetFrontend { key, value } => self
+                .frontends
+                .insert(key, value, 0)
+                .map_err(|e| (map_names::FRONTENDS, e)),
+            Op::RemoveFrontend { key } => match self.frontends.remove(key) {
+                // Already gone is what we wanted.
+                Err(MapError::KeyNotFound) => Ok(()),
+                r => r.map_err(|e| (map_names::FRONTENDS, e)),
+            },
+            Op::SetConfig(c) => self.config.set(0, c, 0).map_err(|e| (map_names::CONFIG, e)),
+        };
+        res.map_err(|(name, source)| MapsError::Map { name, source })
+    }
+}
+
+/// In-memory maps for tests and benchmarks, with the datapath's lookup.
+#[derive(Clone, Debug, Default)]
+pub struct FakeMaps {
+    pub frontends: BTreeMap<FrontendKey, Frontend>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub rings: BTreeMap<u32, u32>,
+    pub config: Config,
+    pub ops_applied: u64,
+}
+
+impl LbMaps for FakeMaps {
+    fn apply(&mut self, op: &Op) -> Result<(), MapsError> {
+        self.ops_applied += 1;
+        match op {
+            Op::SetBackend { id, value } => {
+                self.backends.insert(*id, *value);
+            }
+            Op::ClearBackend { id } => {
+                self.backends.remove(id);
+            }
+            Op::WriteRing { offset, slots } => {
+                for (i, s) in slots.iter().enumerate() {
+                    self.rings.insert(offset + i as u32, *s);
+                }
+            }
+            Op::SetFrontend { key, value } => {
+                self.frontends.insert(*key, *value);
+            }
+            Op::RemoveFrontend { key } => {
+                self.frontends.remove(key);
+            }
+            Op::SetConfig(c) => self.config = *c,
+        }
+        Ok(())
+    }
+}
+
+impl FakeMaps {
+    /// What the datapath would pick for a new flow from `src` to frontend `key`: the backend,
+    /// or `None` for a drop. Mirrors `select::forward` in lb-ebpf.
+    #[must_use]
+    pub fn resolve(&self, key: &FrontendKey, src_be: u32, sport_be: u16) -> Option<Backend> {
+        let fe = self.frontends.get(key)?;
+        if fe.ring_size == 0 {
+            return None;
+        }
+        let h = flow_hash(src_be, key.addr_be, sport_be, key.port_be, key.proto);
+        let id = *self.rings.get(&(fe.ring_offset + h % fe.ring_size))?;
+        let b = self.backends.get(&id)?;
+        (b.addr_be != 0).then_some(*b)
+    }
+}

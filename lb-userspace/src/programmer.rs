@@ -1,0 +1,882 @@
+//! From desired state to map writes. [`Programmer::plan`] diffs what is programmed against
+//! what is desired and returns the writes, ordered so that the datapath never sees a
+//! half-programmed service:
+//!
+//! 1. backends (new ids, changed flags),
+//! 2. new Maglev ring regions,
+//! 3. frontend flips (new or changed frontends now point at complete rings),
+//! 4. removed frontends,
+//! 5. backends no longer used by any ring.
+//!
+//! Ring regions and backend ids freed by a plan are quarantined until the next plan, so a
+//! packet that read the old frontend just before the flip never finds its region or backend
+//! reused under it. Backend ids are stable while a backend is in use; a reused id gets a new
+//! generation, which invalidates conntrack entries of its previous owner. Frontends with the
+//! same backend set share one ring. A service that does not fit the maps' capacities fails
+//! whole (its previous state stays programmed) and is reported.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use lb_common::{BACKEND_F_LOCAL, Backend, FRONTEND_F_SNAT_REMOTE, Frontend, FrontendKey};
+use tracing::warn;
+
+use crate::{
+    loader::Capacities,
+    maglev,
+    maps::Op,
+    state::{BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendSpec, ServicePortRef},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("no free backend ids ({needed} needed, {free} free)")]
+    BackendsFull { needed: usize, free: usize },
+    #[error("the frontends map is full ({needed} more needed, {free} free)")]
+    FrontendsFull { needed: usize, free: usize },
+    #[error("the ring slab has no room for a {backends}-backend ring")]
+    RingsFull { backends: usize },
+}
+
+/// The map key of a frontend.
+#[must_use]
+pub fn frontend_key(f: &FrontendAddr) -> FrontendKey {
+    FrontendKey {
+        addr_be: u32::from_ne_bytes(f.addr.octets()),
+        port_be: f.port.to_be(),
+        proto: f.proto.number(),
+        scope: f.scope as u8,
+    }
+}
+
+/// The map value of a backend.
+#[must_use]
+pub fn backend_value(b: &BackendAddr, generation: u32, local: bool) -> Backend {
+    Backend {
+        addr_be: u32::from_ne_bytes(b.addr.octets()),
+        port_be: b.port.to_be(),
+        _pad0: 0,
+        generation,
+        flags: if local { BACKEND_F_LOCAL } else { 0 },
+    }
+}
+
+/// Identity bytes of a backend for Maglev: the same on every node.
+fn maglev_id(b: &BackendAddr) -> String {
+    format!("{}:{}/{}", b.addr, b.port, b.proto)
+}
+
+#[derive(Clone, Debug)]
+struct BackendEntry {
+    id: u32,
+    generation: u32,
+    local: bool,
+    /// Live rings containing this backend.
+    rings: u32,
+}
+
+#[derive(Clone, Debug)]
+struct RingEntry {
+    offset: u32,
+    size: u32,
+    /// Frontends using this ring.
+    frontends: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Programmed {
+    value: Frontend,
+    ring: Vec<BackendAddr>,
+    service: ServicePortRef,
+}
+
+/// Free-list allocator over `[0, capacity)` with quarantine.
+#[derive(Clone, Debug)]
+struct Slab {
+    free: BTreeMap<u32, u32>,
+    quarantine: Vec<(u32, u32)>,
+}
+
+impl Slab {
+    fn new(capacity: u32) -> Self {
+        let mut free = BTreeMap::new();
+        if capacity > 0 {
+            free.insert(0, capacity);
+        }
+        Self {
+            free,
+            quarantine: Vec::new(),
+        }
+    }
+
+    fn largest(&self) -> u32 {
+        self.free.values().copied().max().unwrap_or(0)
+    }
+
+    /// First fit.
+    fn alloc(&mut self, size: u32) -> Option<u32> {
+        let (&off, &len) = self.free.iter().find(|(_, len)| **len >= size)?;
+        self.free.remove(&off);
+        if len > size {
+            self.free.insert(off + size, len - size);
+        }
+        Some(off)
+    }
+
+    /// Returns a region at once (used to undo an allocation made in the same plan).
+    fn release(&mut self, off: u32, size: u32) {
+        let mut off = off;
+        let mut size = size;
+        if let Some((&next_off, &next_len)) = self.free.range(off + size..).next()
+            && next_off == off + size
+        {
+            self.free.remove(&next_off);
+            size += next_len;
+        }
+        if let Some((&prev_off, &prev_len)) = self.free.range(..off).next_back()
+            && prev_off + prev_len == off
+        {
+            self.free.remove(&prev_off);
+            off = prev_off;
+            size += prev_len;
+        }
+        self.free.insert(off, size);
+    }
+}
+
+/// Backend ids 1..capacity (0 is "none"), with generations and quarantine.
+#[derive(Clone, Debug)]
+struct Ids {
+    next: u32,
+    limit: u32,
+    free: Vec<u32>,
+    quarantine: Vec<u32>,
+    generations: HashMap<u32, u32>,
+}
+
+impl Ids {
+    fn new(capacity: u32) -> Self {
+        Self {
+            next: 1,
+            limit: capacity,
+            free: Vec::new(),
+            quarantine: Vec::new(),
+            generations: HashMap::new(),
+        }
+    }
+
+    fn available(&self) -> usize {
+        self.free.len() + (self.limit.saturating_sub(self.next)) as usize
+    }
+
+    /// A fresh id and its new generation.
+    fn alloc(&mut self) -> Option<(u32, u32)> {
+        let id = if let Some(id) = self.free.pop() {
+            id
+        } else if self.next < self.limit {
+            self.next += 1;
+            self.next - 1
+        } else {
+            return None;
+        };
+        let g = self.generations.entry(id).or_insert(0);
+        *g = g.wrapping_add(1);
+        Some((id, *g))
+    }
+}
+
+/// Ordered writes for one sync, and the services that could not be programmed.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub ops: Vec<Op>,
+    pub failed: Vec<(ServicePortRef, PlanError)>,
+}
+
+/// What is programmed, and the allocators behind it.
+#[derive(Clone, Debug)]
+pub struct Programmer {
+    frontend_capacity: usize,
+    backends: HashMap<BackendAddr, BackendEntry>,
+    ids: Ids,
+    rings: HashMap<Vec<BackendAddr>, RingEntry>,
+    slab: Slab,
+    frontends: BTreeMap<FrontendAddr, Programmed>,
+    service_ids: HashMap<ServicePortRef, u32>,
+    free_service_ids: Vec<u32>,
+    next_service_id: u32,
+}
+
+#[derive(Default)]
+struct Buckets {
+    backends: Vec<Op>,
+    rings: Vec<Op>,
+    frontends: Vec<Op>,
+}
+
+impl Programmer {
+    #[must_use]
+    pub fn new(caps: &Capacities) -> Self {
+        Self {
+            frontend_capacity: caps.frontends as usize,
+            backends: HashMap::new(),
+            ids: Ids::new(caps.backends),
+            rings: HashMap::new(),
+            slab: Slab::new(caps.ring_slots),
+            frontends: BTreeMap::new(),
+            service_ids: HashMap::new(),
+            free_service_ids: Vec::new(),
+            next_service_id: 1,
+        }
+    }
+
+    /// Number of programmed frontends.
+    #[must_use]
+    pub fn frontend_count(&self) -> usize {
+        self.frontends.len()
+    }
+
+    /// Number of backends in use.
+    #[must_use]
+    pub fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    /// Ring slots in use.
+    #[must_use]
+    pub fn ring_slots_used(&self) -> u64 {
+        self.rings.values().map(|r| u64::from(r.size)).sum()
+    }
+
+    /// The writes that turn what is programmed into `desired`. The programmer assumes they
+    /// will all be applied, in order.
+    pub fn plan(&mut self, desired: &DesiredState) -> Plan {
+        // Whatever the previous plan freed has now been unreachable for a whole sync.
+        for (off, size) in std::mem::take(&mut self.slab.quarantine) {
+            self.slab.release(off, size);
+        }
+        let quarantined = std::mem::take(&mut self.ids.quarantine);
+        self.ids.free.extend(quarantined);
+
+        let mut by_service: BTreeMap<&ServicePortRef, Vec<(&FrontendAddr, &FrontendSpec)>> =
+            BTreeMap::new();
+        for (addr, spec) in &desired.frontends {
+            by_service
+                .entry(&spec.service)
+                .or_default()
+                .push((addr, spec));
+        }
+        let mut plan = Plan::default();
+        let mut out = Buckets::default();
+        for (service, frontends) in &by_service {
+            if let Err(e) = self.plan_service(service, frontends, &mut out) {
+                warn!(service = %service, error = %e, "service not programmed");
+                plan.failed.push(((*service).clone(), e));
+            }
+        }
+        // Frontends no longer desired; a failed service keeps what it had.
+        let failed: BTreeSet<&ServicePortRef> = plan.failed.iter().map(|(s, _)| s).collect();
+        let removed: Vec<FrontendAddr> = self
+            .frontends
+            .iter()
+            .filter(|(k, p)| !desired.frontends.contains_key(k) && !failed.contains(&p.service))
+            .map(|(k, _)| *k)
+            .collect();
+        let mut removals = Vec::new();
+        for key in removed {
+            if let Some(p) = self.frontends.remove(&key) {
+                removals.push(Op::RemoveFrontend {
+                    key: frontend_key(&key),
+                });
+                self.unref_ring(&p.ring);
+            }
+        }
+        // Backends that no live ring uses any more.
+        let mut clears = Vec::new();
+        let dead: Vec<BackendAddr> = self
+            .backends
+            .iter()
+            .filter(|(_, b)| b.rings == 0)
+            .map(|(a, _)| *a)
+            .collect();
+        for addr in dead {
+            if let Some(b) = self.backends.remove(&addr) {
+                clears.push(Op::ClearBackend { id: b.id });
+                self.ids.quarantine.push(b.id);
+            }
+        }
+        self.release_unused_service_ids();
+        plan.ops = out.backends;
+        plan.ops.append(&mut out.rings);
+        plan.ops.append(&mut out.frontends);
+        plan.ops.append(&mut removals);
+        plan.ops.append(&mut clears);
+        plan
+    }
+
+    fn plan_service(
+        &mut self,
+        service: &ServicePortRef,
+        frontends: &[(&FrontendAddr, &FrontendSpec)],
+        out: &mut Buckets,
+    ) -> Result<(), PlanError> {
+        // Capacity first, so a failure leaves nothing half-done.
+        let new_frontends = frontends
+            .iter()
+            .filter(|(a, _)| !self.frontends.contains_key(a))
+            .count();
+        let free_frontends = self.frontend_capacity.saturating_sub(self.frontends.len());
+        if new_frontends > free_frontends {
+            return Err(PlanError::FrontendsFull {
+                needed: new_frontends,
+                free: free_frontends,
+            });
+        }
+        let new_backends: BTreeSet<BackendAddr> = frontends
+            .iter()
+            .flat_map(|(_, s)| s.backends.iter().map(|b| b.addr))
+            .filter(|a| !self.backends.contains_key(a))
+            .collect();
+        if new_backends.len() > self.ids.available() {
+            return Err(PlanError::BackendsFull {
+                needed: new_backends.len(),
+                free: self.ids.available(),
+            });
+        }
+        // Rings this service needs that do not exist yet: allocate them all, or none.
+        let mut new_rings: Vec<(Vec<BackendAddr>, u32, u32)> = Vec::new();
+        for (addr, spec) in frontends {
+            let members: Vec<BackendAddr> = spec.backends.iter().map(|b| b.addr).collect();
+            if members.is_empty()
+                || self.rings.contains_key(&members)
+                || new_rings.iter().any(|(m, _, _)| *m == members)
+            {
+                continue;
+            }
+            let current = self
+                .frontends
+                .get(addr)
+                .and_then(|p| self.rings.get(&p.ring))
+                .map(|r| r.size);
+            let size = maglev::table_size(members.len(), current, self.slab.largest())
+                .and_then(|m| self.slab.alloc(m).map(|off| (off, m)));
+            let Some((off, m)) = size else {
+                for (_, off, m) in new_rings {
+                    self.slab.release(off, m);
+                }
+                return Err(PlanError::RingsFull {
+                    backends: members.len(),
+                });
+            };
+            new_rings.push((members, off, m));
+        }
+        let service_id = self.service_id(service);
+
+        // 1. Backends: new ones, and ones whose locality changed.
+        let all: BTreeMap<BackendAddr, &BackendSpec> = frontends
+            .iter()
+            .flat_map(|(_, s)| s.backends.iter().map(|b| (b.addr, b)))
+            .collect();
+        for (addr, spec) in all {
+            match self.backends.get_mut(&addr) {
+                Some(b) if b.local == spec.local => {}
+                Some(b) => {
+                    b.local = spec.local;
+                    out.backends.push(Op::SetBackend {
+                        id: b.id,
+                        value: backend_value(&addr, b.generation, b.local),
+                    });
+                }
+                None => {
+                    // Checked above: ids are available.
+                    let Some((id, generation)) = self.ids.alloc() else {
+                        continue;
+                    };
+                    self.backends.insert(
+                        addr,
+                        BackendEntry {
+                            id,
+                            generation,
+                            local: spec.local,
+                            rings: 0,
+                        },
+                    );
+                    out.backends.push(Op::SetBackend {
+                        id,
+                        value: backend_value(&addr, generation, spec.local),
+                    });
+                }
+            }
+        }
+        // 2. New rings.
+        for (members, offset, size) in new_rings {
+            let ids: Vec<(String, u32)> = members
+                .iter()
+                .map(|a| (maglev_id(a), self.backends.get(a).map_or(0, |b| b.id)))
+                .collect();
+            let input: Vec<(&[u8], u32)> = ids.iter().map(|(n, id)| (n.as_bytes(), *id)).collect();
+            out.rings.push(Op::WriteRing {
+                offset,
+                slots: maglev::populate(&input, size),
+            });
+            for a in &members {
+                if let Some(b) = self.backends.get_mut(a) {
+                    b.rings += 1;
+                }
+            }
+            self.rings.insert(
+                members,
+                RingEntry {
+                    offset,
+                    size,
+                    frontends: 0,
+                },
+            );
+        }
+        // 3. Frontend flips.
+        for (addr, spec) in frontends {
+            let members: Vec<BackendAddr> = spec.backends.iter().map(|b| b.addr).collect();
+            let (ring_offset, ring_size) = self
+                .rings
+                .get(&members)
+                .map_or((0, 0), |r| (r.offset, r.size));
+            let value = Frontend {
+                service_id,
+                ring_offset,
+                ring_size,
+                backend_count: members.len() as u32,
+                flags: if spec.snat_remote {
+                    FRONTEND_F_SNAT_REMOTE
+                } else {
+                    0
+                },
+                _pad: 0,
+            };
+            if let Some(p) = self.frontends.get(addr)
+                && p.value == value
+                && p.ring == members
+            {
+                continue;
+            }
+            if let Some(r) = self.rings.get_mut(&members) {
+                r.frontends += 1;
+            }
+            out.frontends.push(Op::SetFrontend {
+                key: frontend_key(addr),
+                value,
+            });
+            let old = self.frontends.insert(
+                **addr,
+                Programmed {
+                    value,
+                    ring: members,
+                    service: service.clone(),
+                },
+            );
+            if let Some(old) = old {
+                self.unref_ring(&old.ring);
+            }
+        }
+        Ok(())
+    }
+
+    /// One frontend stopped using `ring`; a ring nobody uses is freed (quarantined).
+    fn unref_ring(&mut self, ring: &[BackendAddr]) {
+        let Some(r) = self.rings.get_mut(ring) else {
+            return;
+        };
+        r.frontends = r.frontends.saturating_sub(1);
+        if r.frontends > 0 {
+            return;
+        }
+        if let Some(r) = self.rings.remove(ring) {
+            self.slab.quarantine.push((r.offset, r.size));
+            for a in ring {
+                if let Some(b) = self.backends.get_mut(a) {
+                    b.rings = b.rings.saturating_sub(1);
+                }
+            }
+        }
+    }
+
+    fn service_id(&mut self, service: &ServicePortRef) -> u32 {
+        if let Some(id) = self.service_ids.get(service) {
+            return *id;
+        }
+        let id = self.free_service_ids.pop().unwrap_or_else(|| {
+            self.next_service_id += 1;
+            self.next_service_id - 1
+        });
+        self.service_ids.insert(service.clone(), id);
+        id
+    }
+
+    fn release_unused_service_ids(&mut self) {
+        let live: BTreeSet<&ServicePortRef> = self.frontends.values().map(|p| &p.service).collect();
+        let dead: Vec<ServicePortRef> = self
+            .service_ids
+            .keys()
+            .filter(|s| !live.contains(s))
+            .cloned()
+            .collect();
+        for s in dead {
+            if let Some(id) = self.service_ids.remove(&s) {
+                self.free_service_ids.push(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, net::Ipv4Addr};
+
+    use super::{PlanError, Programmer, backend_value, frontend_key};
+    use crate::{
+        loader::Capacities,
+        maps::{FakeMaps, LbMaps as _, Op},
+        state::{
+            BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec,
+            Proto, Scope, ServicePortRef,
+        },
+    };
+
+    fn caps() -> Capacities {
+        Capacities {
+            frontends: 1024,
+            backends: 4096,
+            ring_slots: 1 << 20,
+            conntrack: 1024,
+            snat: 1024,
+        }
+    }
+
+    fn svc(name: &str) -> ServicePortRef {
+        ServicePortRef {
+            namespace: "default".into(),
+            name: name.into(),
+            port_name: String::new(),
+        }
+    }
+
+    fn fe(ip: [u8; 4], port: u16, scope: Scope) -> FrontendAddr {
+        FrontendAddr {
+            addr: Ipv4Addr::from(ip),
+            port,
+            proto: Proto::Tcp,
+            scope,
+        }
+    }
+
+    fn backend(last: u8, local: bool) -> BackendSpec {
+        BackendSpec {
+            addr: BackendAddr {
+                addr: Ipv4Addr::new(10, 244, 1, last),
+                port: 8080,
+                proto: Proto::Tcp,
+            },
+            local,
+        }
+    }
+
+    fn spec(name: &str, backends: Vec<BackendSpec>) -> FrontendSpec {
+        FrontendSpec {
+            service: svc(name),
+            kind: FrontendKind::ClusterIp,
+            backends,
+            snat_remote: true,
+        }
+    }
+
+    fn state(entries: Vec<(FrontendAddr, FrontendSpec)>) -> DesiredState {
+        DesiredState {
+            frontends: entries.into_iter().collect(),
+        }
+    }
+
+    fn apply(p: &mut Programmer, maps: &mut FakeMaps, d: &DesiredState) -> Vec<Op> {
+        let plan = p.plan(d);
+        assert!(plan.failed.is_empty(), "{:?}", plan.failed);
+        for op in &plan.ops {
+            maps.apply(op).expect("fake apply");
+        }
+        plan.ops
+    }
+
+    #[test]
+    fn tomcat6_programs_backends_ring_then_frontends() {
+        let mut p = Programmer::new(&caps());
+        let mut maps = FakeMaps::default();
+        let backends = vec![backend(5, true), backend(6, false), backend(7, false)];
+        let d = state(vec![
+            (
+                fe([10, 96, 0, 10], 80, Scope::Internal),
+                spec("tomcat6", backends.clone()),
+            ),
+            (
+                fe([192, 168, 50, 11], 32510, Scope::External),
+                spec("tomcat6", backends),
+            ),
+        ]);
+        let ops = apply(&mut p, &mut maps, &d);
+        let kinds: Vec<&str> = ops
+            .iter()
+            .map(|o| match o {
+                Op::SetBackend { .. } => "backend",
+                Op::WriteRing { .. } => "ring",
+                Op::SetFrontend { .. } => "frontend",
+                _ => "other",
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "backend", "backend", "backend", "ring", "frontend", "frontend"
+            ]
+        );
+        // Both frontends share one ring of a prime size ≥ 300.
+        let fes: Vec<_> = maps.frontends.values().collect();
+        assert_eq!(fes[0].ring_offset, fes[1].ring_offset);
+        assert!(fes[0].ring_size >= 300);
+        assert_eq!(fes[0].backend_count, 3);
+        // The same state again writes nothing.
+        assert!(apply(&mut p, &mut maps, &d).is_empty());
+    }
+
+    #[test]
+    fn backend_ids_are_stable_and_reuse_bumps_generation() {
+        let mut p = Programmer::new(&caps());
+        let mut maps = FakeMaps::default();
+        let f = fe([10, 96, 0, 10], 80, Scope::Internal);
+        apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(
+                f,
+                spec("a", vec![backend(1, false), backend(2, false)]),
+            )]),
+        );
+        let id_of = |maps: &FakeMaps, last: u8| {
+            let want = backend_value(&backend(last, false).addr, 0, false).addr_be;
+            maps.backends
+                .iter()
+                .find(|(_, b)| b.addr_be == want)
+                .map(|(id, b)| (*id, b.generation))
+        };
+        let (id2, g2) = id_of(&maps, 2).expect("backend 2");
+        // Removing backend 1 keeps backend 2's id.
+        apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(f, spec("a", vec![backend(2, false)]))]),
+        );
+        assert_eq!(id_of(&maps, 2), Some((id2, g2)));
+        assert_eq!(id_of(&maps, 1), None);
+        // Two syncs later the freed id is reused with a new generation.
+        apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(f, spec("a", vec![backend(2, false)]))]),
+        );
+        apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(
+                f,
+                spec("a", vec![backend(2, false), backend(3, false)]),
+            )]),
+        );
+        let (_, g3) = id_of(&maps, 3).expect("backend 3");
+        assert!(g3 >= 2, "reused id keeps generation 1");
+    }
+
+    #[test]
+    fn capacity_exhaustion_fails_the_service_whole() {
+        let small = Capacities {
+            frontends: 3,
+            backends: 1024,
+            ring_slots: 1 << 16,
+            conntrack: 16,
+            snat: 16,
+        };
+        let mut p = Programmer::new(&small);
+        let mut maps = FakeMaps::default();
+        let a = vec![
+            (
+                fe([10, 96, 0, 1], 80, Scope::Internal),
+                spec("a", vec![backend(1, false)]),
+            ),
+            (
+                fe([10, 96, 0, 1], 80, Scope::External),
+                spec("a", vec![backend(1, false)]),
+            ),
+        ];
+        apply(&mut p, &mut maps, &state(a.clone()));
+        let mut both = a;
+        both.push((
+            fe([10, 96, 0, 2], 80, Scope::Internal),
+            spec("b", vec![backend(2, false)]),
+        ));
+        both.push((
+            fe([10, 96, 0, 2], 80, Scope::External),
+            spec("b", vec![backend(2, false)]),
+        ));
+        let plan = p.plan(&state(both));
+        assert_eq!(plan.failed.len(), 1);
+        assert_eq!(plan.failed[0].0, svc("b"));
+        assert!(matches!(
+            plan.failed[0].1,
+            PlanError::FrontendsFull { needed: 2, free: 1 }
+        ));
+        for op in &plan.ops {
+            maps.apply(op).expect("apply");
+        }
+        // Nothing of b was written; a is untouched.
+        assert_eq!(maps.frontends.len(), 2);
+        assert!(
+            !maps
+                .backends
+                .values()
+                .any(|b| b.addr_be == backend_value(&backend(2, false).addr, 0, false).addr_be)
+        );
+    }
+
+    #[test]
+    fn ring_slab_exhaustion_fails_whole_and_rolls_back() {
+        let small = Capacities {
+            frontends: 64,
+            backends: 1024,
+            ring_slots: 500,
+            conntrack: 16,
+            snat: 16,
+        };
+        let mut p = Programmer::new(&small);
+        // Two frontends of one service with different backend sets: 3 backends want 401
+        // slots and 4 want 401 too; only one fits.
+        let d = state(vec![
+            (
+                fe([10, 96, 0, 1], 80, Scope::Internal),
+                spec(
+                    "a",
+                    vec![backend(1, false), backend(2, false), backend(3, false)],
+                ),
+            ),
+            (
+                fe([10, 96, 0, 1], 80, Scope::External),
+                spec(
+                    "a",
+                    vec![
+                        backend(1, false),
+                        backend(2, false),
+                        backend(3, false),
+                        backend(4, false),
+                    ],
+                ),
+            ),
+        ]);
+        let plan = p.plan(&d);
+        // The second ring gets the largest prime that fits after the first: 99 ≥ 4, so the
+        // service fits with a smaller table; shrink capacity further to force failure.
+        assert!(plan.failed.is_empty(), "{:?}", plan.failed);
+        let tiny = Capacities {
+            frontends: 64,
+            backends: 1024,
+            ring_slots: 402,
+            conntrack: 16,
+            snat: 16,
+        };
+        let mut p = Programmer::new(&tiny);
+        let plan = p.plan(&d);
+        assert_eq!(plan.failed.len(), 1);
+        assert!(plan.ops.is_empty(), "{:?}", plan.ops);
+        assert_eq!(p.ring_slots_used(), 0);
+    }
+
+    /// xorshift64*: deterministic randomness for the property test.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn random_state(rng: &mut Rng) -> DesiredState {
+        let mut frontends = BTreeMap::new();
+        for s in 0..rng.below(6) {
+            let name = format!("s{s}");
+            let backends: Vec<BackendSpec> = {
+                let mut v: Vec<BackendSpec> = (0..rng.below(6))
+                    .map(|_| backend(rng.below(12) as u8 + 1, rng.below(2) == 0))
+                    .collect();
+                v.sort_by_key(|b| b.addr);
+                v.dedup_by_key(|b| b.addr);
+                v
+            };
+            for scope in [Scope::Internal, Scope::External] {
+                if rng.below(4) > 0 {
+                    let mut b = backends.clone();
+                    if scope == Scope::External && rng.below(3) == 0 {
+                        b.retain(|x| x.local);
+                    }
+                    frontends.insert(fe([10, 96, 0, s as u8], 80, scope), spec(&name, b));
+                }
+            }
+        }
+        DesiredState { frontends }
+    }
+
+    /// After every single op, every frontend resolves only to a backend of the old or the new
+    /// desired state (or drops, if it has no backend in either).
+    #[test]
+    fn every_intermediate_state_resolves_to_old_or_new_backends() {
+        let mut rng = Rng(0x5eed_1234_abcd_ef01);
+        let mut p = Programmer::new(&Capacities {
+            ring_slots: 20_000,
+            ..caps()
+        });
+        let mut maps = FakeMaps::default();
+        let mut old = DesiredState::default();
+        for round in 0..300 {
+            let new = random_state(&mut rng);
+            let plan = p.plan(&new);
+            assert!(plan.failed.is_empty(), "round {round}: {:?}", plan.failed);
+            for (i, op) in plan.ops.iter().enumerate() {
+                maps.apply(op).expect("apply");
+                for (key, value) in &maps.frontends {
+                    let allowed: Vec<u32> = [&old, &new]
+                        .iter()
+                        .filter_map(|d| d.frontends.iter().find(|(a, _)| frontend_key(a) == *key))
+                        .flat_map(|(_, s)| {
+                            s.backends
+                                .iter()
+                                .map(|b| backend_value(&b.addr, 0, false).addr_be)
+                        })
+                        .collect();
+                    for sport in 0..24u16 {
+                        let got = maps.resolve(key, 0x0a00_0001 + u32::from(sport), sport.to_be());
+                        match got {
+                            Some(b) => assert!(
+                                allowed.contains(&b.addr_be),
+                                "round {round} op {i}: frontend {key:?} resolved to a foreign backend"
+                            ),
+                            None => assert!(
+                                value.ring_size == 0,
+                                "round {round} op {i}: frontend {key:?} with a ring resolved to nothing"
+                            ),
+                        }
+                    }
+                }
+            }
+            // Final state: exactly the desired frontends.
+            let want: Vec<_> = new.frontends.keys().map(frontend_key).collect();
+            let have: Vec<_> = maps.frontends.keys().copied().collect();
+            let mut want_sorted = want.clone();
+            want_sorted.sort();
+            assert_eq!(have, want_sorted, "round {round}");
+            old = new;
+        }
+    }
+}
