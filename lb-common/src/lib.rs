@@ -35,6 +35,13 @@ pub mod capacity {
     pub const SNAT: u32 = 256 * 1024;
 }
 
+/// Ring slots per element of the ring slab map. The kernel stores array elements at an 8-byte
+/// stride, so a slab of bare `u32`s would waste half its memory (and make its memory map
+/// strided); 16 slots per 64-byte element keep the map dense and the mapping a flat `[u32]`.
+pub const RING_LANES: u32 = 16;
+/// One element of the ring slab map.
+pub type RingChunk = [u32; RING_LANES as usize];
+
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 

@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey, SnatEntry, Verdict, capacity,
+    Backend, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey, RING_LANES, RingChunk,
+    SnatEntry, Verdict, capacity,
 };
 
 /// Frontends: (address, port, protocol, scope) → the service's Maglev ring region.
@@ -20,7 +21,8 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(capacity::BACKENDS
 /// Maglev ring slab: backend ids; each frontend owns a region of it. Memory-mappable, so
 /// the agent writes whole regions with plain stores instead of one syscall per slot.
 #[map(name = "xlb_rings_v1")]
-pub static RINGS: Array<u32> = Array::with_max_entries(capacity::RING_SLOTS, BPF_F_MMAPABLE);
+pub static RINGS: Array<RingChunk> =
+    Array::with_max_entries(capacity::RING_SLOTS / RING_LANES, BPF_F_MMAPABLE);
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 

@@ -2,7 +2,7 @@
 //! backend while that backend lives), Maglev for new flows.
 use lb_common::{
     BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, CtEntry, FRONTEND_F_SNAT_REMOTE,
-    FlowKey, Frontend, FrontendKey, SnatEntry, Verdict, hash::flow_hash,
+    FlowKey, Frontend, FrontendKey, RING_LANES, SnatEntry, Verdict, hash::flow_hash,
 };
 
 use crate::{
@@ -76,7 +76,7 @@ pub fn forward(f: &Flow, fe: &Frontend, snat_ok: bool) -> Result<Forward, Verdic
     let slot = fe
         .ring_offset
         .wrapping_add(h.checked_rem(fe.ring_size).unwrap_or(0));
-    let id = RINGS.get(slot).copied().unwrap_or(0);
+    let id = ring_slot(slot);
     let b = backend(id, None).ok_or(Verdict::DropNoBackend)?;
     let wants_snat =
         snat_ok && b.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_SNAT_REMOTE != 0;
@@ -116,6 +116,16 @@ pub fn forward(f: &Flow, fe: &Frontend, snat_ok: bool) -> Result<Forward, Verdic
         snat,
         verdict: Verdict::NatNew,
     })
+}
+
+/// The backend id in ring slot `slot` (0 if out of range).
+#[inline(always)]
+fn ring_slot(slot: u32) -> u32 {
+    RINGS
+        .get(slot / RING_LANES)
+        .and_then(|chunk| chunk.get((slot % RING_LANES) as usize))
+        .copied()
+        .unwrap_or(0)
 }
 
 /// Picks a free SNAT port for a flow to backend `b`, starting where the flow hash points and

@@ -69,7 +69,10 @@ pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
     loader
         .map_max_entries(map_names::FRONTENDS, caps.frontends)
         .map_max_entries(map_names::BACKENDS, caps.backends)
-        .map_max_entries(map_names::RINGS, caps.ring_slots)
+        .map_max_entries(
+            map_names::RINGS,
+            caps.ring_slots.div_ceil(lb_common::RING_LANES),
+        )
         .map_max_entries(map_names::CONNTRACK, caps.conntrack)
         .map_max_entries(map_names::SNAT, caps.snat);
     let mut ebpf = loader.load(DATAPATH).map_err(LoaderError::Load)?;

@@ -169,10 +169,12 @@ impl AyaMaps {
         let Map::Array(ring_data) = take(ebpf, map_names::RINGS)? else {
             return Err(MapsError::Missing(map_names::RINGS));
         };
-        let slots = ring_data
+        // RING_LANES slots per element, elements contiguous: the mapping is a flat [u32].
+        let elements = ring_data
             .info()
             .map_err(err(map_names::RINGS))?
             .max_entries();
+        let slots = elements * lb_common::RING_LANES;
         let rings = RingSlab::new(ring_data, slots)?;
         Ok(Self {
             frontends,
@@ -180,6 +182,12 @@ impl AyaMaps {
             rings,
             config,
         })
+    }
+
+    /// All frontend entries (inspection, tests).
+    #[must_use]
+    pub fn frontends(&self) -> Vec<(FrontendKey, Frontend)> {
+        self.frontends.iter().filter_map(Result::ok).collect()
     }
 
     /// Reads a ring region back (inspection, tests).

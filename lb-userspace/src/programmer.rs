@@ -60,7 +60,7 @@ pub fn backend_value(b: &BackendAddr, generation: u32, local: bool) -> Backend {
 }
 
 /// Identity bytes of a backend for Maglev: the same on every node.
-fn maglev_id(b: &BackendAddr) -> String {
+fn maglev_id(b: BackendAddr) -> String {
     format!("{}:{}/{}", b.addr, b.port, b.proto)
 }
 
@@ -318,6 +318,19 @@ impl Programmer {
         out: &mut Buckets,
     ) -> Result<(), PlanError> {
         // Capacity first, so a failure leaves nothing half-done.
+        self.check_capacity(frontends)?;
+        let new_rings = self.allocate_rings(frontends)?;
+        let service_id = self.service_id(service);
+        self.emit_backends(frontends, out);
+        self.emit_rings(new_rings, out);
+        self.emit_frontends(service, service_id, frontends, out);
+        Ok(())
+    }
+
+    fn check_capacity(
+        &self,
+        frontends: &[(&FrontendAddr, &FrontendSpec)],
+    ) -> Result<(), PlanError> {
         let new_frontends = frontends
             .iter()
             .filter(|(a, _)| !self.frontends.contains_key(a))
@@ -340,7 +353,14 @@ impl Programmer {
                 free: self.ids.available(),
             });
         }
-        // Rings this service needs that do not exist yet: allocate them all, or none.
+        Ok(())
+    }
+
+    /// Allocates the rings these frontends need that do not exist yet: all of them, or none.
+    fn allocate_rings(
+        &mut self,
+        frontends: &[(&FrontendAddr, &FrontendSpec)],
+    ) -> Result<Vec<(Vec<BackendAddr>, u32, u32)>, PlanError> {
         let mut new_rings: Vec<(Vec<BackendAddr>, u32, u32)> = Vec::new();
         for (addr, spec) in frontends {
             let members: Vec<BackendAddr> = spec.backends.iter().map(|b| b.addr).collect();
@@ -355,9 +375,9 @@ impl Programmer {
                 .get(addr)
                 .and_then(|p| self.rings.get(&p.ring))
                 .map(|r| r.size);
-            let size = maglev::table_size(members.len(), current, self.slab.largest())
+            let region = maglev::table_size(members.len(), current, self.slab.largest())
                 .and_then(|m| self.slab.alloc(m).map(|off| (off, m)));
-            let Some((off, m)) = size else {
+            let Some((off, m)) = region else {
                 for (_, off, m) in new_rings {
                     self.slab.release(off, m);
                 }
@@ -367,9 +387,11 @@ impl Programmer {
             };
             new_rings.push((members, off, m));
         }
-        let service_id = self.service_id(service);
+        Ok(new_rings)
+    }
 
-        // 1. Backends: new ones, and ones whose locality changed.
+    /// New backends, and backends whose locality changed.
+    fn emit_backends(&mut self, frontends: &[(&FrontendAddr, &FrontendSpec)], out: &mut Buckets) {
         let all: BTreeMap<BackendAddr, &BackendSpec> = frontends
             .iter()
             .flat_map(|(_, s)| s.backends.iter().map(|b| (b.addr, b)))
@@ -385,19 +407,17 @@ impl Programmer {
                     });
                 }
                 None => {
-                    // Checked above: ids are available.
+                    // check_capacity made sure ids are available.
                     let Some((id, generation)) = self.ids.alloc() else {
                         continue;
                     };
-                    self.backends.insert(
-                        addr,
-                        BackendEntry {
-                            id,
-                            generation,
-                            local: spec.local,
-                            rings: 0,
-                        },
-                    );
+                    let entry = BackendEntry {
+                        id,
+                        generation,
+                        local: spec.local,
+                        rings: 0,
+                    };
+                    self.backends.insert(addr, entry);
                     out.backends.push(Op::SetBackend {
                         id,
                         value: backend_value(&addr, generation, spec.local),
@@ -405,11 +425,14 @@ impl Programmer {
                 }
             }
         }
-        // 2. New rings.
+    }
+
+    /// Maglev tables for the newly allocated rings.
+    fn emit_rings(&mut self, new_rings: Vec<(Vec<BackendAddr>, u32, u32)>, out: &mut Buckets) {
         for (members, offset, size) in new_rings {
             let ids: Vec<(String, u32)> = members
                 .iter()
-                .map(|a| (maglev_id(a), self.backends.get(a).map_or(0, |b| b.id)))
+                .map(|a| (maglev_id(*a), self.backends.get(a).map_or(0, |b| b.id)))
                 .collect();
             let input: Vec<(&[u8], u32)> = ids.iter().map(|(n, id)| (n.as_bytes(), *id)).collect();
             out.rings.push(Op::WriteRing {
@@ -430,7 +453,16 @@ impl Programmer {
                 },
             );
         }
-        // 3. Frontend flips.
+    }
+
+    /// Frontend flips: new or changed frontends now point at complete rings.
+    fn emit_frontends(
+        &mut self,
+        service: &ServicePortRef,
+        service_id: u32,
+        frontends: &[(&FrontendAddr, &FrontendSpec)],
+        out: &mut Buckets,
+    ) {
         for (addr, spec) in frontends {
             let members: Vec<BackendAddr> = spec.backends.iter().map(|b| b.addr).collect();
             let (ring_offset, ring_size) = self
@@ -462,19 +494,15 @@ impl Programmer {
                 key: frontend_key(addr),
                 value,
             });
-            let old = self.frontends.insert(
-                **addr,
-                Programmed {
-                    value,
-                    ring: members,
-                    service: service.clone(),
-                },
-            );
-            if let Some(old) = old {
+            let programmed = Programmed {
+                value,
+                ring: members,
+                service: service.clone(),
+            };
+            if let Some(old) = self.frontends.insert(**addr, programmed) {
                 self.unref_ring(&old.ring);
             }
         }
-        Ok(())
     }
 
     /// One frontend stopped using `ring`; a ring nobody uses is freed (quarantined).

@@ -1,15 +1,25 @@
-//! Running the datapath's programs on test frames through `BPF_PROG_TEST_RUN`.
+//! Running the datapath's programs on test frames through `BPF_PROG_TEST_RUN`, with its maps
+//! programmed through the same programmer the agent uses.
+use std::net::Ipv4Addr;
+
 use aya::{
     Ebpf,
-    maps::PerCpuArray,
-    programs::{TestRun as _, TestRunOptions},
+    maps::{HashMap, PerCpuArray},
+    programs::{ProgramError, TestRun as _, TestRunOptions, TestRunResult},
 };
-use lb_common::{Counter, Verdict, map_names};
-use lb_userspace::loader::{self, Capacities};
+use lb_common::{Config, Counter, CtEntry, FlowKey, SnatEntry, Verdict, map_names};
+use lb_userspace::{
+    loader::{self, Capacities},
+    maps::{AyaMaps, LbMaps as _, Op},
+    programmer::Programmer,
+    state::DesiredState,
+};
 
-/// A loaded (not attached) datapath.
+/// A loaded (not attached) datapath and its writable maps.
 pub struct Datapath {
     pub ebpf: Ebpf,
+    pub maps: AyaMaps,
+    pub programmer: Programmer,
 }
 
 /// What a program did with a frame.
@@ -22,22 +32,80 @@ pub struct Outcome {
 impl Datapath {
     #[must_use]
     pub fn load() -> Self {
-        let ebpf = loader::load(&Capacities::small()).expect("loading the datapath");
-        Self { ebpf }
+        let caps = Capacities::small();
+        let mut ebpf = loader::load(&caps).expect("loading the datapath");
+        let maps = AyaMaps::new(&mut ebpf).expect("datapath maps");
+        Self {
+            ebpf,
+            maps,
+            programmer: Programmer::new(&caps),
+        }
     }
 
-    /// Runs the NIC (XDP) program once on `frame`.
+    /// Programs `desired` the way the agent does; panics if a service fails.
+    pub fn program(&mut self, desired: &DesiredState) {
+        let plan = self.programmer.plan(desired);
+        assert!(plan.failed.is_empty(), "services failed: {:?}", plan.failed);
+        for op in &plan.ops {
+            if std::env::var("XLB_DEBUG_OPS").is_ok() {
+                eprintln!("{op:?}");
+            }
+            self.maps.apply(op).expect("applying an op");
+        }
+    }
+
+    /// Sets the SNAT address and port range (host order, inclusive).
+    pub fn set_snat(&mut self, addr: Ipv4Addr, ports: (u16, u16)) {
+        let cfg = Config {
+            snat_addr_be: u32::from_ne_bytes(addr.octets()),
+            snat_port_min: ports.0,
+            snat_port_max: ports.1,
+            ..Config::default()
+        };
+        self.maps.apply(&Op::SetConfig(cfg)).expect("config");
+    }
+
+    /// Runs the NIC (XDP) program once on `frame` (ingress: loopback).
     #[must_use]
     pub fn xdp(&mut self, frame: &[u8]) -> Outcome {
-        let prog = loader::xdp_program(&mut self.ebpf).expect("xdp program");
-        run(|opts| prog.test_run(opts), frame)
+        self.xdp_on(frame, 0)
     }
 
-    /// Runs the pod (TC) program once on `frame`.
+    /// Runs the NIC program once on `frame` as received on `ifindex` (0: loopback).
+    #[must_use]
+    pub fn xdp_on(&mut self, frame: &[u8], ifindex: u32) -> Outcome {
+        let prog = loader::xdp_program(&mut self.ebpf).expect("xdp program");
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex.
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        run(
+            |opts| prog.test_run(opts),
+            frame,
+            (ifindex != 0).then_some(&ctx),
+        )
+    }
+
+    /// Runs the pod (TC) program once on `frame` (device: loopback).
     #[must_use]
     pub fn tc(&mut self, frame: &[u8]) -> Outcome {
+        self.tc_on(frame, 0)
+    }
+
+    /// Runs the pod program once on `frame` as received on `ifindex` (0: loopback).
+    #[must_use]
+    pub fn tc_on(&mut self, frame: &[u8], ifindex: u32) -> Outcome {
         let prog = loader::tc_program(&mut self.ebpf).expect("tc program");
-        run(|opts| prog.test_run(opts), frame)
+        // struct __sk_buff is 192 bytes; test-run reads len, ifindex and a few others.
+        // ifindex is its 11th u32 (len, pkt_type, mark, queue_mapping, protocol, vlan_present,
+        // vlan_tci, vlan_proto, priority, ingress_ifindex, ifindex).
+        let mut skb = [0u8; 192];
+        skb[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        run(
+            |opts| prog.test_run(opts),
+            frame,
+            (ifindex != 0).then_some(&skb[..]),
+        )
     }
 
     /// Packets counted for `verdict`, summed over CPUs.
@@ -53,18 +121,36 @@ impl Datapath {
             .map(|c| c.packets)
             .sum()
     }
+
+    /// All conntrack entries.
+    #[must_use]
+    pub fn conntrack(&self) -> Vec<(FlowKey, CtEntry)> {
+        let ct: HashMap<_, FlowKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).expect("ct map"))
+                .expect("ct map type");
+        ct.iter().filter_map(Result::ok).collect()
+    }
+
+    /// All SNAT entries.
+    #[must_use]
+    pub fn snat(&self) -> Vec<(FlowKey, SnatEntry)> {
+        let m: HashMap<_, FlowKey, SnatEntry> =
+            HashMap::try_from(self.ebpf.map(map_names::SNAT).expect("snat map"))
+                .expect("snat map type");
+        m.iter().filter_map(Result::ok).collect()
+    }
 }
 
 fn run(
-    f: impl FnOnce(
-        TestRunOptions<'_>,
-    ) -> Result<aya::programs::TestRunResult, aya::programs::ProgramError>,
+    f: impl FnOnce(TestRunOptions<'_>) -> Result<TestRunResult, ProgramError>,
     frame: &[u8],
+    ctx: Option<&[u8]>,
 ) -> Outcome {
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     opts.data_out = Some(&mut out);
+    opts.ctx_in = ctx;
     let result = f(opts).expect("BPF_PROG_TEST_RUN");
     out.truncate(result.data_size_out as usize);
     Outcome {
