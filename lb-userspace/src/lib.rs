@@ -1,3 +1,4 @@
 //! xlb's agent and CLI: loads the eBPF datapath, attaches it, and programs its maps.
 pub mod loader;
 pub mod state;
+pub mod store;
