@@ -1,6 +1,10 @@
 //! xlb's agent and CLI: loads the eBPF datapath, attaches it, and programs its maps.
+pub mod invalid;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
+pub mod model;
 pub mod programmer;
+pub mod source;
 pub mod state;
+pub mod store;
