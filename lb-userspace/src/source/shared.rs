@@ -1,0 +1,119 @@
+//! The store that sources fill and the agent's sync loop reads. A source changes it under the
+//! lock (a re-list replaces a whole kind at once, never object by object) and bumps its
+//! generation; the sync loop waits for a generation it has not seen, then debounces.
+//! Readiness: the agent programs nothing before every registered source finished its first
+//! full listing, so a restart never programs a partial picture.
+use std::{
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use tokio::sync::watch;
+
+use crate::{invalid::Invalid, store::Store};
+
+#[derive(Default)]
+struct Inner {
+    store: Store,
+    /// Source name → finished its first full listing.
+    synced: BTreeMap<&'static str, bool>,
+    /// Objects a source could not even parse (the model reports the rest).
+    invalid: BTreeMap<&'static str, Vec<Invalid>>,
+}
+
+/// A [`Store`] shared between sources and the sync loop.
+pub struct SharedStore {
+    inner: Mutex<Inner>,
+    generation: watch::Sender<u64>,
+}
+
+impl Default for SharedStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SharedStore {
+    #[must_use]
+    pub fn new() -> Self {
+        Self { inner: Mutex::new(Inner::default()), generation: watch::Sender::new(0) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Declares a source whose first full listing readiness waits for.
+    pub fn register(&self, source: &'static str) {
+        self.lock().synced.entry(source).or_insert(false);
+    }
+
+    /// Changes the store and wakes the sync loop.
+    pub fn update<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
+        let r = f(&mut self.lock().store);
+        self.generation.send_modify(|g| *g += 1);
+        r
+    }
+
+    /// Replaces the whole store (a source that re-reads everything, like manifest files),
+    /// with the objects it could not parse, and marks the source synced.
+    pub fn replace(&self, source: &'static str, store: Store, invalid: Vec<Invalid>) {
+        {
+            let mut inner = self.lock();
+            inner.store = store;
+            inner.invalid.insert(source, invalid);
+            inner.synced.insert(source, true);
+        }
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Marks `source` as having finished a full listing (wakes the sync loop).
+    pub fn set_synced(&self, source: &'static str) {
+        self.lock().synced.insert(source, true);
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Every registered source has finished its first full listing.
+    #[must_use]
+    pub fn is_synced(&self) -> bool {
+        self.lock().synced.values().all(|s| *s)
+    }
+
+    /// Reads the store (and the sources' parse failures) under the lock.
+    pub fn read<R>(&self, f: impl FnOnce(&Store, &[Invalid]) -> R) -> R {
+        let inner = self.lock();
+        let invalid: Vec<Invalid> = inner.invalid.values().flatten().cloned().collect();
+        f(&inner.store, &invalid)
+    }
+
+    /// The current generation (bumped by every change).
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+
+    /// A receiver that wakes on every change.
+    #[must_use]
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SharedStore;
+    use crate::store::Store;
+
+    #[test]
+    fn ready_only_when_every_source_listed_once() {
+        let s = SharedStore::new();
+        s.register("manifests");
+        s.register("kube");
+        assert!(!s.is_synced());
+        s.replace("manifests", Store::new(), Vec::new());
+        assert!(!s.is_synced());
+        s.set_synced("kube");
+        assert!(s.is_synced());
+        assert_eq!(s.generation(), 2);
+    }
+}
