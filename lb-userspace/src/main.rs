@@ -1,7 +1,13 @@
 //! `xlb`: the agent and its command-line tools.
-use anyhow::Context as _;
-use clap::{Parser, Subcommand};
-use lb_userspace::loader;
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use lb_userspace::{
+    agent::{self, AgentConfig},
+    loader::{self, Capacities},
+    model::ModelOptions,
+};
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the agent: program the datapath from Services and EndpointSlices.
+    Agent(AgentArgs),
     /// Datapath diagnostics.
     #[command(subcommand)]
     Datapath(DatapathCommand),
@@ -35,6 +43,85 @@ enum DatapathCommand {
     },
 }
 
+#[derive(Args)]
+struct AgentArgs {
+    /// Read Services, EndpointSlices and Nodes from this file or directory (re-read on change)
+    /// instead of the Kubernetes API.
+    #[arg(long)]
+    manifests: Option<PathBuf>,
+    /// This node's name (as in EndpointSlices' nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: String,
+    /// NIC to attach XDP to (repeatable). Default: the interfaces holding the node's addresses.
+    #[arg(long = "nic")]
+    nics: Vec<String>,
+    /// Glob of pod-facing interfaces to attach TC to (repeatable).
+    #[arg(long = "pod-ifaces", default_value = "lxc*")]
+    pod_ifaces: Vec<String>,
+    /// Source address of SNATed flows. Default: the node's first address.
+    #[arg(long)]
+    snat_addr: Option<Ipv4Addr>,
+    /// SNAT port range, e.g. 61000-65535 (keep it outside the NodePort and ephemeral ranges).
+    #[arg(long, default_value = "61000-65535")]
+    snat_ports: String,
+    /// Only Services labelled service.kubernetes.io/service-proxy-name=<this> (and unlabelled ones).
+    #[arg(long)]
+    service_proxy_name: Option<String>,
+    /// Quiet period before a sync, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    debounce_ms: u64,
+    /// Longest a change waits for a quiet period, in milliseconds.
+    #[arg(long, default_value_t = 250)]
+    max_delay_ms: u64,
+    /// Map capacities.
+    #[arg(long, default_value_t = lb_common::capacity::FRONTENDS)]
+    max_frontends: u32,
+    #[arg(long, default_value_t = lb_common::capacity::BACKENDS)]
+    max_backends: u32,
+    #[arg(long, default_value_t = lb_common::capacity::RING_SLOTS)]
+    ring_slots: u32,
+    #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
+    max_conntrack: u32,
+    #[arg(long, default_value_t = lb_common::capacity::SNAT)]
+    max_snat: u32,
+}
+
+fn parse_range(s: &str) -> anyhow::Result<(u16, u16)> {
+    let (a, b) = s
+        .split_once('-')
+        .context("expected a range like 61000-65535")?;
+    let (a, b): (u16, u16) = (a.trim().parse()?, b.trim().parse()?);
+    if a == 0 || a > b {
+        bail!("invalid port range {s}");
+    }
+    Ok((a, b))
+}
+
+fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
+    Ok(AgentConfig {
+        manifests: a.manifests,
+        node_name: a.node_name,
+        nics: a.nics,
+        pod_ifaces: a.pod_ifaces,
+        snat_addr: a.snat_addr,
+        snat_ports: parse_range(&a.snat_ports).context("--snat-ports")?,
+        debounce: Duration::from_millis(a.debounce_ms),
+        max_delay: Duration::from_millis(a.max_delay_ms),
+        capacities: Capacities {
+            frontends: a.max_frontends,
+            backends: a.max_backends,
+            ring_slots: a.ring_slots,
+            conntrack: a.max_conntrack,
+            snat: a.max_snat,
+        },
+        model: ModelOptions {
+            service_proxy_name: a.service_proxy_name,
+            ..ModelOptions::default()
+        },
+        manifest_poll: Duration::from_millis(200),
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -44,12 +131,19 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Agent(args) => {
+            let cfg = agent_config(args)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(agent::run(cfg)).context("agent")
+        }
         Command::Datapath(DatapathCommand::Probe { nics, pod_ifaces }) => probe(&nics, &pod_ifaces),
     }
 }
 
 fn probe(nics: &[String], pod_ifaces: &[String]) -> anyhow::Result<()> {
-    let mut ebpf = loader::load(&loader::Capacities::small()).context("loading the datapath")?;
+    let mut ebpf = loader::load(&Capacities::small()).context("loading the datapath")?;
     for nic in nics {
         loader::attach_nic(&mut ebpf, nic).with_context(|| format!("attaching XDP to {nic}"))?;
         println!("attached {} (XDP, driver mode) to {nic}", loader::PROG_NIC);

@@ -1,0 +1,277 @@
+//! The agent: sources fill the shared store; after a quiet period the whole store is
+//! translated (`model`) and the difference programmed (`programmer` → maps); the datapath is
+//! attached to the node's NICs (XDP) and to pod interfaces (TC), including ones that appear
+//! later. Nothing is programmed before every source has listed everything once, and nothing is
+//! attached before the first full sync is in the maps.
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use aya::Ebpf;
+use lb_common::Config;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::{
+    loader::{self, Capacities, LoaderError},
+    maps::{AyaMaps, LbMaps as _, MapsError, Op},
+    model::{self, ModelOptions, NodeInfo},
+    netlink::{self, LinkEvent},
+    programmer::Programmer,
+    source::{manifests, shared::SharedStore},
+};
+
+/// How the agent runs.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// Manifest file or directory (without it: the Kubernetes API).
+    pub manifests: Option<PathBuf>,
+    pub node_name: String,
+    /// NICs for XDP; empty: the interfaces holding the node's addresses.
+    pub nics: Vec<String>,
+    /// Globs of pod-facing interfaces for TC.
+    pub pod_ifaces: Vec<String>,
+    /// SNAT source address; `None`: the node's first address.
+    pub snat_addr: Option<Ipv4Addr>,
+    /// SNAT port range, inclusive.
+    pub snat_ports: (u16, u16),
+    /// Quiet period before a sync.
+    pub debounce: Duration,
+    /// Longest a change waits for a quiet period.
+    pub max_delay: Duration,
+    pub capacities: Capacities,
+    pub model: ModelOptions,
+    /// How often manifest files are checked for changes.
+    pub manifest_poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+    #[error("no node address to SNAT with: give --snat-addr or a Node with an InternalIP")]
+    NoSnatAddress,
+    #[error("none of the NICs to attach to exists ({0})")]
+    NoNic(String),
+    #[error("the Kubernetes API source is not built into this agent yet; use --manifests")]
+    NoApiSource,
+    #[error("watching links: {0}")]
+    Netlink(#[source] std::io::Error),
+}
+
+/// Runs the agent until SIGINT/SIGTERM.
+pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    let mut ebpf = loader::load(&cfg.capacities)?;
+    let mut maps = AyaMaps::new(&mut ebpf)?;
+    let mut programmer = Programmer::new(&cfg.capacities);
+    let store = Arc::new(SharedStore::new());
+    let Some(path) = cfg.manifests.clone() else {
+        return Err(AgentError::NoApiSource);
+    };
+    let mut changes = store.subscribe();
+    changes.mark_changed();
+    tokio::spawn(manifests::watch(
+        path,
+        Arc::clone(&store),
+        cfg.manifest_poll,
+    ));
+
+    let mut attached = Attached::default();
+    let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    let mut node: Option<NodeInfo> = None;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(AgentError::Netlink)?;
+    loop {
+        tokio::select! {
+            result = changes.changed() => {
+                if result.is_err() {
+                    break;
+                }
+                debounce(&mut changes, cfg.debounce, cfg.max_delay).await;
+                if !store.is_synced() {
+                    continue;
+                }
+                let Some(n) = store.read(|s, _| NodeInfo::from_store(s, &cfg.node_name)) else {
+                    warn!(node = %cfg.node_name, "this node's Node object is not known yet");
+                    continue;
+                };
+                if node.as_ref() != Some(&n) {
+                    write_config(&mut maps, &cfg, &n)?;
+                    node = Some(n.clone());
+                }
+                sync(&store, &n, &cfg, &mut programmer, &mut maps);
+                if !attached.started {
+                    attached.start(&mut ebpf, &cfg, &n, link_tx.clone())?;
+                }
+            }
+            Some(event) = link_rx.recv() => attached.on_link(&mut ebpf, &cfg, &event),
+            _ = tokio::signal::ctrl_c() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    info!("stopping; the datapath is detached with this process");
+    Ok(())
+}
+
+/// Waits until no change arrived for `quiet`, or `max` passed since the first one.
+async fn debounce(changes: &mut tokio::sync::watch::Receiver<u64>, quiet: Duration, max: Duration) {
+    let deadline = Instant::now() + max;
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return;
+        }
+        let wait = quiet.min(deadline - now);
+        match tokio::time::timeout(wait, changes.changed()).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
+}
+
+fn write_config(maps: &mut AyaMaps, cfg: &AgentConfig, node: &NodeInfo) -> Result<(), AgentError> {
+    let snat = cfg
+        .snat_addr
+        .or_else(|| node.addresses.first().copied())
+        .ok_or(AgentError::NoSnatAddress)?;
+    let mut c = Config {
+        snat_addr_be: u32::from_ne_bytes(snat.octets()),
+        snat_port_min: cfg.snat_ports.0,
+        snat_port_max: cfg.snat_ports.1,
+        ..Config::default()
+    };
+    for (slot, addr) in c.node_addrs_be.iter_mut().zip(&node.addresses) {
+        *slot = u32::from_ne_bytes(addr.octets());
+        c.node_addr_count += 1;
+    }
+    maps.apply(&Op::SetConfig(c))?;
+    info!(snat = %snat, ports = ?cfg.snat_ports, addresses = ?node.addresses, "node configuration written");
+    Ok(())
+}
+
+/// One sync: the whole store → desired state → the difference, applied in order.
+fn sync(
+    store: &SharedStore,
+    node: &NodeInfo,
+    cfg: &AgentConfig,
+    programmer: &mut Programmer,
+    maps: &mut AyaMaps,
+) {
+    let started = Instant::now();
+    let (desired, source_invalid) =
+        store.read(|s, inv| (model::desired(s, node, &cfg.model), inv.len()));
+    let plan = programmer.plan(&desired.state);
+    let mut errors = 0usize;
+    for op in &plan.ops {
+        if let Err(e) = maps.apply(op) {
+            errors += 1;
+            warn!(error = %e, ?op, "map write failed");
+        }
+    }
+    info!(
+        frontends = programmer.frontend_count(),
+        backends = programmer.backend_count(),
+        ring_slots = programmer.ring_slots_used(),
+        ops = plan.ops.len(),
+        failed_services = plan.failed.len(),
+        invalid_objects = desired.invalid.len() + source_invalid,
+        errors,
+        took_ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
+        "sync"
+    );
+}
+
+/// What the agent attached to.
+#[derive(Default)]
+struct Attached {
+    started: bool,
+    pod_ifaces: std::collections::BTreeSet<String>,
+}
+
+impl Attached {
+    /// Attaches XDP to the NICs and TC to matching pod interfaces, then follows new links.
+    fn start(
+        &mut self,
+        ebpf: &mut Ebpf,
+        cfg: &AgentConfig,
+        node: &NodeInfo,
+        links: mpsc::UnboundedSender<LinkEvent>,
+    ) -> Result<(), AgentError> {
+        let nics: Vec<String> = if cfg.nics.is_empty() {
+            netlink::addresses()
+                .into_iter()
+                .filter(|(_, a)| node.addresses.contains(a))
+                .map(|(n, _)| n)
+                .collect()
+        } else {
+            cfg.nics.clone()
+        };
+        let mut attached_any = false;
+        for nic in &nics {
+            match loader::attach_nic(ebpf, nic) {
+                Ok(()) => {
+                    attached_any = true;
+                    set_accept_local(nic);
+                    info!(nic = %nic, "XDP attached");
+                }
+                Err(e) => warn!(nic = %nic, error = %e, "XDP attach failed"),
+            }
+        }
+        if !attached_any {
+            return Err(AgentError::NoNic(nics.join(",")));
+        }
+        // Subscribe before listing, so no link falls between the two.
+        let watcher = netlink::LinkWatcher::new().map_err(AgentError::Netlink)?;
+        std::thread::spawn(move || {
+            while let Ok(events) = watcher.recv() {
+                for e in events {
+                    if links.send(e).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        for (index, name) in netlink::links() {
+            self.on_link(ebpf, cfg, &LinkEvent::New { index, name });
+        }
+        self.started = true;
+        Ok(())
+    }
+
+    fn on_link(&mut self, ebpf: &mut Ebpf, cfg: &AgentConfig, event: &LinkEvent) {
+        match event {
+            LinkEvent::New { name, .. } => {
+                if self.pod_ifaces.contains(name)
+                    || !cfg.pod_ifaces.iter().any(|g| netlink::glob_match(g, name))
+                {
+                    return;
+                }
+                match loader::attach_pod(ebpf, name) {
+                    Ok(()) => {
+                        info!(iface = %name, "TC attached");
+                        self.pod_ifaces.insert(name.clone());
+                    }
+                    Err(e) => warn!(iface = %name, error = %e, "TC attach failed"),
+                }
+            }
+            LinkEvent::Removed { name, .. } => {
+                // The kernel removed the tcx link with the interface.
+                self.pod_ifaces.remove(name);
+            }
+        }
+    }
+}
+
+/// A NIC must accept packets whose source is one of the node's addresses: the datapath hands
+/// SNATed packets to the kernel when their next hop's neighbour is not resolved yet.
+fn set_accept_local(nic: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{nic}/accept_local");
+    if let Err(e) = std::fs::write(&path, "1") {
+        warn!(path, error = %e, "could not enable accept_local");
+    }
+}

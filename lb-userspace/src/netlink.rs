@@ -1,0 +1,238 @@
+//! Network interfaces of this namespace: the current list, the addresses they hold, and a
+//! stream of rtnetlink link notifications, so the agent attaches to pod interfaces that
+//! appear after it started.
+use std::{
+    ffi::CStr,
+    io, mem,
+    net::Ipv4Addr,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+};
+
+/// A link notification.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A link was created or changed.
+    New { index: u32, name: String },
+    /// A link was removed.
+    Removed { index: u32, name: String },
+}
+
+/// Interfaces that exist now: (index, name).
+#[must_use]
+pub fn links() -> Vec<(u32, String)> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
+            out.push(((*p).if_index, name));
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+/// IPv4 addresses held by interfaces now: (interface name, address).
+#[must_use]
+pub fn addresses() -> Vec<(String, Ipv4Addr)> {
+    let mut out = Vec::new();
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills a linked list that we walk read-only and free once.
+    unsafe {
+        if libc::getifaddrs(&raw mut head) != 0 {
+            return out;
+        }
+        let mut p = head;
+        while !p.is_null() {
+            let a = (*p).ifa_addr;
+            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
+                // An AF_INET sockaddr is a sockaddr_in; read it unaligned all the same.
+                let sin = a.cast::<libc::sockaddr_in>().read_unaligned();
+                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+                let name = CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned();
+                out.push((name, ip));
+            }
+            p = (*p).ifa_next;
+        }
+        libc::freeifaddrs(head);
+    }
+    out
+}
+
+/// Shell-style match with `*` (any run) and `?` (one character).
+#[must_use]
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match (p.first(), n.first()) {
+            (None, None) => true,
+            (Some(b'*'), _) => go(&p[1..], n) || (!n.is_empty() && go(p, &n[1..])),
+            (Some(b'?'), Some(_)) => go(&p[1..], &n[1..]),
+            (Some(a), Some(b)) if a == b => go(&p[1..], &n[1..]),
+            _ => false,
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+const RTMGRP_LINK: u32 = 1;
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const IFLA_IFNAME: u16 = 3;
+const NLMSG_HDRLEN: usize = 16;
+const IFINFOMSG_LEN: usize = 16;
+
+/// A netlink socket subscribed to link notifications.
+pub struct LinkWatcher {
+    fd: OwnedFd,
+}
+
+impl LinkWatcher {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain socket/bind calls; the fd is owned right after creation.
+        unsafe {
+            let fd = libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            );
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let fd = OwnedFd::from_raw_fd(fd);
+            let mut addr: libc::sockaddr_nl = mem::zeroed();
+            addr.nl_family = libc::AF_NETLINK as u16;
+            addr.nl_groups = RTMGRP_LINK;
+            let rc = libc::bind(
+                fd.as_raw_fd(),
+                (&raw const addr).cast(),
+                size_of::<libc::sockaddr_nl>() as u32,
+            );
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Self { fd })
+        }
+    }
+
+    /// Blocks until notifications arrive and returns them.
+    pub fn recv(&self) -> io::Result<Vec<LinkEvent>> {
+        let mut buf = vec![0u8; 64 * 1024];
+        // SAFETY: reading into a buffer we own, bounded by its length.
+        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+        Ok(parse_link_messages(&buf[..n]))
+    }
+}
+
+fn u16_at(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(off..off + 2)?.try_into().ok()?))
+}
+fn u32_at(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(off..off + 4)?.try_into().ok()?))
+}
+
+/// Parses a datagram of netlink messages into link events; malformed parts are skipped.
+#[must_use]
+pub fn parse_link_messages(buf: &[u8]) -> Vec<LinkEvent> {
+    let mut events = Vec::new();
+    let mut off = 0;
+    while let (Some(len), Some(kind)) = (u32_at(buf, off), u16_at(buf, off + 4)) {
+        let len = len as usize;
+        if len < NLMSG_HDRLEN || off + len > buf.len() {
+            break;
+        }
+        let msg = &buf[off + NLMSG_HDRLEN..off + len];
+        if (kind == RTM_NEWLINK || kind == RTM_DELLINK)
+            && let (Some(index), Some(name)) = (u32_at(msg, 4), ifname(msg))
+        {
+            events.push(if kind == RTM_NEWLINK {
+                LinkEvent::New { index, name }
+            } else {
+                LinkEvent::Removed { index, name }
+            });
+        }
+        off += (len + 3) & !3;
+    }
+    events
+}
+
+fn ifname(msg: &[u8]) -> Option<String> {
+    let mut off = IFINFOMSG_LEN;
+    while let (Some(len), Some(kind)) = (u16_at(msg, off), u16_at(msg, off + 2)) {
+        let len = len as usize;
+        if len < 4 || off + len > msg.len() {
+            return None;
+        }
+        if kind == IFLA_IFNAME {
+            let raw = &msg[off + 4..off + len];
+            let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+            return String::from_utf8(raw[..end].to_vec()).ok();
+        }
+        off += (len + 3) & !3;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{LinkEvent, glob_match, parse_link_messages};
+
+    #[test]
+    fn globs() {
+        assert!(glob_match("lxc*", "lxc0a1b"));
+        assert!(glob_match("lxc*", "lxc"));
+        assert!(!glob_match("lxc*", "eth0"));
+        assert!(glob_match("veth?", "veth1"));
+        assert!(!glob_match("veth?", "veth12"));
+        assert!(glob_match("*", "anything"));
+    }
+
+    fn newlink(kind: u16, index: u32, name: &str) -> Vec<u8> {
+        let mut attr = Vec::new();
+        let name_len = name.len() + 1;
+        attr.extend_from_slice(&((4 + name_len) as u16).to_ne_bytes());
+        attr.extend_from_slice(&3u16.to_ne_bytes());
+        attr.extend_from_slice(name.as_bytes());
+        attr.push(0);
+        while attr.len() % 4 != 0 {
+            attr.push(0);
+        }
+        let mut ifi = vec![0u8; 16];
+        ifi[4..8].copy_from_slice(&index.to_ne_bytes());
+        let len = 16 + ifi.len() + attr.len();
+        let mut m = Vec::new();
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&kind.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&ifi);
+        m.extend_from_slice(&attr);
+        m
+    }
+
+    #[test]
+    fn parses_link_notifications_and_skips_garbage() {
+        let mut buf = newlink(16, 7, "lxc42");
+        buf.extend(newlink(17, 3, "lxc9"));
+        assert_eq!(
+            parse_link_messages(&buf),
+            vec![
+                LinkEvent::New {
+                    index: 7,
+                    name: "lxc42".into()
+                },
+                LinkEvent::Removed {
+                    index: 3,
+                    name: "lxc9".into()
+                },
+            ]
+        );
+        assert!(parse_link_messages(&buf[..20]).is_empty());
+        assert!(parse_link_messages(&[0xff; 7]).is_empty());
+    }
+}
