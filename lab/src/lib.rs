@@ -7,7 +7,12 @@
 //! the processes it started inside first. Nothing here touches the host's own namespace: every
 //! command runs with `ip -n <ns>` or `ip netns exec <ns>`, and links are only ever created
 //! between two lab namespaces.
+pub mod cluster;
+pub mod echo;
+pub mod tomcat6;
+
 use std::{
+    collections::BTreeSet,
     ffi::OsStr,
     fs::File,
     io,
@@ -44,6 +49,12 @@ pub enum LabError {
     },
     #[error("the lab needs root (it creates network namespaces)")]
     NotRoot,
+    #[error("{what}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
 }
 
 pub type Result<T, E = LabError> = std::result::Result<T, E>;
@@ -117,7 +128,70 @@ pub fn remove_stale() -> Result<Vec<String>> {
             removed.push(ns);
         }
     }
+    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix(PREFIX)
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     Ok(removed)
+}
+
+/// Everything live labs of this process created, for the signal handler's cleanup.
+static LIVE_NAMESPACES: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+static LIVE_PIDS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn live<T: Ord>(m: &'static Mutex<BTreeSet<T>>) -> std::sync::MutexGuard<'static, BTreeSet<T>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Makes SIGINT and SIGTERM tear down every lab of this process (kill its processes, delete
+/// its namespaces and files) before exiting with 130. Call it first thing in `main`, before
+/// any thread starts: it blocks the signals in the calling thread (and so in every thread
+/// created later) and waits for them on a dedicated thread.
+pub fn teardown_on_signal() {
+    // SAFETY: sigset manipulation on a local set; pthread_sigmask on the current thread.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&raw mut set);
+        libc::sigaddset(&raw mut set, libc::SIGINT);
+        libc::sigaddset(&raw mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &raw const set, std::ptr::null_mut());
+        set
+    };
+    thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: waiting on the signals blocked above.
+        unsafe { libc::sigwait(&raw const set, &raw mut sig) };
+        eprintln!("\nlab: interrupted, removing the lab");
+        for pid in live(&LIVE_PIDS).iter() {
+            // SAFETY: killing processes this process started in its lab.
+            unsafe { libc::kill((*pid).cast_signed(), libc::SIGKILL) };
+        }
+        for ns in live(&LIVE_NAMESPACES).iter() {
+            delete_netns(ns);
+        }
+        let _ = remove_stale_files(std::process::id());
+        std::process::exit(130);
+    });
+}
+
+fn remove_stale_files(pid: u32) -> io::Result<()> {
+    for e in std::fs::read_dir(std::env::temp_dir())?.flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{PREFIX}{pid}-"))
+        {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    Ok(())
 }
 
 /// Kills every process inside `ns`, then deletes it. Best effort: used in teardown.
@@ -143,6 +217,10 @@ pub struct Lab {
     children: Mutex<Vec<Child>>,
 }
 
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Lab {
     /// Starts a lab; `tag` (short, `[a-z0-9]`) names it in namespace names.
     pub fn new(tag: &str) -> Result<Self> {
@@ -158,17 +236,28 @@ impl Lab {
         })
     }
 
+    /// The lab's name prefix (also the name of its files' directory).
+    #[must_use]
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
     /// Creates namespace `name` with loopback up.
     pub fn netns(&self, name: &str) -> Result<Netns> {
         let full = format!("{}-{name}", self.tag);
         ip(["netns", "add", &full])?;
-        self.namespaces
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(full.clone());
+        locked(&self.namespaces).push(full.clone());
+        live(&LIVE_NAMESPACES).insert(full.clone());
         let ns = Netns { name: full };
         ns.ip(["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Deletes one namespace of this lab now (killing what runs in it).
+    pub fn delete_netns(&self, ns: &Netns) {
+        locked(&self.namespaces).retain(|n| n != ns.name());
+        live(&LIVE_NAMESPACES).remove(ns.name());
+        delete_netns(ns.name());
     }
 
     /// Starts `cmd` (built with [`Netns::command`]); it is killed when the lab ends.
@@ -178,36 +267,43 @@ impl Lab {
             source,
         })?;
         let pid = child.id();
-        self.children
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(child);
+        locked(&self.children).push(child);
+        live(&LIVE_PIDS).insert(pid);
         Ok(pid)
     }
 
     /// Kills one process started with [`Lab::spawn`] (SIGKILL) and reaps it.
     pub fn kill(&self, pid: u32) {
-        let mut children = self
-            .children
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut children = locked(&self.children);
         if let Some(i) = children.iter().position(|c| c.id() == pid) {
             let mut c = children.swap_remove(i);
             let _ = c.kill();
             let _ = c.wait();
         }
+        live(&LIVE_PIDS).remove(&pid);
+    }
+
+    /// Whether a process started with [`Lab::spawn`] still runs.
+    #[must_use]
+    pub fn is_running(&self, pid: u32) -> bool {
+        let mut children = locked(&self.children);
+        children
+            .iter_mut()
+            .find(|c| c.id() == pid)
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let children = self
+        for c in self
             .children
             .get_mut()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for c in children.iter_mut() {
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
             let _ = c.kill();
             let _ = c.wait();
+            live(&LIVE_PIDS).remove(&c.id());
         }
         let namespaces = self
             .namespaces
@@ -215,6 +311,7 @@ impl Drop for Lab {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for ns in namespaces.drain(..).rev() {
             delete_netns(&ns);
+            live(&LIVE_NAMESPACES).remove(&ns);
         }
     }
 }

@@ -42,6 +42,10 @@ pub const RING_LANES: u32 = 16;
 /// One element of the ring slab map.
 pub type RingChunk = [u32; RING_LANES as usize];
 
+/// Source address of hairpin flows (a pod reaching itself through a Service), link-local so
+/// it belongs to no node or pod: the pod answers it through its gateway, back to xlb's TC hook.
+pub const HAIRPIN_ADDR: [u8; 4] = [169, 254, 42, 1];
+
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 

@@ -57,3 +57,9 @@ pub fn reserve_snat(k: &FlowKey, e: &SnatEntry) -> Result<(), i32> {
     const BPF_NOEXIST: u64 = 1;
     SNAT.insert(k, e, BPF_NOEXIST)
 }
+
+/// Records (or refreshes) the SNAT entry of a reply tuple that is ours by construction.
+#[inline(always)]
+pub fn put_snat(k: &FlowKey, e: &SnatEntry) -> Result<(), i32> {
+    SNAT.insert(k, e, 0)
+}

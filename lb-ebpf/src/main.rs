@@ -24,7 +24,11 @@ use aya_ebpf::{
 };
 use lb_common::{Scope, Verdict};
 
-use crate::{fib::Lookup, parse::Flow, select::Reverse};
+use crate::{
+    fib::Lookup,
+    parse::Flow,
+    select::{Hook, Reverse},
+};
 
 /// Node NICs: service traffic entering the node, and replies of SNATed flows.
 #[xdp]
@@ -37,7 +41,7 @@ pub fn xlb_nic(ctx: XdpContext) -> u32 {
 
 #[inline(always)]
 fn nic(ctx: &XdpContext) -> (Verdict, u32) {
-    let f = match parse::ipv4_flow(ctx.data(), ctx.data_end()) {
+    let f = match parse::ipv4_flow(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) {
         Ok(f) => f,
         Err(v) => return (v, xdp_action::XDP_PASS),
     };
@@ -46,7 +50,7 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
             // Let the kernel answer with ICMP time exceeded.
             return (Verdict::PassTtl, xdp_action::XDP_PASS);
         }
-        let fwd = match select::forward(&f, &fe, true) {
+        let fwd = match select::forward(&f, &fe, Hook::Nic) {
             Ok(fwd) => fwd,
             Err(v) => return (v, xdp_action::XDP_DROP),
         };
@@ -148,18 +152,22 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
         // as it was and parsing then treats it as malformed.
         let _ = ctx.pull_data(PARSE_LEN.min(len));
     }
-    let f = match parse::ipv4_flow(ctx.data(), ctx.data_end()) {
+    let f = match parse::ipv4_flow(ctx.data(), ctx.data_end(), len as usize) {
         Ok(f) => f,
         Err(v) => return (v, TC_ACT_OK),
     };
     if let Some(fe) = select::frontend(&f, Scope::Internal as u8) {
-        let fwd = match select::forward(&f, &fe, false) {
+        let fwd = match select::forward(&f, &fe, Hook::Pod) {
             Ok(fwd) => fwd,
             Err(v) => return (v, TC_ACT_SHOT),
         };
-        let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
-        if nat::tc_rewrite(ctx, &f, None, dst).is_err() {
+        let dst = (fwd.backend.addr_be, fwd.backend.port_be);
+        if nat::tc_rewrite(ctx, &f, fwd.snat, Some(dst)).is_err() {
             return (Verdict::DropRewrite, TC_ACT_SHOT);
+        }
+        if let Some(src) = fwd.snat {
+            // Hairpin: back out of the interface it came from.
+            return (fwd.verdict, tc_send(ctx, &f, src.0, dst.0));
         }
         return (fwd.verdict, TC_ACT_OK);
     }
@@ -168,19 +176,24 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
         if nat::tc_rewrite(ctx, &f, Some(src), dst).is_err() {
             return (Verdict::DropRewrite, TC_ACT_SHOT);
         }
-        // The new source may be one of the node's own addresses (a NodePort), which the
-        // kernel would reject as martian on a pod interface: route and send it ourselves.
         let new_dst = dst.map_or(f.dst_be, |d| d.0);
-        // SAFETY: reading the skb's ifindex from the program's own context.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        let action = match fib::lookup(ctx.as_ptr(), ifindex, src.0, new_dst, f.proto, f.tot_len) {
-            Lookup::Found(r) => fib::tc_redirect_neigh(r.ifindex),
-            Lookup::NoNeighbour(ifindex) => fib::tc_redirect_neigh(ifindex),
-            Lookup::Fail => TC_ACT_OK,
-        };
-        return (Verdict::ReverseNat, action);
+        return (Verdict::ReverseNat, tc_send(ctx, &f, src.0, new_dst));
     }
     (Verdict::PassNotService, TC_ACT_OK)
+}
+
+/// Routes a rewritten packet from a pod interface and sends it ourselves: its new source may
+/// be one of the node's addresses (a NodePort) or a Service address, which the kernel would
+/// drop as martian arriving from a pod. Without a route it goes to the kernel as it is.
+#[inline(always)]
+fn tc_send(ctx: &TcContext, f: &Flow, src_be: u32, dst_be: u32) -> i32 {
+    // SAFETY: reading the skb's ifindex from the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match fib::lookup(ctx.as_ptr(), ifindex, src_be, dst_be, f.proto, f.tot_len) {
+        Lookup::Found(r) => fib::tc_redirect_neigh(r.ifindex),
+        Lookup::NoNeighbour(ifindex) => fib::tc_redirect_neigh(ifindex),
+        Lookup::Fail => TC_ACT_OK,
+    }
 }
 
 #[cfg(target_arch = "bpf")]

@@ -84,9 +84,11 @@ pub struct Flow {
 }
 
 /// Parses Ethernet + IPv4 + the TCP/UDP ports. Anything that is not a complete, unfragmented
-/// IPv4 TCP/UDP packet yields the pass verdict that says why.
+/// IPv4 TCP/UDP packet yields the pass verdict that says why. Headers must lie in
+/// `data..data_end`; `pkt_len` is the whole packet's length, which for an skb may extend past
+/// its linear part (payload in page fragments).
 #[inline(always)]
-pub fn ipv4_flow(data: usize, data_end: usize) -> Result<Flow, Verdict> {
+pub fn ipv4_flow(data: usize, data_end: usize, pkt_len: usize) -> Result<Flow, Verdict> {
     let eth: *const EthHdr = ptr_at(data, data_end, 0).ok_or(Verdict::PassMalformed)?;
     // SAFETY: ptr_at checked that the header lies inside the packet.
     if unsafe { (*eth).proto } != ETH_P_IP {
@@ -100,7 +102,7 @@ pub fn ipv4_flow(data: usize, data_end: usize) -> Result<Flow, Verdict> {
         return Err(Verdict::PassMalformed);
     }
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
-    if tot_len < ihl || ETH_HLEN + tot_len > data_end - data {
+    if tot_len < ihl || ETH_HLEN + tot_len > pkt_len {
         return Err(Verdict::PassMalformed);
     }
     // MF set or a non-zero offset: a fragment.

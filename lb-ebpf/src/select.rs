@@ -2,7 +2,7 @@
 //! backend while that backend lives), Maglev for new flows.
 use lb_common::{
     BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, CtEntry, FRONTEND_F_SNAT_REMOTE,
-    FlowKey, Frontend, FrontendKey, RING_LANES, SnatEntry, Verdict, hash::flow_hash,
+    FlowKey, Frontend, FrontendKey, HAIRPIN_ADDR, RING_LANES, SnatEntry, Verdict, hash::flow_hash,
 };
 
 use crate::{
@@ -53,11 +53,19 @@ fn backend(id: u32, generation: Option<u32>) -> Option<Backend> {
     Some(b)
 }
 
+/// Which hook asks, which decides when a flow is SNATed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// A node NIC: remote backends of frontends flagged for it get SNAT to the node.
+    Nic,
+    /// A pod interface: only a pod reaching itself (hairpin) gets SNAT, to `HAIRPIN_ADDR`.
+    Pod,
+}
+
 /// Finds the backend of `f` (a packet to frontend `fe`): its conntrack entry if it has a live
-/// one, else a Maglev pick recorded in conntrack. `snat_ok` says whether this hook may SNAT
-/// (the NIC hook does, for remote backends of frontends flagged for it).
+/// one, else a Maglev pick recorded in conntrack.
 #[inline(always)]
-pub fn forward(f: &Flow, fe: &Frontend, snat_ok: bool) -> Result<Forward, Verdict> {
+pub fn forward(f: &Flow, fe: &Frontend, hook: Hook) -> Result<Forward, Verdict> {
     let key = conntrack::flow_key(f);
     if let Some(ct) = conntrack::forward(&key)
         && let Some(b) = backend(ct.backend_id, Some(ct.backend_generation))
@@ -78,12 +86,12 @@ pub fn forward(f: &Flow, fe: &Frontend, snat_ok: bool) -> Result<Forward, Verdic
         .wrapping_add(h.checked_rem(fe.ring_size).unwrap_or(0));
     let id = ring_slot(slot);
     let b = backend(id, None).ok_or(Verdict::DropNoBackend)?;
-    let wants_snat =
-        snat_ok && b.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_SNAT_REMOTE != 0;
-    let snat = if wants_snat {
-        Some(reserve_snat(f, &b, h)?)
-    } else {
-        None
+    let snat = match hook {
+        Hook::Nic if b.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_SNAT_REMOTE != 0 => {
+            Some(reserve_snat(f, &b, h)?)
+        }
+        Hook::Pod if b.addr_be == f.src_be => Some(reserve_hairpin(f, &b)?),
+        _ => None,
     };
     let (nat_addr_be, nat_port_be) = snat.unwrap_or((0, 0));
     let entry = CtEntry {
@@ -157,6 +165,22 @@ fn reserve_snat(f: &Flow, b: &Backend, h: u32) -> Result<(u32, u16), Verdict> {
     Err(Verdict::DropSnatExhausted)
 }
 
+/// A pod reaching itself: its packets come back from `HAIRPIN_ADDR` with its own source
+/// port (unique among its own connections), so the reply tuple is free by construction.
+#[inline(always)]
+fn reserve_hairpin(f: &Flow, b: &Backend) -> Result<(u32, u16), Verdict> {
+    let hairpin = u32::from_ne_bytes(HAIRPIN_ADDR);
+    let reply = conntrack::key(b.addr_be, hairpin, b.port_be, f.sport_be, f.proto);
+    let entry = SnatEntry {
+        client_addr_be: f.src_be,
+        frontend_addr_be: f.dst_be,
+        client_port_be: f.sport_be,
+        frontend_port_be: f.dport_be,
+    };
+    conntrack::put_snat(&reply, &entry).map_err(|_| Verdict::DropMapFull)?;
+    Ok((hairpin, f.sport_be))
+}
+
 /// How a reply must be rewritten: new source, and for SNATed flows a new destination.
 pub struct Reverse {
     pub src: (u32, u16),
@@ -173,9 +197,11 @@ pub fn reverse(f: &Flow, cfg: Option<&Config>) -> Option<Reverse> {
             dst: None,
         });
     }
-    let cfg = cfg?;
     let port = u16::from_be(f.dport_be);
-    if f.dst_be != cfg.snat_addr_be || port < cfg.snat_port_min || port > cfg.snat_port_max {
+    let to_snat_port = cfg.is_some_and(|c| {
+        f.dst_be == c.snat_addr_be && port >= c.snat_port_min && port <= c.snat_port_max
+    });
+    if !to_snat_port && f.dst_be != u32::from_ne_bytes(HAIRPIN_ADDR) {
         return None;
     }
     let s = conntrack::snat_reply(&key)?;

@@ -74,7 +74,3 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 fn build_release() -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "xlb"]))
 }
-
-fn xlb_release() -> PathBuf {
-    root().join("target/release/xlb")
-}

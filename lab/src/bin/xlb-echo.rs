@@ -1,0 +1,109 @@
+//! The lab's backend: answers HTTP/1.1 over TCP and datagrams over UDP with the pod's name and
+//! the client address it saw, so tests know which pod answered and whether the client's
+//! address was kept. `GET /bytes/N` streams N bytes of a fixed pattern (large transfers).
+//!
+//! Usage: `xlb-echo <pod-name> <port>` (TCP and UDP on the same port, all addresses).
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{TcpListener, TcpStream, UdpSocket},
+    process::ExitCode,
+    thread,
+};
+
+use lb_lab::echo::pattern_chunk;
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let (Some(name), Some(port)) = (args.next(), args.next().and_then(|p| p.parse::<u16>().ok()))
+    else {
+        eprintln!("usage: xlb-echo <pod-name> <port>");
+        return ExitCode::FAILURE;
+    };
+    let tcp = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("xlb-echo: tcp bind {port}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let udp = match UdpSocket::bind(("0.0.0.0", port)) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("xlb-echo: udp bind {port}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let udp_name = name.clone();
+    thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(format!("pod={udp_name} client={peer}\n").as_bytes(), peer);
+        }
+    });
+    for conn in tcp.incoming().flatten() {
+        let name = name.clone();
+        thread::spawn(move || serve(&name, conn));
+    }
+    ExitCode::SUCCESS
+}
+
+/// Serves HTTP/1.1 requests on one connection until the client closes it.
+fn serve(name: &str, conn: TcpStream) {
+    let Ok(peer) = conn.peer_addr() else { return };
+    let Ok(read_half) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(read_half);
+    let mut out = conn;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+            return;
+        }
+        // Skip headers.
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            if h == "\r\n" || h == "\n" {
+                break;
+            }
+        }
+        let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+        let ok = if let Some(n) = path
+            .strip_prefix("/bytes/")
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            send_bytes(&mut out, name, n)
+        } else {
+            let body = format!("pod={name} client={peer}\n");
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Pod: {name}\r\n\r\n",
+                body.len()
+            );
+            out.write_all(head.as_bytes())
+                .and_then(|()| out.write_all(body.as_bytes()))
+                .is_ok()
+        };
+        if !ok {
+            return;
+        }
+    }
+}
+
+fn send_bytes(out: &mut TcpStream, name: &str, n: u64) -> bool {
+    let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\nX-Pod: {name}\r\n\r\n");
+    if out.write_all(head.as_bytes()).is_err() {
+        return false;
+    }
+    let mut sent = 0u64;
+    while sent < n {
+        let chunk = pattern_chunk(sent, (n - sent).min(64 * 1024) as usize);
+        if out.write_all(&chunk).is_err() {
+            return false;
+        }
+        sent += chunk.len() as u64;
+    }
+    true
+}
