@@ -36,7 +36,10 @@ impl Default for SharedStore {
 impl SharedStore {
     #[must_use]
     pub fn new() -> Self {
-        Self { inner: Mutex::new(Inner::default()), generation: watch::Sender::new(0) }
+        Self {
+            inner: Mutex::new(Inner::default()),
+            generation: watch::Sender::new(0),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -51,6 +54,22 @@ impl SharedStore {
     /// Changes the store and wakes the sync loop.
     pub fn update<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
         let r = f(&mut self.lock().store);
+        self.generation.send_modify(|g| *g += 1);
+        r
+    }
+
+    /// Changes the store together with the objects `source` could not parse (a watch keeps its
+    /// refusals up to date object by object), under one lock, and wakes the sync loop.
+    pub fn update_source<R>(
+        &self,
+        source: &'static str,
+        f: impl FnOnce(&mut Store, &mut Vec<Invalid>) -> R,
+    ) -> R {
+        let r = {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            f(&mut inner.store, inner.invalid.entry(source).or_default())
+        };
         self.generation.send_modify(|g| *g += 1);
         r
     }
