@@ -367,6 +367,23 @@ mod tests {
         store.read(|_, invalid| invalid.iter().map(|i| i.name.clone()).collect())
     }
 
+    #[tokio::test]
+    async fn a_client_from_a_kubeconfig_uses_rustls() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("kubeconfig");
+        let kubeconfig = "apiVersion: v1\nkind: Config\ncurrent-context: lab\n\
+            clusters: [{name: lab, cluster: {server: 'https://127.0.0.1:6443', \
+            insecure-skip-tls-verify: true}}]\n\
+            users: [{name: lab, user: {token: t}}]\n\
+            contexts: [{name: lab, context: {cluster: lab, user: lab}}]\n";
+        std::fs::write(&path, kubeconfig).expect("write");
+        // Building the TLS stack needs a crypto provider: ring, the only one compiled in.
+        client(Some(&path)).await.expect("a client");
+
+        let missing = client(Some(&dir.path().join("missing"))).await;
+        assert!(matches!(missing, Err(KubeSourceError::Kubeconfig { .. })));
+    }
+
     #[test]
     fn lenient_objects_keep_their_metadata() {
         let good = service("a", json!({"spec": {"clusterIP": "10.96.0.1"}}));
