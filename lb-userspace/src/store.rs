@@ -78,12 +78,19 @@ pub trait StoredKind:
 
     /// The key this object is stored under.
     fn key(&self) -> Result<ObjectKey, StoreError> {
-        let meta = self.metadata();
+        ObjectKey::of::<Self>(self.metadata())
+    }
+}
+
+impl ObjectKey {
+    /// The key an object of kind `K` with this metadata is stored under (also for an object
+    /// whose body could not be read, so that its key is known all the same).
+    pub fn of<K: StoredKind>(meta: &ObjectMeta) -> Result<Self, StoreError> {
         let name = match meta.name.as_deref() {
             Some(name) if !name.is_empty() => name,
-            _ => return Err(StoreError::MissingName { kind: Self::KIND }),
+            _ => return Err(StoreError::MissingName { kind: K::KIND }),
         };
-        let namespace = if <Self::Scope as Scoped>::NAMESPACED {
+        let namespace = if <K::Scope as Scoped>::NAMESPACED {
             meta.namespace
                 .as_deref()
                 .filter(|ns| !ns.is_empty())
@@ -91,7 +98,7 @@ pub trait StoredKind:
         } else {
             ""
         };
-        Ok(ObjectKey::new(namespace, name))
+        Ok(Self::new(namespace, name))
     }
 }
 

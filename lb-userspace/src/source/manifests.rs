@@ -3,10 +3,15 @@
 //! EndpointSlices and Nodes it finds into a [`Store`]. Files hold multi-document YAML or a stream
 //! of JSON objects; `kind: List` (and `*List`) objects contribute their `items`. Other kinds are
 //! ignored. A document that cannot be read is reported as [`Invalid`] and the rest still loads.
-//! Re-reading is calling [`load`] again and replacing the store.
+//! [`watch`] keeps a [`SharedStore`] up to date: it re-reads everything and replaces the store
+//! whenever a cheap fingerprint of the files (paths, sizes, mtimes, inodes) changes and what
+//! they hold changed.
 use std::{
     fmt, fs, io,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, SystemTime},
 };
 
 use k8s_openapi::{
@@ -17,8 +22,12 @@ use serde_json::Value;
 
 use crate::{
     invalid::{Invalid, reason},
+    source::shared::SharedStore,
     store::{Store, StoredKind},
 };
+
+/// Readiness name of the manifest source.
+pub const SOURCE: &str = "manifests";
 
 /// File name extensions read from a directory (as kubectl does).
 const EXTENSIONS: [&str; 3] = ["yaml", "yml", "json"];
@@ -77,6 +86,138 @@ pub fn load_str(text: &str, origin: &str, store: &mut Store, invalid: &mut Vec<I
     loaded.add_text(text, origin);
     *store = loaded.store;
     *invalid = loaded.invalid;
+}
+
+/// Loads `path` into `store` (registered as [`SOURCE`]), then polls the files every `interval`
+/// and re-loads them when their fingerprint changes; never returns. The source is synced after
+/// the first successful load. A load that fails (the path vanished or cannot be read) is logged
+/// and the store keeps what it had; the next change of the fingerprint tries again.
+pub async fn watch(path: PathBuf, store: Arc<SharedStore>, interval: Duration) {
+    store.register(SOURCE);
+    let path: Arc<Path> = path.into();
+    // tokio's interval refuses a zero period.
+    let mut ticks = tokio::time::interval(interval.max(Duration::from_millis(1)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<Fingerprint> = None;
+    // The refusals of the last load given to the store; None before the first one.
+    let mut stored_invalid: Option<Vec<Invalid>> = None;
+    loop {
+        ticks.tick().await;
+        // Reading files blocks: keep it off the runtime's worker threads.
+        let path_ = Arc::clone(&path);
+        let polled = tokio::task::spawn_blocking(move || {
+            let loaded = poll(&path_, &mut last);
+            (last, loaded)
+        });
+        let loaded = match polled.await {
+            Ok((fingerprint, loaded)) => {
+                last = fingerprint;
+                loaded
+            }
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "reading manifests failed");
+                last = None;
+                None
+            }
+        };
+        match loaded {
+            None => {}
+            Some(Ok((fresh, invalid))) => {
+                // A touched file, or a re-read of a racy one, changes nothing: no wake-up.
+                let unchanged = stored_invalid.as_ref() == Some(&invalid)
+                    && store.read(|current, _| *current == fresh);
+                if unchanged {
+                    tracing::debug!(path = %path.display(), "manifests unchanged");
+                    continue;
+                }
+                tracing::info!(
+                    path = %path.display(),
+                    services = fresh.count::<Service>(),
+                    endpoint_slices = fresh.count::<EndpointSlice>(),
+                    nodes = fresh.count::<Node>(),
+                    invalid = invalid.len(),
+                    "manifests read"
+                );
+                stored_invalid = Some(invalid.clone());
+                store.replace(SOURCE, fresh, invalid);
+            }
+            Some(Err(error)) => tracing::warn!(
+                path = %path.display(),
+                error = %error,
+                "cannot read manifests; keeping the previous ones"
+            ),
+        }
+    }
+}
+
+/// How close to the fingerprint's own time a file's mtime makes the fingerprint untrustworthy:
+/// mtimes advance in clock ticks (a few ms), so a file written again within the same tick, at the
+/// same size, would keep its stamp. Such a fingerprint is taken again at the next poll.
+const RACY_WINDOW: Duration = Duration::from_millis(100);
+
+/// Takes the fingerprint of `path` and, if it differs from `last`, loads the manifests and
+/// records the fingerprint. The fingerprint is taken first, so a change made during the load
+/// shows at the next poll.
+fn poll(
+    path: &Path,
+    last: &mut Option<Fingerprint>,
+) -> Option<Result<(Store, Vec<Invalid>), ManifestError>> {
+    let taken = SystemTime::now();
+    let now = Fingerprint::of(path);
+    if last.as_ref() == Some(&now) {
+        return None;
+    }
+    *last = (!now.is_racy(taken)).then_some(now);
+    Some(load(path))
+}
+
+/// What the manifest files look like from outside: enough to notice an edit, an added or
+/// removed file, or a `ConfigMap` mount swapping its `..data` link (new inodes), without reading
+/// any content.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Fingerprint {
+    Unreadable,
+    Files(Vec<FileStamp>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    path: PathBuf,
+    len: u64,
+    modified: Option<SystemTime>,
+    device: u64,
+    inode: u64,
+}
+
+impl Fingerprint {
+    fn of(path: &Path) -> Self {
+        let Ok(files) = files(path) else {
+            return Self::Unreadable;
+        };
+        let stamps = files.into_iter().map(|file| {
+            let meta = fs::metadata(&file).ok()?;
+            Some(FileStamp {
+                len: meta.len(),
+                modified: meta.modified().ok(),
+                device: meta.dev(),
+                inode: meta.ino(),
+                path: file,
+            })
+        });
+        stamps
+            .collect::<Option<Vec<_>>>()
+            .map_or(Self::Unreadable, Self::Files)
+    }
+
+    /// Some file was modified so shortly before `taken` that it could change again unseen.
+    fn is_racy(&self, taken: SystemTime) -> bool {
+        let Self::Files(stamps) = self else {
+            return false;
+        };
+        stamps
+            .iter()
+            .any(|s| s.modified.is_none_or(|m| m + RACY_WINDOW > taken))
+    }
 }
 
 /// The files `path` stands for, in the order they are read.
@@ -666,6 +807,81 @@ just a string
     fn a_missing_path_is_an_error() {
         let err = load(Path::new("/nonexistent/xlb/manifests")).expect_err("missing");
         assert!(matches!(err, ManifestError::Io { .. }));
+    }
+
+    /// Waits (bounded) until the store satisfies `check`, waking on every store change.
+    async fn wait_for(
+        store: &SharedStore,
+        changes: &mut tokio::sync::watch::Receiver<u64>,
+        what: &str,
+        check: impl Fn(&Store) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !store.read(|s, _| check(s)) {
+            tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+                .expect("the store outlives the test");
+        }
+    }
+
+    fn cluster_ip_of_a(store: &Store) -> Option<String> {
+        store
+            .get::<Service>(&ObjectKey::new("web", "a"))
+            .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
+    }
+
+    #[tokio::test]
+    async fn watch_reloads_when_the_files_change() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("a.yaml");
+        fs::write(&file, SERVICE_A).expect("write");
+        let store = Arc::new(SharedStore::new());
+        let mut changes = store.subscribe();
+        let interval = Duration::from_millis(20);
+        let task = tokio::spawn(watch(dir.path().to_owned(), Arc::clone(&store), interval));
+
+        wait_for(&store, &mut changes, "the first load", |s| {
+            cluster_ip_of_a(s).as_deref() == Some("10.96.0.1")
+        })
+        .await;
+        assert!(store.is_synced());
+
+        // Same size, new content, maybe within the same mtime tick: the racy re-read tells.
+        fs::write(&file, SERVICE_A.replace("10.96.0.1", "10.96.0.2")).expect("write");
+        wait_for(&store, &mut changes, "the edit", |s| {
+            cluster_ip_of_a(s).as_deref() == Some("10.96.0.2")
+        })
+        .await;
+
+        // A new file in the directory.
+        let node = "apiVersion: v1\nkind: Node\nmetadata: {name: node-1}\n";
+        fs::write(dir.path().join("b.yaml"), node).expect("write");
+        wait_for(&store, &mut changes, "the new file", |s| {
+            s.node("node-1").is_some()
+        })
+        .await;
+
+        // Nothing changes: no reload.
+        let generation = store.generation();
+        tokio::time::sleep(interval * 5).await;
+        assert_eq!(store.generation(), generation, "reloaded without a change");
+
+        // The path vanishes: the store keeps the last picture.
+        let moved = dir.path().with_extension("moved");
+        fs::rename(dir.path(), &moved).expect("rename");
+        tokio::time::sleep(interval * 5).await;
+        assert_eq!(store.generation(), generation);
+        assert!(store.read(|s, _| s.node("node-1").is_some()));
+
+        // It comes back: read again.
+        fs::rename(&moved, dir.path()).expect("rename back");
+        fs::remove_file(dir.path().join("b.yaml")).expect("remove");
+        wait_for(&store, &mut changes, "the path to come back", |s| {
+            s.node("node-1").is_none() && cluster_ip_of_a(s).is_some()
+        })
+        .await;
+        task.abort();
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! Where the agent learns the cluster's objects. Each source fills a [`Store`](crate::store::Store);
-//! today that is `manifests` (files as `kubectl apply -f` reads them), the API watcher comes next.
+//! Where the agent learns the cluster's objects. Both sources fill one
+//! [`SharedStore`](shared::SharedStore): `kube` watches the API server, `manifests` reads files
+//! as `kubectl apply -f` would and re-reads them when they change.
+pub mod kube;
 pub mod manifests;
 pub mod shared;

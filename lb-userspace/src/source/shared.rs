@@ -58,6 +58,22 @@ impl SharedStore {
         r
     }
 
+    /// Changes the store together with the objects `source` could not parse (a watch keeps its
+    /// refusals up to date object by object), under one lock, and wakes the sync loop.
+    pub fn update_source<R>(
+        &self,
+        source: &'static str,
+        f: impl FnOnce(&mut Store, &mut Vec<Invalid>) -> R,
+    ) -> R {
+        let r = {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            f(&mut inner.store, inner.invalid.entry(source).or_default())
+        };
+        self.generation.send_modify(|g| *g += 1);
+        r
+    }
+
     /// Replaces the whole store (a source that re-reads everything, like manifest files),
     /// with the objects it could not parse, and marks the source synced.
     pub fn replace(&self, source: &'static str, store: Store, invalid: Vec<Invalid>) {
