@@ -536,41 +536,6 @@ fn line_at(text: &str, offset: usize) -> usize {
     text.get(..end).unwrap_or(text).matches('\n').count() + 1
 }
 
-/// What decides whether the manifests changed: every file considered, with size and mtime.
-fn fingerprint(path: &Path) -> Option<Vec<(PathBuf, u64, std::time::SystemTime)>> {
-    let mut out = Vec::new();
-    for f in files(path).ok()? {
-        let m = fs::metadata(&f).ok()?;
-        out.push((f, m.len(), m.modified().ok()?));
-    }
-    Some(out)
-}
-
-/// Loads `path` into `store` and re-loads it whenever its files change (checked every
-/// `interval`). A load that fails keeps the previous picture.
-pub async fn watch(
-    path: PathBuf,
-    store: std::sync::Arc<crate::source::shared::SharedStore>,
-    interval: std::time::Duration,
-) {
-    const SOURCE: &str = "manifests";
-    store.register(SOURCE);
-    let mut last = None;
-    loop {
-        let now = fingerprint(&path);
-        if now.is_some() && now != last {
-            match load(&path) {
-                Ok((s, invalid)) => {
-                    store.replace(SOURCE, s, invalid);
-                    last = now;
-                }
-                Err(e) => tracing::warn!(error = %e, "manifests not reloaded"),
-            }
-        }
-        tokio::time::sleep(interval).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
