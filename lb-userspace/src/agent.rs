@@ -21,7 +21,7 @@ use crate::{
     model::{self, ModelOptions, NodeInfo},
     netlink::{self, LinkEvent},
     programmer::Programmer,
-    source::{manifests, shared::SharedStore},
+    source::{kube as kube_source, manifests, shared::SharedStore},
 };
 
 /// How the agent runs.
@@ -29,6 +29,8 @@ use crate::{
 pub struct AgentConfig {
     /// Manifest file or directory (without it: the Kubernetes API).
     pub manifests: Option<PathBuf>,
+    /// Kubeconfig for the API source (without it: in-cluster configuration).
+    pub kubeconfig: Option<PathBuf>,
     pub node_name: String,
     /// NICs for XDP; empty: the interfaces holding the node's addresses.
     pub nics: Vec<String>,
@@ -58,8 +60,8 @@ pub enum AgentError {
     NoSnatAddress,
     #[error("none of the NICs to attach to exists ({0})")]
     NoNic(String),
-    #[error("the Kubernetes API source is not built into this agent yet; use --manifests")]
-    NoApiSource,
+    #[error(transparent)]
+    Kube(#[from] kube_source::KubeSourceError),
     #[error("watching links: {0}")]
     Netlink(#[source] std::io::Error),
 }
@@ -70,16 +72,23 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut maps = AyaMaps::new(&mut ebpf)?;
     let mut programmer = Programmer::new(&cfg.capacities);
     let store = Arc::new(SharedStore::new());
-    let Some(path) = cfg.manifests.clone() else {
-        return Err(AgentError::NoApiSource);
-    };
     let mut changes = store.subscribe();
     changes.mark_changed();
-    tokio::spawn(manifests::watch(
-        path,
-        Arc::clone(&store),
-        cfg.manifest_poll,
-    ));
+    if let Some(path) = cfg.manifests.clone() {
+        tokio::spawn(manifests::watch(
+            path,
+            Arc::clone(&store),
+            cfg.manifest_poll,
+        ));
+    } else {
+        let client = kube_source::client(cfg.kubeconfig.as_deref()).await?;
+        let (node, store) = (cfg.node_name.clone(), Arc::clone(&store));
+        tokio::spawn(async move {
+            if let Err(e) = kube_source::run(client, node, store).await {
+                tracing::error!(error = %e, "the Kubernetes API source stopped");
+            }
+        });
+    }
 
     let mut attached = Attached::default();
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();

@@ -47,8 +47,11 @@ enum DatapathCommand {
 struct AgentArgs {
     /// Read Services, EndpointSlices and Nodes from this file or directory (re-read on change)
     /// instead of the Kubernetes API.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
+    /// Kubeconfig for the Kubernetes API (default: in-cluster configuration).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// This node's name (as in EndpointSlices' nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: String,
@@ -100,6 +103,7 @@ fn parse_range(s: &str) -> anyhow::Result<(u16, u16)> {
 fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
     Ok(AgentConfig {
         manifests: a.manifests,
+        kubeconfig: a.kubeconfig,
         node_name: a.node_name,
         nics: a.nics,
         pod_ifaces: a.pod_ifaces,
