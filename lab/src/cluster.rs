@@ -166,8 +166,8 @@ impl Cluster {
     }
 
     /// Creates pod `name` on node `node` (index into `nodes`) and starts `echo` in it on
-    /// `port` (TCP and UDP).
-    pub fn add_pod(&mut self, name: &str, node: usize, echo: &Path, port: u16) -> Result<&Pod> {
+    /// `ports` (TCP and UDP each).
+    pub fn add_pod(&mut self, name: &str, node: usize, echo: &Path, ports: &[u16]) -> Result<&Pod> {
         self.next_pod += 1;
         let n = &self.nodes[node];
         let ip = Ipv4Addr::new(10, 244, n.index, 4 + self.next_pod as u8);
@@ -221,7 +221,8 @@ impl Cluster {
         ])?;
         let log = self.log_file(&format!("echo-{name}.log"))?;
         let mut cmd = ns.command(echo);
-        cmd.args([name, &port.to_string()])
+        cmd.arg(name)
+            .args(ports.iter().map(u16::to_string))
             .stdout(Stdio::null())
             .stderr(log);
         let echo_pid = Some(self.lab.spawn(&mut cmd)?);
@@ -280,6 +281,41 @@ impl Cluster {
             .stdout(Stdio::null())
             .stderr(log);
         self.lab.spawn(&mut cmd)
+    }
+
+    /// Syncs the agent of node `node` has logged so far.
+    #[must_use]
+    pub fn agent_syncs(&self, node: usize) -> usize {
+        let log = self.log_path(&format!("agent-{}.log", self.nodes[node].name));
+        fs::read_to_string(log).map_or(0, |t| {
+            t.lines().filter(|l| l.contains("agent: sync ")).count()
+        })
+    }
+
+    /// Syncs of every node's agent.
+    #[must_use]
+    pub fn all_agent_syncs(&self) -> Vec<usize> {
+        (0..self.nodes.len()).map(|i| self.agent_syncs(i)).collect()
+    }
+
+    /// Waits until every agent logged a sync after `before` (from [`Cluster::all_agent_syncs`]).
+    pub fn wait_synced_since(&self, before: &[usize], timeout: std::time::Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while self
+            .all_agent_syncs()
+            .iter()
+            .zip(before)
+            .any(|(now, then)| now <= then)
+        {
+            if std::time::Instant::now() > deadline {
+                return Err(LabError::Io {
+                    what: "an agent did not sync in time",
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     /// Writes a manifest file atomically (the agents may be reading the directory).

@@ -48,7 +48,7 @@ impl Tomcat6 {
     ) -> Result<Self> {
         let mut cluster = Cluster::new(tag, nodes)?;
         for i in 0..replicas {
-            cluster.add_pod(&pod_name(i), i % nodes, echo_bin, TARGET_PORT)?;
+            cluster.add_pod(&pod_name(i), i % nodes, echo_bin, &[TARGET_PORT])?;
         }
         cluster.write_manifest("tomcat6.yaml", SERVICE_YAML)?;
         let mut t = Self {

@@ -189,7 +189,9 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
 fn tc_send(ctx: &TcContext, f: &Flow, src_be: u32, dst_be: u32) -> i32 {
     // SAFETY: reading the skb's ifindex from the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match fib::lookup(ctx.as_ptr(), ifindex, src_be, dst_be, f.proto, f.tot_len) {
+    // No length: the lookup must not fail a GSO packet for the egress MTU; the kernel
+    // segments it on the way out.
+    match fib::lookup(ctx.as_ptr(), ifindex, src_be, dst_be, f.proto, 0) {
         Lookup::Found(r) => fib::tc_redirect_neigh(r.ifindex),
         Lookup::NoNeighbour(ifindex) => fib::tc_redirect_neigh(ifindex),
         Lookup::Fail => TC_ACT_OK,

@@ -1,15 +1,56 @@
-//! Lab tests: xlb run in network namespaces the test creates, with real interfaces.
-use std::path::PathBuf;
+//! Lab tests: xlb agents on nodes made of network namespaces, real sockets, the tomcat6 case
+//! and its variations. Each test builds its own lab (names carry a per-run prefix) and tears
+//! it down, also on failure.
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    thread,
+    time::{Duration, Instant},
+};
 
-use lb_lab::{Lab, veth};
+use lb_lab::{
+    Netns,
+    cluster::{CLIENT_IP, Cluster, EndpointStates},
+    echo::{self, Answer, KeepAlive},
+    tomcat6::{CLUSTER_IP, NODE_PORT, TARGET_PORT, Tomcat6, pod_name},
+    veth,
+};
 use xlb_tests::privileged;
+
+const T: Duration = Duration::from_secs(2);
+const SYNC: Duration = Duration::from_secs(10);
+
+fn target_bin(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/debug")
+        .join(name)
+}
 
 /// The `xlb` binary built by `cargo xtask test`'s ebpf-build stage (or `XLB_BIN`).
 fn xlb_bin() -> PathBuf {
-    std::env::var_os("XLB_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb"),
-        PathBuf::from,
-    )
+    std::env::var_os("XLB_BIN").map_or_else(|| target_bin("xlb"), PathBuf::from)
+}
+
+fn echo_bin() -> PathBuf {
+    target_bin("xlb-echo")
+}
+
+fn tomcat6(tag: &str, replicas: usize) -> Tomcat6 {
+    let t = Tomcat6::start(tag, 3, replicas, &xlb_bin(), &echo_bin(), &[]).expect("lab");
+    t.wait_ready(Duration::from_secs(20)).expect("agents ready");
+    t
+}
+
+fn get(from: &Netns, addr: SocketAddrV4) -> Answer {
+    match from.enter(|| echo::http_get(addr, T)).expect("netns") {
+        Ok(a) => a,
+        Err(e) => panic!("GET http://{addr}/ failed: {e}"),
+    }
+}
+
+fn ip_of(a: &Answer) -> IpAddr {
+    a.client.ip()
 }
 
 #[test]
@@ -17,7 +58,7 @@ fn datapath_attaches_to_nic_and_pod_interfaces() {
     if !privileged("datapath_attaches_to_nic_and_pod_interfaces") {
         return;
     }
-    let lab = Lab::new("att").expect("lab");
+    let lab = lb_lab::Lab::new("att").expect("lab");
     let node = lab.netns("node").expect("netns");
     veth(&node, "eth0", &node, "lxc0", true).expect("veth");
     let out = node
@@ -28,7 +69,7 @@ fn datapath_attaches_to_nic_and_pod_interfaces() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "xlb datapath probe failed: {}",
+        "probe failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
@@ -39,10 +80,439 @@ fn datapath_attaches_to_nic_and_pod_interfaces() {
         stdout.contains("attached xlb_pod (tcx ingress) to lxc0"),
         "{stdout}"
     );
-    // Dropping the links detached everything: no XDP program is left on the NIC.
     let link = node.ip(["-d", "link", "show", "eth0"]).expect("ip link");
     assert!(
         !String::from_utf8_lossy(&link.stdout).contains("xdp"),
         "XDP left attached"
     );
+}
+
+/// NodePort through every node: every pod answers somewhere; a local backend sees the
+/// client's address, a remote one the SNAT address of the node that forwarded (eTP=Cluster).
+#[test]
+fn nodeport_through_every_node_reaches_local_and_remote_pods() {
+    if !privileged("nodeport_through_every_node_reaches_local_and_remote_pods") {
+        return;
+    }
+    let t = tomcat6("np", 3);
+    let c = &t.cluster;
+    let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, node) in c.nodes.iter().enumerate() {
+        for _ in 0..12 {
+            let a = get(&c.client, t.node_port(i));
+            let pod = c.pod(&a.pod).expect("known pod");
+            let expected: IpAddr = if pod.node == i {
+                IpAddr::V4(CLIENT_IP)
+            } else {
+                IpAddr::V4(node.ip)
+            };
+            assert_eq!(
+                ip_of(&a),
+                expected,
+                "{} via {} saw the wrong client",
+                a.pod,
+                node.name
+            );
+            *by_pod.entry(a.pod).or_default() += 1;
+        }
+    }
+    assert_eq!(by_pod.len(), 3, "not every pod answered: {by_pod:?}");
+}
+
+/// 300 new connections through one NodePort spread within ±20% of even over 3 pods.
+#[test]
+fn three_hundred_connections_spread_evenly() {
+    if !privileged("three_hundred_connections_spread_evenly") {
+        return;
+    }
+    let t = tomcat6("spread", 3);
+    let addr = t.node_port(0);
+    let counts = t
+        .cluster
+        .client
+        .enter(|| {
+            let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+            for _ in 0..300 {
+                let a = echo::http_get(addr, T).expect("GET");
+                *counts.entry(a.pod).or_default() += 1;
+            }
+            counts
+        })
+        .expect("netns");
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (pod, n) in &counts {
+        assert!((80..=120).contains(n), "{pod} got {n} of 300: {counts:?}");
+    }
+}
+
+/// A 64 MiB download through a NodePort arrives intact, byte for byte, whichever pod serves
+/// it; the client's kernel saw no checksum error (the wire carries full checksums).
+#[test]
+fn large_transfer_through_nodeport_is_intact() {
+    if !privileged("large_transfer_through_nodeport_is_intact") {
+        return;
+    }
+    let t = tomcat6("big", 3);
+    for i in 0..3 {
+        let addr = t.node_port(i);
+        let pod = t
+            .cluster
+            .client
+            .enter(|| echo::download(addr, 64 << 20, Duration::from_secs(20)))
+            .expect("netns")
+            .unwrap_or_else(|e| panic!("download via node {i}: {e}"));
+        assert!(pod.starts_with("tomcat6-"), "{pod}");
+    }
+    let snmp = t
+        .cluster
+        .client
+        .command("cat")
+        .arg("/proc/net/snmp")
+        .output()
+        .expect("snmp");
+    let text = String::from_utf8_lossy(&snmp.stdout);
+    assert_eq!(tcp_field(&text, "InCsumErrors"), Some(0), "{text}");
+}
+
+fn tcp_field(snmp: &str, field: &str) -> Option<u64> {
+    let mut lines = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let names: Vec<&str> = lines.next()?.split_whitespace().collect();
+    let values: Vec<&str> = lines.next()?.split_whitespace().collect();
+    values
+        .get(names.iter().position(|n| *n == field)?)?
+        .parse()
+        .ok()
+}
+
+/// ClusterIP from a pod: remote backends see the pod's own address; the pod reaching itself
+/// (hairpin) works and is seen from 169.254.42.1.
+#[test]
+fn cluster_ip_from_a_pod() {
+    if !privileged("cluster_ip_from_a_pod") {
+        return;
+    }
+    let t = tomcat6("cip", 3);
+    let me = &t.cluster.pods[0];
+    let mut seen = BTreeMap::new();
+    for _ in 0..30 {
+        let a = get(&me.ns, SocketAddrV4::new(CLUSTER_IP, 80));
+        let expected = if a.pod == me.name {
+            IpAddr::V4(Ipv4Addr::new(169, 254, 42, 1))
+        } else {
+            IpAddr::V4(me.ip)
+        };
+        assert_eq!(ip_of(&a), expected, "{} saw the wrong client", a.pod);
+        *seen.entry(a.pod).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+fn start_agents(c: &Cluster) {
+    for n in 0..c.nodes.len() {
+        c.start_agent(n, &xlb_bin(), &[]).expect("agent");
+    }
+}
+
+/// Retries `f` until it succeeds (the agents may still be syncing).
+fn eventually<T>(what: &str, mut f: impl FnMut() -> std::io::Result<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(e) if Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(_) => thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// externalTrafficPolicy=Local: each node answers only from its own pod, which sees the
+/// client's real address.
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address() {
+    if !privileged("external_traffic_policy_local_keeps_the_client_address") {
+        return;
+    }
+    let mut c = Cluster::new("etpl", 3).expect("lab");
+    for i in 0..3 {
+        c.add_pod(&pod_name(i), i, &echo_bin(), &[TARGET_PORT])
+            .expect("pod");
+    }
+    let svc = lb_lab::tomcat6::SERVICE_YAML.replace(
+        "  type: NodePort\n",
+        "  type: NodePort\n  externalTrafficPolicy: Local\n",
+    );
+    assert!(svc.contains("externalTrafficPolicy: Local"));
+    c.write_manifest("svc.yaml", &svc).expect("manifest");
+    let pods: Vec<String> = c.pods.iter().map(|p| p.name.clone()).collect();
+    let pods: Vec<&str> = pods.iter().map(String::as_str).collect();
+    c.write_manifest(
+        "eps.yaml",
+        &c.endpoint_slice(
+            "tomcat6",
+            &[("", TARGET_PORT, "TCP")],
+            &pods,
+            &EndpointStates::default(),
+        ),
+    )
+    .expect("manifest");
+    start_agents(&c);
+    for (i, node) in c.nodes.iter().enumerate() {
+        let addr = SocketAddrV4::new(node.ip, NODE_PORT);
+        for _ in 0..8 {
+            let a = eventually("NodePort", || {
+                c.client
+                    .enter(|| echo::http_get(addr, T))
+                    .map_err(std::io::Error::other)?
+            });
+            assert_eq!(
+                c.pod(&a.pod).map(|p| p.node),
+                Some(i),
+                "{} answered via {}",
+                a.pod,
+                node.name
+            );
+            assert_eq!(ip_of(&a), IpAddr::V4(CLIENT_IP));
+        }
+    }
+}
+
+const MULTI: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: multi, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  externalIPs: ["198.51.100.20"]
+  ports:
+    - {name: http, port: 80, targetPort: web, nodePort: 32600, protocol: TCP}
+    - {name: alt, port: 81, targetPort: 8081, nodePort: 32601, protocol: TCP}
+    - {name: dns, port: 53, targetPort: 8080, nodePort: 32653, protocol: UDP}
+status:
+  loadBalancer:
+    ingress: [{ip: "198.51.100.10"}]
+"#;
+
+/// One Service with a named targetPort, a second TCP port and a UDP port, reached through
+/// its LoadBalancer ingress IP, its ExternalIP, its NodePorts and its ClusterIP.
+#[test]
+fn load_balancer_external_ip_udp_multi_port_named_target_port() {
+    if !privileged("load_balancer_external_ip_udp_multi_port_named_target_port") {
+        return;
+    }
+    let mut c = Cluster::new("multi", 2).expect("lab");
+    for i in 0..2 {
+        c.add_pod(&format!("multi-{i}"), i, &echo_bin(), &[8080, 8081])
+            .expect("pod");
+    }
+    c.write_manifest("multi.yaml", MULTI).expect("manifest");
+    let ports = [
+        ("http", 8080, "TCP"),
+        ("alt", 8081, "TCP"),
+        ("dns", 8080, "UDP"),
+    ];
+    c.write_manifest(
+        "eps.yaml",
+        &c.endpoint_slice(
+            "multi",
+            &ports,
+            &["multi-0", "multi-1"],
+            &EndpointStates::default(),
+        ),
+    )
+    .expect("manifest");
+    start_agents(&c);
+    let lb = |ip: [u8; 4], port| SocketAddrV4::new(Ipv4Addr::from(ip), port);
+    for (what, addr) in [
+        ("LoadBalancer ingress IP", lb([198, 51, 100, 10], 80)),
+        ("ExternalIP", lb([198, 51, 100, 20], 80)),
+        ("second port", lb([198, 51, 100, 10], 81)),
+        ("ClusterIP from outside", lb([10, 96, 0, 20], 81)),
+        (
+            "NodePort of node 2",
+            SocketAddrV4::new(c.nodes[1].ip, 32600),
+        ),
+    ] {
+        let a = eventually(what, || {
+            c.client
+                .enter(|| echo::http_get(addr, T))
+                .map_err(std::io::Error::other)?
+        });
+        assert!(a.pod.starts_with("multi-"), "{what}: {a:?}");
+    }
+    for addr in [
+        lb([198, 51, 100, 10], 53),
+        SocketAddrV4::new(c.nodes[0].ip, 32653),
+        lb([10, 96, 0, 20], 53),
+    ] {
+        let a = eventually("UDP", || {
+            c.client
+                .enter(|| echo::udp_ask(addr, T))
+                .map_err(std::io::Error::other)?
+        });
+        assert!(a.pod.starts_with("multi-"), "UDP {addr}: {a:?}");
+    }
+    // UDP from a pod to the ClusterIP.
+    let a = eventually("UDP from pod", || {
+        c.pods[0]
+            .ns
+            .enter(|| echo::udp_ask(lb([10, 96, 0, 20], 53), T))
+            .map_err(std::io::Error::other)?
+    });
+    assert!(a.pod.starts_with("multi-"));
+}
+
+/// Scale 3 → 5 → 1 while connections keep coming: once the agents applied a change, no new
+/// connection reaches a removed pod, and long-lived connections to pods that stay keep working.
+#[test]
+fn scaling_keeps_established_connections_and_stops_new_ones_to_removed_pods() {
+    if !privileged("scaling_keeps_established_connections_and_stops_new_ones_to_removed_pods") {
+        return;
+    }
+    let mut t = tomcat6("scale", 3);
+    let addr = t.node_port(0);
+    // Long-lived connections, one per pod that will stay (pod 0 stays to the end).
+    let mut keep: Vec<(KeepAlive, String)> = Vec::new();
+    t.cluster
+        .client
+        .enter(|| {
+            for _ in 0..40 {
+                let mut k = KeepAlive::connect(addr, T).expect("connect");
+                let a = k.get().expect("first request");
+                if a.pod == pod_name(0) && keep.len() < 3 {
+                    keep.push((k, a.pod));
+                }
+            }
+        })
+        .expect("netns");
+    assert!(!keep.is_empty(), "no long-lived connection landed on pod 0");
+
+    // Scale up to 5.
+    for i in 3..5 {
+        t.cluster
+            .add_pod(&pod_name(i), i % 3, &echo_bin(), &[TARGET_PORT])
+            .expect("pod");
+    }
+    let before = t.cluster.all_agent_syncs();
+    t.write_endpoints(&EndpointStates::default())
+        .expect("endpoints");
+    t.cluster.wait_synced_since(&before, SYNC).expect("sync");
+    let seen = new_connections(&t, addr, 100);
+    assert_eq!(seen.len(), 5, "after scale-up: {seen:?}");
+    check_keepalives(&t, &mut keep);
+
+    // Scale down to 1: endpoints first (as the controller does), then the pods go away.
+    let before = t.cluster.all_agent_syncs();
+    for i in 1..5 {
+        t.cluster.remove_pod(&pod_name(i));
+    }
+    t.write_endpoints(&EndpointStates::default())
+        .expect("endpoints");
+    t.cluster.wait_synced_since(&before, SYNC).expect("sync");
+    let seen = new_connections(&t, addr, 30);
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        [&pod_name(0)],
+        "after scale-down: {seen:?}"
+    );
+    check_keepalives(&t, &mut keep);
+}
+
+fn new_connections(t: &Tomcat6, addr: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
+    t.cluster
+        .client
+        .enter(|| {
+            let mut seen = BTreeMap::new();
+            for _ in 0..n {
+                let a = echo::http_get(addr, T).expect("new connection failed");
+                *seen.entry(a.pod).or_insert(0) += 1;
+            }
+            seen
+        })
+        .expect("netns")
+}
+
+fn check_keepalives(t: &Tomcat6, keep: &mut [(KeepAlive, String)]) {
+    t.cluster
+        .client
+        .enter(|| {
+            for (k, pod) in keep.iter_mut() {
+                let a = k.get().expect("a long-lived connection broke");
+                assert_eq!(&a.pod, pod, "a long-lived connection changed pods");
+            }
+        })
+        .expect("netns");
+}
+
+/// A pod that turns not-ready gets no new connections; when every endpoint is terminating,
+/// the serving ones still get traffic (KEP-1669).
+#[test]
+fn readiness_and_terminating_fallback() {
+    if !privileged("readiness_and_terminating_fallback") {
+        return;
+    }
+    let t = tomcat6("ready", 3);
+    let addr = t.node_port(1);
+    let before = t.cluster.all_agent_syncs();
+    let flipped = pod_name(2);
+    t.write_endpoints(&EndpointStates {
+        not_ready: vec![&flipped],
+        ..EndpointStates::default()
+    })
+    .expect("endpoints");
+    t.cluster.wait_synced_since(&before, SYNC).expect("sync");
+    let seen = new_connections(&t, addr, 60);
+    assert!(
+        !seen.contains_key(&flipped),
+        "a not-ready pod got new connections: {seen:?}"
+    );
+    assert_eq!(seen.len(), 2, "{seen:?}");
+
+    let before = t.cluster.all_agent_syncs();
+    let all: Vec<String> = (0..3).map(pod_name).collect();
+    let states = EndpointStates {
+        terminating: all.iter().map(String::as_str).collect(),
+        not_serving: vec![all[0].as_str()],
+        ..EndpointStates::default()
+    };
+    t.write_endpoints(&states).expect("endpoints");
+    t.cluster.wait_synced_since(&before, SYNC).expect("sync");
+    let seen = new_connections(&t, addr, 40);
+    assert!(
+        !seen.contains_key(&all[0]),
+        "a terminating, not-serving pod got traffic: {seen:?}"
+    );
+    assert_eq!(
+        seen.len(),
+        2,
+        "serving terminating pods must take the traffic: {seen:?}"
+    );
+}
+
+/// Deleting the Service stops its traffic on every node.
+#[test]
+fn service_deletion_stops_traffic() {
+    if !privileged("service_deletion_stops_traffic") {
+        return;
+    }
+    let t = tomcat6("del", 3);
+    let before = t.cluster.all_agent_syncs();
+    t.cluster.remove_manifest("tomcat6.yaml").expect("rm");
+    t.cluster.wait_synced_since(&before, SYNC).expect("sync");
+    for i in 0..3 {
+        let addr = t.node_port(i);
+        let r = t
+            .cluster
+            .client
+            .enter(|| echo::http_get(addr, Duration::from_millis(500)))
+            .expect("netns");
+        assert!(r.is_err(), "node {i} still answers on the NodePort: {r:?}");
+    }
+    let from_pod = t.cluster.pods[0].ns.enter(|| {
+        echo::http_get(
+            SocketAddrV4::new(CLUSTER_IP, 80),
+            Duration::from_millis(500),
+        )
+    });
+    assert!(from_pod.expect("netns").is_err(), "ClusterIP still answers");
 }

@@ -2,7 +2,7 @@
 //! the client address it saw, so tests know which pod answered and whether the client's
 //! address was kept. `GET /bytes/N` streams N bytes of a fixed pattern (large transfers).
 //!
-//! Usage: `xlb-echo <pod-name> <port>` (TCP and UDP on the same port, all addresses).
+//! Usage: `xlb-echo <pod-name> <port>...` (TCP and UDP on each port, all addresses).
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{TcpListener, TcpStream, UdpSocket},
@@ -14,35 +14,44 @@ use lb_lab::echo::pattern_chunk;
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
-    let (Some(name), Some(port)) = (args.next(), args.next().and_then(|p| p.parse::<u16>().ok()))
-    else {
-        eprintln!("usage: xlb-echo <pod-name> <port>");
+    let name = args.next();
+    let ports: Vec<u16> = args.filter_map(|p| p.parse().ok()).collect();
+    let Some(name) = name.filter(|_| !ports.is_empty()) else {
+        eprintln!("usage: xlb-echo <pod-name> <port>...");
         return ExitCode::FAILURE;
     };
-    let tcp = match TcpListener::bind(("0.0.0.0", port)) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("xlb-echo: tcp bind {port}: {e}");
-            return ExitCode::FAILURE;
+    let mut listeners = Vec::new();
+    for port in ports {
+        match (
+            TcpListener::bind(("0.0.0.0", port)),
+            UdpSocket::bind(("0.0.0.0", port)),
+        ) {
+            (Ok(t), Ok(u)) => listeners.push((t, u)),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("xlb-echo: bind {port}: {e}");
+                return ExitCode::FAILURE;
+            }
         }
-    };
-    let udp = match UdpSocket::bind(("0.0.0.0", port)) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("xlb-echo: udp bind {port}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let udp_name = name.clone();
-    thread::spawn(move || {
-        let mut buf = [0u8; 2048];
-        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
-            let _ = udp.send_to(format!("pod={udp_name} client={peer}\n").as_bytes(), peer);
-        }
-    });
-    for conn in tcp.incoming().flatten() {
-        let name = name.clone();
-        thread::spawn(move || serve(&name, conn));
+    }
+    let mut threads = Vec::new();
+    for (tcp, udp) in listeners {
+        let udp_name = name.clone();
+        threads.push(thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(format!("pod={udp_name} client={peer}\n").as_bytes(), peer);
+            }
+        }));
+        let tcp_name = name.clone();
+        threads.push(thread::spawn(move || {
+            for conn in tcp.incoming().flatten() {
+                let name = tcp_name.clone();
+                thread::spawn(move || serve(&name, conn));
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
     }
     ExitCode::SUCCESS
 }
