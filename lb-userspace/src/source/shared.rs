@@ -36,7 +36,10 @@ impl Default for SharedStore {
 impl SharedStore {
     #[must_use]
     pub fn new() -> Self {
-        Self { inner: Mutex::new(Inner::default()), generation: watch::Sender::new(0) }
+        Self {
+            inner: Mutex::new(Inner::default()),
+            generation: watch::Sender::new(0),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
