@@ -126,6 +126,15 @@ fn nic_transmit(
     }
 }
 
+/// The benchmark floor; never attached. It returns `XDP_PASS` without reading the packet or
+/// any map, so running it through `BPF_PROG_TEST_RUN` exactly as `xlb_nic` is run measures
+/// what the test-run method itself costs per packet. `cargo xtask bench datapath` reports the
+/// datapath's figures as ratios to it.
+#[xdp]
+pub fn xlb_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// Pod interfaces (TC ingress = what the pod sends): pod → service, and replies of local
 /// backends.
 #[classifier]
