@@ -14,7 +14,8 @@ pub fn key(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: u8) ->
         sport_be,
         dport_be,
         proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
