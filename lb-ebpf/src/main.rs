@@ -24,7 +24,11 @@ use aya_ebpf::{
 };
 use lb_common::{Scope, Verdict};
 
-use crate::{fib::Lookup, parse::Flow, select::Reverse};
+use crate::{
+    fib::Lookup,
+    parse::Flow,
+    select::{Reverse, Tracked},
+};
 
 /// Node NICs: service traffic entering the node, and replies of SNATed flows.
 #[xdp]
@@ -41,51 +45,69 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
         Ok(f) => f,
         Err(v) => return (v, xdp_action::XDP_PASS),
     };
-    if let Some(fe) = select::frontend(&f, Scope::External as u8) {
-        if f.ttl <= 1 {
-            // Let the kernel answer with ICMP time exceeded.
-            return (Verdict::PassTtl, xdp_action::XDP_PASS);
+    let key = conntrack::flow_key(&f);
+    let fwd = match select::tracked(&key) {
+        Tracked::Forward(fwd) => {
+            if f.ttl <= 1 {
+                return (Verdict::PassTtl, xdp_action::XDP_PASS);
+            }
+            fwd
         }
-        let fwd = match select::forward(&f, &fe, true) {
-            Ok(fwd) => fwd,
-            Err(v) => return (v, xdp_action::XDP_DROP),
-        };
-        let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
-        return match fwd.snat {
-            // A local backend: the kernel delivers it to the pod.
-            None => {
-                if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, None, dst, false) {
-                    (fwd.verdict, xdp_action::XDP_PASS)
-                } else {
-                    (Verdict::PassMalformed, xdp_action::XDP_PASS)
-                }
+        Tracked::Reply(rev) => return nic_reply(ctx, &f, rev),
+        Tracked::Untracked => {
+            let Some(fe) = select::frontend(&f, Scope::External as u8) else {
+                let cfg = select::config();
+                return match select::snat_reply(&f, &key, cfg.as_ref()) {
+                    Some(rev) => nic_reply(ctx, &f, rev),
+                    None => (Verdict::PassNotService, xdp_action::XDP_PASS),
+                };
+            };
+            if f.ttl <= 1 {
+                // Let the kernel answer with ICMP time exceeded.
+                return (Verdict::PassTtl, xdp_action::XDP_PASS);
             }
-            Some(src) => {
-                let (v, action) = nic_transmit(ctx, &f, Some(src), dst);
-                (if v == Verdict::SnatTx { v } else { fwd.verdict }, action)
+            match select::new_flow(&f, &key, &fe, true) {
+                Ok(fwd) => fwd,
+                Err(v) => return (v, xdp_action::XDP_DROP),
             }
-        };
-    }
-    let cfg = select::config();
-    if let Some(Reverse { src, dst }) = select::reverse(&f, cfg.as_ref()) {
-        if dst.is_none() {
-            // Reply to a client on this node (a pod): the kernel delivers it.
-            if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, Some(src), None, false) {
-                return (Verdict::ReverseNat, xdp_action::XDP_PASS);
-            }
-            return (Verdict::PassMalformed, xdp_action::XDP_PASS);
         }
-        let (v, action) = nic_transmit(ctx, &f, Some(src), dst);
-        return (
-            if v == Verdict::SnatTx {
-                Verdict::ReverseNat
+    };
+    let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
+    match fwd.snat {
+        // A local backend: the kernel delivers it to the pod.
+        None => {
+            if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, None, dst, false) {
+                (fwd.verdict, xdp_action::XDP_PASS)
             } else {
-                v
-            },
-            action,
-        );
+                (Verdict::PassMalformed, xdp_action::XDP_PASS)
+            }
+        }
+        Some(src) => {
+            let (v, action) = nic_transmit(ctx, &f, Some(src), dst);
+            (if v == Verdict::SnatTx { v } else { fwd.verdict }, action)
+        }
     }
-    (Verdict::PassNotService, xdp_action::XDP_PASS)
+}
+
+/// A reply of a translated flow at the NIC.
+#[inline(always)]
+fn nic_reply(ctx: &XdpContext, f: &Flow, Reverse { src, dst }: Reverse) -> (Verdict, u32) {
+    if dst.is_none() {
+        // Reply to a client on this node (a pod): the kernel delivers it.
+        if nat::xdp_rewrite(ctx.data(), ctx.data_end(), f, Some(src), None, false) {
+            return (Verdict::ReverseNat, xdp_action::XDP_PASS);
+        }
+        return (Verdict::PassMalformed, xdp_action::XDP_PASS);
+    }
+    let (v, action) = nic_transmit(ctx, f, Some(src), dst);
+    (
+        if v == Verdict::SnatTx {
+            Verdict::ReverseNat
+        } else {
+            v
+        },
+        action,
+    )
 }
 
 /// Rewrites a frame that this node must send on (SNATed flows and their replies) and
@@ -161,35 +183,48 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
         Ok(f) => f,
         Err(v) => return (v, TC_ACT_OK),
     };
-    if let Some(fe) = select::frontend(&f, Scope::Internal as u8) {
-        let fwd = match select::forward(&f, &fe, false) {
-            Ok(fwd) => fwd,
-            Err(v) => return (v, TC_ACT_SHOT),
-        };
-        let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
-        if nat::tc_rewrite(ctx, &f, None, dst).is_err() {
-            return (Verdict::DropRewrite, TC_ACT_SHOT);
+    let key = conntrack::flow_key(&f);
+    let fwd = match select::tracked(&key) {
+        Tracked::Forward(fwd) => fwd,
+        Tracked::Reply(rev) => return pod_reply(ctx, &f, rev),
+        Tracked::Untracked => {
+            let Some(fe) = select::frontend(&f, Scope::Internal as u8) else {
+                let cfg = select::config();
+                return match select::snat_reply(&f, &key, cfg.as_ref()) {
+                    Some(rev) => pod_reply(ctx, &f, rev),
+                    None => (Verdict::PassNotService, TC_ACT_OK),
+                };
+            };
+            match select::new_flow(&f, &key, &fe, false) {
+                Ok(fwd) => fwd,
+                Err(v) => return (v, TC_ACT_SHOT),
+            }
         }
-        return (fwd.verdict, TC_ACT_OK);
+    };
+    let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
+    if nat::tc_rewrite(ctx, &f, None, dst).is_err() {
+        return (Verdict::DropRewrite, TC_ACT_SHOT);
     }
-    let cfg = select::config();
-    if let Some(Reverse { src, dst }) = select::reverse(&f, cfg.as_ref()) {
-        if nat::tc_rewrite(ctx, &f, Some(src), dst).is_err() {
-            return (Verdict::DropRewrite, TC_ACT_SHOT);
-        }
-        // The new source may be one of the node's own addresses (a NodePort), which the
-        // kernel would reject as martian on a pod interface: route and send it ourselves.
-        let new_dst = dst.map_or(f.dst_be, |d| d.0);
-        // SAFETY: reading the skb's ifindex from the program's own context.
-        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-        let action = match fib::lookup(ctx.as_ptr(), ifindex, src.0, new_dst, f.proto, f.tot_len) {
-            Lookup::Found(r) => fib::tc_redirect_neigh(r.ifindex),
-            Lookup::NoNeighbour(ifindex) => fib::tc_redirect_neigh(ifindex),
-            Lookup::Fail => TC_ACT_OK,
-        };
-        return (Verdict::ReverseNat, action);
+    (fwd.verdict, TC_ACT_OK)
+}
+
+/// A reply of a translated flow leaving a pod.
+#[inline(always)]
+fn pod_reply(ctx: &TcContext, f: &Flow, Reverse { src, dst }: Reverse) -> (Verdict, i32) {
+    if nat::tc_rewrite(ctx, f, Some(src), dst).is_err() {
+        return (Verdict::DropRewrite, TC_ACT_SHOT);
     }
-    (Verdict::PassNotService, TC_ACT_OK)
+    // The new source may be one of the node's own addresses (a NodePort), which the
+    // kernel would reject as martian on a pod interface: route and send it ourselves.
+    let new_dst = dst.map_or(f.dst_be, |d| d.0);
+    // SAFETY: reading the skb's ifindex from the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let action = match fib::lookup(ctx.as_ptr(), ifindex, src.0, new_dst, f.proto, f.tot_len) {
+        Lookup::Found(r) => fib::tc_redirect_neigh(r.ifindex),
+        Lookup::NoNeighbour(ifindex) => fib::tc_redirect_neigh(ifindex),
+        Lookup::Fail => TC_ACT_OK,
+    };
+    (Verdict::ReverseNat, action)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -1,5 +1,5 @@
-//! Frontend lookup and backend selection: conntrack first (an established flow keeps its
-//! backend while that backend lives), Maglev for new flows.
+//! Backend selection: conntrack first (an established flow keeps its backend while that
+//! backend lives; a reply finds its translation), then the frontend and Maglev for new flows.
 use lb_common::{
     BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, CtEntry, FRONTEND_F_SNAT_REMOTE,
     FlowKey, Frontend, FrontendKey, RING_LANES, SnatEntry, Verdict, hash::flow_hash,
@@ -53,22 +53,50 @@ fn backend(id: u32, generation: Option<u32>) -> Option<Backend> {
     Some(b)
 }
 
-/// Finds the backend of `f` (a packet to frontend `fe`): its conntrack entry if it has a live
-/// one, else a Maglev pick recorded in conntrack. `snat_ok` says whether this hook may SNAT
-/// (the NIC hook does, for remote backends of frontends flagged for it).
+/// What conntrack knows about a packet's 5-tuple.
+pub enum Tracked {
+    /// An established flow whose backend still lives.
+    Forward(Forward),
+    /// A reply of a translated flow that was not SNATed.
+    Reply(Reverse),
+    /// No entry, or a forward entry whose backend is gone: the flow is balanced anew if it is
+    /// addressed to a frontend.
+    Untracked,
+}
+
+/// Looks the packet's 5-tuple up in conntrack. Done before the frontend lookup: one lookup
+/// then serves established flows and replies, which are most packets; only a miss costs the
+/// frontend lookup too. An established flow keeps its backend for as long as that backend
+/// lives, even if its frontend was removed meanwhile (as kube-proxy's conntrack NAT does).
 #[inline(always)]
-pub fn forward(f: &Flow, fe: &Frontend, snat_ok: bool) -> Result<Forward, Verdict> {
-    let key = conntrack::flow_key(f);
-    if let Some(ct) = conntrack::forward(&key)
+pub fn tracked(key: &FlowKey) -> Tracked {
+    let Some(ct) = conntrack::lookup(key) else {
+        return Tracked::Untracked;
+    };
+    if ct.kind == CT_REVERSE {
+        return Tracked::Reply(Reverse {
+            src: (ct.nat_addr_be, ct.nat_port_be),
+            dst: None,
+        });
+    }
+    if ct.kind == CT_FORWARD
         && let Some(b) = backend(ct.backend_id, Some(ct.backend_generation))
     {
         let snat = (ct.nat_addr_be != 0).then_some((ct.nat_addr_be, ct.nat_port_be));
-        return Ok(Forward {
+        return Tracked::Forward(Forward {
             backend: b,
             snat,
             verdict: Verdict::NatEstablished,
         });
     }
+    Tracked::Untracked
+}
+
+/// Picks a backend for a new flow `f` (conntrack key `key`) to frontend `fe` by Maglev and
+/// records it in conntrack. `snat_ok` says whether this hook may SNAT (the NIC hook does, for
+/// remote backends of frontends flagged for it).
+#[inline(always)]
+pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, snat_ok: bool) -> Result<Forward, Verdict> {
     if fe.ring_size == 0 {
         return Err(Verdict::DropNoBackend);
     }
@@ -95,7 +123,7 @@ pub fn forward(f: &Flow, fe: &Frontend, snat_ok: bool) -> Result<Forward, Verdic
         kind: CT_FORWARD,
         _pad: 0,
     };
-    conntrack::insert(&key, &entry).map_err(|_| Verdict::DropMapFull)?;
+    conntrack::insert(key, &entry).map_err(|_| Verdict::DropMapFull)?;
     if snat.is_none() {
         // Replies come from the backend to the client; they must appear to come from the
         // frontend. (SNATed flows keep this in their SNAT entry.)
@@ -163,22 +191,16 @@ pub struct Reverse {
     pub dst: Option<(u32, u16)>,
 }
 
-/// Looks up `f` as a reply of a translated flow.
+/// Looks up an untracked packet `f` (conntrack key `key`) as a reply of a SNATed flow: it
+/// arrives at the SNAT address on a port of the SNAT range.
 #[inline(always)]
-pub fn reverse(f: &Flow, cfg: Option<&Config>) -> Option<Reverse> {
-    let key = conntrack::flow_key(f);
-    if let Some(ct) = conntrack::reverse(&key) {
-        return Some(Reverse {
-            src: (ct.nat_addr_be, ct.nat_port_be),
-            dst: None,
-        });
-    }
+pub fn snat_reply(f: &Flow, key: &FlowKey, cfg: Option<&Config>) -> Option<Reverse> {
     let cfg = cfg?;
     let port = u16::from_be(f.dport_be);
     if f.dst_be != cfg.snat_addr_be || port < cfg.snat_port_min || port > cfg.snat_port_max {
         return None;
     }
-    let s = conntrack::snat_reply(&key)?;
+    let s = conntrack::snat_reply(key)?;
     Some(Reverse {
         src: (s.frontend_addr_be, s.frontend_port_be),
         dst: Some((s.client_addr_be, s.client_port_be)),
