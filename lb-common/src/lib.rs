@@ -109,7 +109,10 @@ pub struct FlowKey {
     pub sport_be: u16,
     pub dport_be: u16,
     pub proto: u8,
-    pub _pad: [u8; 3],
+    // Padding as scalars, not `[u8; 3]`: the datapath builds a key per packet, and zeroing
+    // three unaligned bytes compiles to a call to a `memset` subprogram; these are two stores.
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
 
 /// Conntrack entry kinds.
@@ -271,6 +274,8 @@ assert_offset!(Backend, flags, 12);
 assert_layout!(FlowKey, 16, 4);
 assert_offset!(FlowKey, sport_be, 8);
 assert_offset!(FlowKey, proto, 12);
+assert_offset!(FlowKey, _pad0, 13);
+assert_offset!(FlowKey, _pad1, 14);
 assert_layout!(CtEntry, 20, 4);
 assert_offset!(CtEntry, service_id, 12);
 assert_offset!(CtEntry, nat_port_be, 16);

@@ -1,5 +1,5 @@
 //! Connection tracking: which backend a flow was given, and how to translate its replies.
-use lb_common::{CT_FORWARD, CT_REVERSE, CtEntry, FlowKey, SnatEntry};
+use lb_common::{CtEntry, FlowKey, SnatEntry};
 
 use crate::{
     maps::{CONNTRACK, SNAT},
@@ -14,7 +14,8 @@ pub fn key(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: u8) ->
         sport_be,
         dport_be,
         proto,
-        _pad: [0; 3],
+        _pad0: 0,
+        _pad1: 0,
     }
 }
 
@@ -23,20 +24,12 @@ pub fn flow_key(f: &Flow) -> FlowKey {
     key(f.src_be, f.dst_be, f.sport_be, f.dport_be, f.proto)
 }
 
-/// The forward entry of `flow`, if any.
+/// The conntrack entry of a packet's 5-tuple, forward or reverse, if any. One lookup serves
+/// both directions: a tuple is either a client's (forward) or a backend's reply (reverse).
 #[inline(always)]
-pub fn forward(k: &FlowKey) -> Option<CtEntry> {
+pub fn lookup(k: &FlowKey) -> Option<CtEntry> {
     // SAFETY: the value is copied out at once; LRU entries are plain data.
-    let e = unsafe { CONNTRACK.get(k) }.copied()?;
-    (e.kind == CT_FORWARD).then_some(e)
-}
-
-/// The reverse entry of `flow` (a reply of a translated, non-SNATed flow), if any.
-#[inline(always)]
-pub fn reverse(k: &FlowKey) -> Option<CtEntry> {
-    // SAFETY: as above.
-    let e = unsafe { CONNTRACK.get(k) }.copied()?;
-    (e.kind == CT_REVERSE).then_some(e)
+    unsafe { CONNTRACK.get(k) }.copied()
 }
 
 /// The SNAT entry of a reply arriving at a SNAT address and port, if any.

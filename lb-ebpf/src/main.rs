@@ -27,7 +27,7 @@ use lb_common::{Scope, Verdict};
 use crate::{
     fib::Lookup,
     parse::Flow,
-    select::{Hook, Reverse},
+    select::{Hook, Reverse, Tracked},
 };
 
 /// Node NICs: service traffic entering the node, and replies of SNATed flows.
@@ -45,51 +45,69 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
         Ok(f) => f,
         Err(v) => return (v, xdp_action::XDP_PASS),
     };
-    if let Some(fe) = select::frontend(&f, Scope::External as u8) {
-        if f.ttl <= 1 {
-            // Let the kernel answer with ICMP time exceeded.
-            return (Verdict::PassTtl, xdp_action::XDP_PASS);
+    let key = conntrack::flow_key(&f);
+    let fwd = match select::tracked(&key) {
+        Tracked::Forward(fwd) => {
+            if f.ttl <= 1 {
+                return (Verdict::PassTtl, xdp_action::XDP_PASS);
+            }
+            fwd
         }
-        let fwd = match select::forward(&f, &fe, Hook::Nic) {
-            Ok(fwd) => fwd,
-            Err(v) => return (v, xdp_action::XDP_DROP),
-        };
-        let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
-        return match fwd.snat {
-            // A local backend: the kernel delivers it to the pod.
-            None => {
-                if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, None, dst, false) {
-                    (fwd.verdict, xdp_action::XDP_PASS)
-                } else {
-                    (Verdict::PassMalformed, xdp_action::XDP_PASS)
-                }
+        Tracked::Reply(rev) => return nic_reply(ctx, &f, rev),
+        Tracked::Untracked => {
+            let Some(fe) = select::frontend(&f, Scope::External as u8) else {
+                let cfg = select::config();
+                return match select::snat_reply(&f, &key, cfg.as_ref()) {
+                    Some(rev) => nic_reply(ctx, &f, rev),
+                    None => (Verdict::PassNotService, xdp_action::XDP_PASS),
+                };
+            };
+            if f.ttl <= 1 {
+                // Let the kernel answer with ICMP time exceeded.
+                return (Verdict::PassTtl, xdp_action::XDP_PASS);
             }
-            Some(src) => {
-                let (v, action) = nic_transmit(ctx, &f, Some(src), dst);
-                (if v == Verdict::SnatTx { v } else { fwd.verdict }, action)
+            match select::new_flow(&f, &key, &fe, Hook::Nic) {
+                Ok(fwd) => fwd,
+                Err(v) => return (v, xdp_action::XDP_DROP),
             }
-        };
-    }
-    let cfg = select::config();
-    if let Some(Reverse { src, dst }) = select::reverse(&f, cfg.as_ref()) {
-        if dst.is_none() {
-            // Reply to a client on this node (a pod): the kernel delivers it.
-            if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, Some(src), None, false) {
-                return (Verdict::ReverseNat, xdp_action::XDP_PASS);
-            }
-            return (Verdict::PassMalformed, xdp_action::XDP_PASS);
         }
-        let (v, action) = nic_transmit(ctx, &f, Some(src), dst);
-        return (
-            if v == Verdict::SnatTx {
-                Verdict::ReverseNat
+    };
+    let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
+    match fwd.snat {
+        // A local backend: the kernel delivers it to the pod.
+        None => {
+            if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, None, dst, false) {
+                (fwd.verdict, xdp_action::XDP_PASS)
             } else {
-                v
-            },
-            action,
-        );
+                (Verdict::PassMalformed, xdp_action::XDP_PASS)
+            }
+        }
+        Some(src) => {
+            let (v, action) = nic_transmit(ctx, &f, Some(src), dst);
+            (if v == Verdict::SnatTx { v } else { fwd.verdict }, action)
+        }
     }
-    (Verdict::PassNotService, xdp_action::XDP_PASS)
+}
+
+/// A reply of a translated flow at the NIC.
+#[inline(always)]
+fn nic_reply(ctx: &XdpContext, f: &Flow, Reverse { src, dst }: Reverse) -> (Verdict, u32) {
+    if dst.is_none() {
+        // Reply to a client on this node (a pod): the kernel delivers it.
+        if nat::xdp_rewrite(ctx.data(), ctx.data_end(), f, Some(src), None, false) {
+            return (Verdict::ReverseNat, xdp_action::XDP_PASS);
+        }
+        return (Verdict::PassMalformed, xdp_action::XDP_PASS);
+    }
+    let (v, action) = nic_transmit(ctx, f, Some(src), dst);
+    (
+        if v == Verdict::SnatTx {
+            Verdict::ReverseNat
+        } else {
+            v
+        },
+        action,
+    )
 }
 
 /// Rewrites a frame that this node must send on (SNATed flows and their replies) and
@@ -130,6 +148,15 @@ fn nic_transmit(
     }
 }
 
+/// The benchmark floor; never attached. It returns `XDP_PASS` without reading the packet or
+/// any map, so running it through `BPF_PROG_TEST_RUN` exactly as `xlb_nic` is run measures
+/// what the test-run method itself costs per packet. `cargo xtask bench datapath` reports the
+/// datapath's figures as ratios to it.
+#[xdp]
+pub fn xlb_noop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// Pod interfaces (TC ingress = what the pod sends): pod → service, and replies of local
 /// backends.
 #[classifier]
@@ -156,30 +183,43 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
         Ok(f) => f,
         Err(v) => return (v, TC_ACT_OK),
     };
-    if let Some(fe) = select::frontend(&f, Scope::Internal as u8) {
-        let fwd = match select::forward(&f, &fe, Hook::Pod) {
-            Ok(fwd) => fwd,
-            Err(v) => return (v, TC_ACT_SHOT),
-        };
-        let dst = (fwd.backend.addr_be, fwd.backend.port_be);
-        if nat::tc_rewrite(ctx, &f, fwd.snat, Some(dst)).is_err() {
-            return (Verdict::DropRewrite, TC_ACT_SHOT);
+    let key = conntrack::flow_key(&f);
+    let fwd = match select::tracked(&key) {
+        Tracked::Forward(fwd) => fwd,
+        Tracked::Reply(rev) => return pod_reply(ctx, &f, rev),
+        Tracked::Untracked => {
+            let Some(fe) = select::frontend(&f, Scope::Internal as u8) else {
+                let cfg = select::config();
+                return match select::snat_reply(&f, &key, cfg.as_ref()) {
+                    Some(rev) => pod_reply(ctx, &f, rev),
+                    None => (Verdict::PassNotService, TC_ACT_OK),
+                };
+            };
+            match select::new_flow(&f, &key, &fe, Hook::Pod) {
+                Ok(fwd) => fwd,
+                Err(v) => return (v, TC_ACT_SHOT),
+            }
         }
-        if let Some(src) = fwd.snat {
-            // Hairpin: back out of the interface it came from.
-            return (fwd.verdict, tc_send(ctx, &f, src.0, dst.0));
-        }
-        return (fwd.verdict, TC_ACT_OK);
+    };
+    let dst = (fwd.backend.addr_be, fwd.backend.port_be);
+    if nat::tc_rewrite(ctx, &f, fwd.snat, Some(dst)).is_err() {
+        return (Verdict::DropRewrite, TC_ACT_SHOT);
     }
-    let cfg = select::config();
-    if let Some(Reverse { src, dst }) = select::reverse(&f, cfg.as_ref()) {
-        if nat::tc_rewrite(ctx, &f, Some(src), dst).is_err() {
-            return (Verdict::DropRewrite, TC_ACT_SHOT);
-        }
-        let new_dst = dst.map_or(f.dst_be, |d| d.0);
-        return (Verdict::ReverseNat, tc_send(ctx, &f, src.0, new_dst));
+    if let Some(src) = fwd.snat {
+        // Hairpin: back out of the interface it came from.
+        return (fwd.verdict, tc_send(ctx, &f, src.0, dst.0));
     }
-    (Verdict::PassNotService, TC_ACT_OK)
+    (fwd.verdict, TC_ACT_OK)
+}
+
+/// A reply of a translated flow leaving a pod.
+#[inline(always)]
+fn pod_reply(ctx: &TcContext, f: &Flow, Reverse { src, dst }: Reverse) -> (Verdict, i32) {
+    if nat::tc_rewrite(ctx, f, Some(src), dst).is_err() {
+        return (Verdict::DropRewrite, TC_ACT_SHOT);
+    }
+    let new_dst = dst.map_or(f.dst_be, |d| d.0);
+    (Verdict::ReverseNat, tc_send(ctx, f, src.0, new_dst))
 }
 
 /// Routes a rewritten packet from a pod interface and sends it ourselves: its new source may

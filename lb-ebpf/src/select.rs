@@ -1,5 +1,5 @@
-//! Frontend lookup and backend selection: conntrack first (an established flow keeps its
-//! backend while that backend lives), Maglev for new flows.
+//! Backend selection: conntrack first (an established flow keeps its backend while that
+//! backend lives; a reply finds its translation), then the frontend and Maglev for new flows.
 use lb_common::{
     BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, CtEntry, FRONTEND_F_SNAT_REMOTE,
     FlowKey, Frontend, FrontendKey, HAIRPIN_ADDR, RING_LANES, SnatEntry, Verdict, hash::flow_hash,
@@ -53,6 +53,45 @@ fn backend(id: u32, generation: Option<u32>) -> Option<Backend> {
     Some(b)
 }
 
+/// What conntrack knows about a packet's 5-tuple.
+pub enum Tracked {
+    /// An established flow whose backend still lives.
+    Forward(Forward),
+    /// A reply of a translated flow that was not SNATed.
+    Reply(Reverse),
+    /// No entry, or a forward entry whose backend is gone: the flow is balanced anew if it is
+    /// addressed to a frontend.
+    Untracked,
+}
+
+/// Looks the packet's 5-tuple up in conntrack. Done before the frontend lookup: one lookup
+/// then serves established flows and replies, which are most packets; only a miss costs the
+/// frontend lookup too. An established flow keeps its backend for as long as that backend
+/// lives, even if its frontend was removed meanwhile (as kube-proxy's conntrack NAT does).
+#[inline(always)]
+pub fn tracked(key: &FlowKey) -> Tracked {
+    let Some(ct) = conntrack::lookup(key) else {
+        return Tracked::Untracked;
+    };
+    if ct.kind == CT_REVERSE {
+        return Tracked::Reply(Reverse {
+            src: (ct.nat_addr_be, ct.nat_port_be),
+            dst: None,
+        });
+    }
+    if ct.kind == CT_FORWARD
+        && let Some(b) = backend(ct.backend_id, Some(ct.backend_generation))
+    {
+        let snat = (ct.nat_addr_be != 0).then_some((ct.nat_addr_be, ct.nat_port_be));
+        return Tracked::Forward(Forward {
+            backend: b,
+            snat,
+            verdict: Verdict::NatEstablished,
+        });
+    }
+    Tracked::Untracked
+}
+
 /// Which hook asks, which decides when a flow is SNATed.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Hook {
@@ -62,21 +101,10 @@ pub enum Hook {
     Pod,
 }
 
-/// Finds the backend of `f` (a packet to frontend `fe`): its conntrack entry if it has a live
-/// one, else a Maglev pick recorded in conntrack.
+/// Picks a backend for a new flow `f` (conntrack key `key`) to frontend `fe` by Maglev and
+/// records it in conntrack.
 #[inline(always)]
-pub fn forward(f: &Flow, fe: &Frontend, hook: Hook) -> Result<Forward, Verdict> {
-    let key = conntrack::flow_key(f);
-    if let Some(ct) = conntrack::forward(&key)
-        && let Some(b) = backend(ct.backend_id, Some(ct.backend_generation))
-    {
-        let snat = (ct.nat_addr_be != 0).then_some((ct.nat_addr_be, ct.nat_port_be));
-        return Ok(Forward {
-            backend: b,
-            snat,
-            verdict: Verdict::NatEstablished,
-        });
-    }
+pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Forward, Verdict> {
     if fe.ring_size == 0 {
         return Err(Verdict::DropNoBackend);
     }
@@ -103,7 +131,7 @@ pub fn forward(f: &Flow, fe: &Frontend, hook: Hook) -> Result<Forward, Verdict> 
         kind: CT_FORWARD,
         _pad: 0,
     };
-    conntrack::insert(&key, &entry).map_err(|_| Verdict::DropMapFull)?;
+    conntrack::insert(key, &entry).map_err(|_| Verdict::DropMapFull)?;
     if snat.is_none() {
         // Replies come from the backend to the client; they must appear to come from the
         // frontend. (SNATed flows keep this in their SNAT entry.)
@@ -187,16 +215,10 @@ pub struct Reverse {
     pub dst: Option<(u32, u16)>,
 }
 
-/// Looks up `f` as a reply of a translated flow.
+/// Looks up an untracked packet `f` (conntrack key `key`) as a reply of a SNATed flow: it
+/// arrives at the SNAT address on a port of the SNAT range, or at the hairpin address.
 #[inline(always)]
-pub fn reverse(f: &Flow, cfg: Option<&Config>) -> Option<Reverse> {
-    let key = conntrack::flow_key(f);
-    if let Some(ct) = conntrack::reverse(&key) {
-        return Some(Reverse {
-            src: (ct.nat_addr_be, ct.nat_port_be),
-            dst: None,
-        });
-    }
+pub fn snat_reply(f: &Flow, key: &FlowKey, cfg: Option<&Config>) -> Option<Reverse> {
     let port = u16::from_be(f.dport_be);
     let to_snat_port = cfg.is_some_and(|c| {
         f.dst_be == c.snat_addr_be && port >= c.snat_port_min && port <= c.snat_port_max
@@ -204,7 +226,7 @@ pub fn reverse(f: &Flow, cfg: Option<&Config>) -> Option<Reverse> {
     if !to_snat_port && f.dst_be != u32::from_ne_bytes(HAIRPIN_ADDR) {
         return None;
     }
-    let s = conntrack::snat_reply(&key)?;
+    let s = conntrack::snat_reply(key)?;
     Some(Reverse {
         src: (s.frontend_addr_be, s.frontend_port_be),
         dst: Some((s.client_addr_be, s.client_port_be)),

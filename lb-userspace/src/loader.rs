@@ -11,6 +11,9 @@ pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// Program names in the object.
 pub const PROG_NIC: &str = "xlb_nic";
 pub const PROG_POD: &str = "xlb_pod";
+/// The benchmark floor (an XDP program that only returns `XDP_PASS`). [`load`] leaves it out:
+/// only the benchmark loads it, through [`floor_program`].
+pub const PROG_FLOOR: &str = "xlb_noop";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -95,6 +98,13 @@ pub fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoaderError> 
     ebpf.program_mut(PROG_POD)
         .and_then(|p| p.try_into().ok())
         .ok_or(LoaderError::MissingProgram(PROG_POD))
+}
+
+/// The benchmark floor program of a loaded datapath (not loaded into the kernel by [`load`]).
+pub fn floor_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
+    ebpf.program_mut(PROG_FLOOR)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoaderError::MissingProgram(PROG_FLOOR))
 }
 
 /// Attaches the NIC program (XDP, native mode) to `iface`.

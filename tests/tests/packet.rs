@@ -439,6 +439,42 @@ fn established_flow_sticks_across_ring_changes() {
     }
 }
 
+/// Conntrack is consulted before the frontends: an established flow keeps its backend while
+/// that backend lives, even after its frontend is removed (as kube-proxy's conntrack NAT
+/// does). New flows to the removed frontend pass untouched, and once the backend is gone the
+/// established flow does too.
+#[test]
+fn established_flow_outlives_its_frontend_only_while_its_backend_lives() {
+    if !privileged("established_flow_outlives_its_frontend_only_while_its_backend_lives") {
+        return;
+    }
+    let mut dp = loaded(&[LOCAL_POD], false);
+    let input = Frame::tcp(client(), node_port());
+    let expected = translated(&input, None, Some(pod(LOCAL_POD)));
+    assert_eq!(dp.xdp(&input.build()).frame, expected);
+    // The NodePort frontends go; the ClusterIP ones keep the backend alive.
+    let mut cluster_ip_only = tomcat6(&[LOCAL_POD], false);
+    cluster_ip_only.frontends.retain(|a, _| a.addr != NODE);
+    dp.program(&cluster_ip_only);
+    let out = dp.xdp(&input.build());
+    assert_eq!(out.action, XDP_PASS);
+    assert_eq!(out.frame, expected, "the established flow lost its backend");
+    assert_eq!(dp.count(Verdict::NatEstablished), 1);
+    let new_flow = Frame::tcp(SocketAddrV4::new(*client().ip(), 40001), node_port()).build();
+    let out = dp.xdp(&new_flow);
+    assert_eq!(
+        (out.action, out.frame),
+        (XDP_PASS, new_flow),
+        "a new flow to a removed frontend"
+    );
+    // No service left: the backend is cleared and the flow is no longer translated.
+    dp.program(&DesiredState::default());
+    let frame = input.build();
+    let out = dp.xdp(&frame);
+    assert_eq!((out.action, out.frame), (XDP_PASS, frame));
+    assert_eq!(dp.count(Verdict::PassNotService), 2);
+}
+
 #[test]
 fn thousand_flows_spread_evenly_over_three_backends() {
     if !privileged("thousand_flows_spread_evenly_over_three_backends") {

@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask setup | build | test | demo`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
 //!
 //! xtask depends on nothing that needs the eBPF toolchain, so it runs on a fresh machine and
 //! installs that toolchain itself (`setup`, run automatically by the other tasks).
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -31,6 +32,8 @@ enum Task {
     Test,
     /// Run xlb's main job on its built-in example.
     Demo,
+    /// Benchmarks: `datapath` (ns per packet); `forward` and `control-plane` are to come.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Task::Build => setup::ensure().and_then(|()| build_release()),
         Task::Test => test::run(),
         Task::Demo => demo::run_demo(),
+        Task::Bench(args) => bench::run_bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
