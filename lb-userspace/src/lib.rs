@@ -6,6 +6,7 @@ pub mod maglev;
 pub mod maps;
 pub mod model;
 pub mod netlink;
+pub mod pin;
 pub mod programmer;
 pub mod source;
 pub mod state;
