@@ -254,10 +254,15 @@ impl Cluster {
     }
 
     fn log_file(&self, name: &str) -> Result<fs::File> {
-        fs::File::create(self.dir.join(name)).map_err(|source| LabError::Io {
-            what: "log file",
-            source,
-        })
+        // Append: a restarted process continues its log.
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(name))
+            .map_err(|source| LabError::Io {
+                what: "log file",
+                source,
+            })
     }
 
     /// Path of a log file of this run.
@@ -271,10 +276,12 @@ impl Cluster {
     pub fn start_agent(&self, node: usize, xlb: &Path, extra: &[&str]) -> Result<u32> {
         let n = &self.nodes[node];
         let log = self.log_file(&format!("agent-{}.log", n.name))?;
-        let mut cmd = n.ns.command(xlb);
+        let mut cmd = n.ns.command_host_mounts(xlb);
         cmd.arg("agent")
             .arg("--manifests")
             .arg(&self.manifests)
+            .arg("--pin-dir")
+            .arg(self.pin_dir(node))
             .args(["--node-name", &n.name, "--nic", "eth0"])
             .args(extra)
             .env("RUST_LOG", "info")
@@ -316,6 +323,12 @@ impl Cluster {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         Ok(())
+    }
+
+    /// Where the agent of node `node` pins its datapath (bpffs; removed with the lab).
+    #[must_use]
+    pub fn pin_dir(&self, node: usize) -> PathBuf {
+        Path::new(crate::BPFFS).join(format!("{}-{}", self.lab.tag(), self.nodes[node].name))
     }
 
     /// Writes a manifest file atomically (the agents may be reading the directory).
@@ -395,7 +408,10 @@ pub struct EndpointStates<'a> {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        // The lab (a field) kills processes and removes namespaces after this.
+        // Agents first, so nothing holds the pinned datapath; then the pins (which detaches
+        // it); the lab (a field) removes the namespaces after this.
+        self.lab.kill_all();
+        crate::remove_pins(self.lab.tag());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

@@ -43,9 +43,23 @@ fn parse_answer(body: &str) -> io::Result<Answer> {
     }
 }
 
-/// Connects to `addr` (optionally from local port `from_port`) and sends `GET /`.
+/// Connects to `addr` and sends `GET /`.
 pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
-    let mut s = TcpStream::connect_timeout(&addr.into(), timeout)?;
+    let s = TcpStream::connect_timeout(&addr.into(), timeout)?;
+    get_on(s, addr, timeout)
+}
+
+/// Like [`http_get`], from local port `port` (a fixed 5-tuple, so a test that checks how
+/// flows spread is deterministic rather than at the mercy of ephemeral port choice).
+pub fn http_get_from(addr: SocketAddrV4, port: u16, timeout: Duration) -> io::Result<Answer> {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&SocketAddrV4::new(std::net::Ipv4Addr::UNSPECIFIED, port).into())?;
+    sock.connect_timeout(&SocketAddr::V4(addr).into(), timeout)?;
+    get_on(sock.into(), addr, timeout)
+}
+
+fn get_on(mut s: TcpStream, addr: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     s.write_all(format!("GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;

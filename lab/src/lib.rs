@@ -26,6 +26,23 @@ use std::{
 };
 
 const PREFIX: &str = "xlb-";
+/// bpffs, where lab agents pin their datapaths (one directory per agent, named after the lab).
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// Removes the pin directories of lab `tag` (`/sys/fs/bpf/<tag>-*`): unpinning detaches
+/// whatever an agent of that lab attached.
+pub fn remove_pins(tag: &str) {
+    if let Ok(entries) = std::fs::read_dir(BPFFS) {
+        for e in entries.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{tag}-"))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
@@ -128,15 +145,17 @@ pub fn remove_stale() -> Result<Vec<String>> {
             removed.push(ns);
         }
     }
-    if let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .strip_prefix(PREFIX)
-                .and_then(|r| r.split('-').next())
-                .and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
-                let _ = std::fs::remove_dir_all(e.path());
+    for base in [std::env::temp_dir(), std::path::PathBuf::from(BPFFS)] {
+        if let Ok(entries) = std::fs::read_dir(&base) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let pid = name
+                    .strip_prefix(PREFIX)
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|p| p.parse::<u32>().ok());
+                if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
             }
         }
     }
@@ -178,6 +197,7 @@ pub fn teardown_on_signal() {
             delete_netns(ns);
         }
         let _ = remove_stale_files(std::process::id());
+        remove_pins(&format!("{PREFIX}{}", std::process::id()));
         std::process::exit(130);
     });
 }
@@ -283,6 +303,16 @@ impl Lab {
         live(&LIVE_PIDS).remove(&pid);
     }
 
+    /// Kills every process started with [`Lab::spawn`].
+    pub fn kill_all(&self) {
+        let mut children = locked(&self.children);
+        for mut c in children.drain(..) {
+            let _ = c.kill();
+            let _ = c.wait();
+            live(&LIVE_PIDS).remove(&c.id());
+        }
+    }
+
     /// Whether a process started with [`Lab::spawn`] still runs.
     #[must_use]
     pub fn is_running(&self, pid: u32) -> bool {
@@ -344,6 +374,18 @@ impl Netns {
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// A command that runs `program` in this network namespace but the host's mount
+    /// namespace (`ip netns exec` remounts /sys, which hides the host's bpffs; an agent that
+    /// pins its datapath must see the real /sys/fs/bpf to find it again after a restart).
+    #[must_use]
+    pub fn command_host_mounts(&self, program: impl AsRef<OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
         cmd
     }
 

@@ -27,6 +27,8 @@ use crate::{
 /// How the agent runs.
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
+    /// Where maps and links are pinned (a restarted agent adopts them).
+    pub pin_dir: PathBuf,
     /// Manifest file or directory (without it: the Kubernetes API).
     pub manifests: Option<PathBuf>,
     /// Kubeconfig for the API source (without it: in-cluster configuration).
@@ -68,9 +70,7 @@ pub enum AgentError {
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
-    let mut ebpf = loader::load(&cfg.capacities)?;
-    let mut maps = AyaMaps::new(&mut ebpf)?;
-    let mut programmer = Programmer::new(&cfg.capacities);
+    let (mut ebpf, mut maps, mut programmer) = load_datapath(&cfg)?;
     let store = Arc::new(SharedStore::new());
     let mut changes = store.subscribe();
     changes.mark_changed();
@@ -116,6 +116,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 sync(&store, &n, &cfg, &mut programmer, &mut maps);
                 if !attached.started {
                     attached.start(&mut ebpf, &cfg, &n, link_tx.clone())?;
+                    remove_other_versions(&cfg.pin_dir);
                 }
             }
             Some(event) = link_rx.recv() => attached.on_link(&mut ebpf, &cfg, &event),
@@ -123,8 +124,70 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             _ = sigterm.recv() => break,
         }
     }
-    info!("stopping; the datapath is detached with this process");
+    info!(
+        pin_dir = %cfg.pin_dir.display(),
+        "stopping; the datapath stays attached and keeps forwarding with the last state \
+         (`xlb cleanup` removes it)"
+    );
     Ok(())
+}
+
+/// Loads the datapath with its maps pinned, adopting what a previous agent left there.
+fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), AgentError> {
+    let other_versions = other_layout_versions(&cfg.pin_dir);
+    if !other_versions.is_empty() {
+        warn!(
+            found = ?other_versions,
+            version = lb_common::ABI_VERSION,
+            "pinned maps of another layout version: building fresh maps of this version; \
+             the old ones are removed once this datapath is attached (their conntrack is not \
+             carried over)"
+        );
+    }
+    let (mut ebpf, adopted) = loader::load_pinned(&cfg.capacities, &cfg.pin_dir)?;
+    let maps = AyaMaps::new(&mut ebpf)?;
+    let caps = maps.capacities(&cfg.capacities);
+    let mut programmer = Programmer::new(&caps);
+    if adopted.maps.is_empty() {
+        info!(pin_dir = %cfg.pin_dir.display(), "fresh datapath maps pinned");
+    } else {
+        let adoption =
+            programmer.adopt(&maps.frontends(), &maps.backends(), |o, n| maps.ring(o, n));
+        info!(
+            maps = adopted.maps.len(),
+            frontends = adoption.frontends,
+            backends = adoption.backends,
+            rings = adoption.rings,
+            "adopted the pinned datapath of a previous agent"
+        );
+    }
+    for stale in loader::remove_stale_links(&cfg.pin_dir) {
+        info!(link = %stale, "removed the pinned link of an interface that is gone");
+    }
+    Ok((ebpf, maps, programmer))
+}
+
+/// Pinned maps named `xlb_..._v<N>` with N other than this build's layout version.
+fn other_layout_versions(dir: &std::path::Path) -> Vec<String> {
+    let current = format!("_v{}", lb_common::ABI_VERSION);
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("xlb_") && !n.ends_with(&current) && n.contains("_v"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes pinned maps of other layout versions (after this datapath took over).
+fn remove_other_versions(dir: &std::path::Path) {
+    for name in other_layout_versions(dir) {
+        if std::fs::remove_file(dir.join(&name)).is_ok() {
+            info!(map = %name, "removed a pinned map of the previous layout version");
+        }
+    }
 }
 
 /// Waits until no change arrived for `quiet`, or `max` passed since the first one.
@@ -222,11 +285,11 @@ impl Attached {
         };
         let mut attached_any = false;
         for nic in &nics {
-            match loader::attach_nic(ebpf, nic) {
-                Ok(()) => {
+            match loader::attach_nic_pinned(ebpf, nic, &cfg.pin_dir) {
+                Ok(how) => {
                     attached_any = true;
                     set_accept_local(nic);
-                    info!(nic = %nic, "XDP attached");
+                    info!(nic = %nic, how = ?how, "XDP attached");
                 }
                 Err(e) => warn!(nic = %nic, error = %e, "XDP attach failed"),
             }
@@ -260,17 +323,18 @@ impl Attached {
                 {
                     return;
                 }
-                match loader::attach_pod(ebpf, name) {
-                    Ok(()) => {
-                        info!(iface = %name, "TC attached");
+                match loader::attach_pod_pinned(ebpf, name, &cfg.pin_dir) {
+                    Ok(how) => {
+                        info!(iface = %name, how = ?how, "TC attached");
                         self.pod_ifaces.insert(name.clone());
                     }
                     Err(e) => warn!(iface = %name, error = %e, "TC attach failed"),
                 }
             }
             LinkEvent::Removed { name, .. } => {
-                // The kernel removed the tcx link with the interface.
+                // The kernel removed the tcx link with the interface; drop its pin.
                 self.pod_ifaces.remove(name);
+                loader::unpin_pod_link(&cfg.pin_dir, name);
             }
         }
     }

@@ -1,9 +1,24 @@
-//! Loading the embedded datapath object and attaching its programs to interfaces.
+//! Loading the embedded datapath object and attaching its programs to interfaces, optionally
+//! pinned (see `pin`): pinned maps are reused by the next load, and a pinned attachment is
+//! taken over by the next agent with an atomic program replacement (`bpf_link_update`), so
+//! traffic never sees an interface without the datapath.
+use std::{
+    fs, io,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, TcAttachType, Xdp, xdp::XdpMode},
+    programs::{
+        SchedClassifier, TcAttachType, Xdp,
+        links::{FdLink, LinkError, PinnedLink},
+        xdp::XdpMode,
+    },
 };
 use lb_common::{capacity, map_names};
+
+use crate::pin;
 
 /// The datapath object, built by build.rs from lb-ebpf.
 pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-datapath"));
@@ -25,7 +40,26 @@ pub enum LoaderError {
     MissingProgram(&'static str),
     #[error("program {0}: {1}")]
     Program(&'static str, #[source] aya::programs::ProgramError),
+    #[error("pin directory {path}: {source}")]
+    PinDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("pinned link {path}: {message}")]
+    Link { path: PathBuf, message: String },
 }
+
+/// Every map of the datapath, by name.
+pub const MAP_NAMES: [&str; 7] = [
+    map_names::FRONTENDS,
+    map_names::BACKENDS,
+    map_names::RINGS,
+    map_names::CONNTRACK,
+    map_names::SNAT,
+    map_names::STATS,
+    map_names::CONFIG,
+];
 
 /// Map capacities, chosen at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,10 +99,50 @@ impl Capacities {
 
 /// Loads the embedded datapath with the given capacities (programs loaded, not attached).
 pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
+    load_with(caps, None)
+}
+
+/// Which pinned maps a load found and reused.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Adopted {
+    pub maps: Vec<&'static str>,
+}
+
+/// Loads the datapath with its maps pinned under `dir` (created with mode 0700): maps already
+/// pinned there are reused with their contents (and their capacities), missing ones are
+/// created and pinned. Returns which maps were reused.
+pub fn load_pinned(caps: &Capacities, dir: &Path) -> Result<(Ebpf, Adopted), LoaderError> {
+    let pin_err = |source| LoaderError::PinDir {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::create_dir_all(pin::links_dir(dir)).map_err(pin_err)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(pin_err)?;
+    let adopted = Adopted {
+        maps: MAP_NAMES
+            .into_iter()
+            .filter(|n| pin::map_path(dir, n).exists())
+            .collect(),
+    };
+    Ok((load_with(caps, Some(dir))?, adopted))
+}
+
+fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderError> {
     if DATAPATH.is_empty() {
         return Err(LoaderError::NoDatapath);
     }
+    let paths: Vec<(&str, PathBuf)> = pin_dir
+        .map(|d| {
+            MAP_NAMES
+                .iter()
+                .map(|n| (*n, pin::map_path(d, n)))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut loader = EbpfLoader::new();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
     loader
         .map_max_entries(map_names::FRONTENDS, caps.frontends)
         .map_max_entries(map_names::BACKENDS, caps.backends)
@@ -113,6 +187,167 @@ pub fn attach_nic(ebpf: &mut Ebpf, iface: &str) -> Result<(), LoaderError> {
         .attach(iface, XdpMode::Driver)
         .map_err(|e| LoaderError::Program(PROG_NIC, e))?;
     Ok(())
+}
+
+/// How an interface got the datapath.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attachment {
+    /// A new attachment, now pinned.
+    Attached,
+    /// A pinned attachment of a previous agent, whose program was replaced atomically.
+    Replaced,
+}
+
+fn link_pin_path(dir: &Path, hook: &str, iface: &str, ifindex: u32) -> PathBuf {
+    pin::links_dir(dir).join(format!("{hook}-{iface}-{ifindex}"))
+}
+
+fn ifindex(iface: &str) -> Option<u32> {
+    let c = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// Opens the pinned link at `path`, if there is one.
+fn pinned_link(path: &Path) -> Result<Option<FdLink>, LoaderError> {
+    match PinnedLink::from_pin(path) {
+        Ok(l) => Ok(Some(FdLink::from(l))),
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LoaderError::Link {
+            path: path.to_owned(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+fn pin_new_link(path: &Path, link: FdLink) -> Result<(), LoaderError> {
+    link.pin(path).map(drop).map_err(|e| LoaderError::Link {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+/// Attaches the NIC program to `iface`, pinned under `dir`; takes over a pinned attachment.
+pub fn attach_nic_pinned(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    dir: &Path,
+) -> Result<Attachment, LoaderError> {
+    let index = ifindex(iface).ok_or_else(|| LoaderError::Link {
+        path: PathBuf::from(iface),
+        message: "no such interface".into(),
+    })?;
+    let path = link_pin_path(dir, "xdp", iface, index);
+    let prog = xdp_program(ebpf)?;
+    let err = |e| LoaderError::Program(PROG_NIC, e);
+    if let Some(old) = pinned_link(&path)? {
+        let link = old.try_into().map_err(|e: LinkError| LoaderError::Link {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        prog.attach_to_link(link).map_err(err)?;
+        return Ok(Attachment::Replaced);
+    }
+    let id = prog.attach(iface, XdpMode::Driver).map_err(err)?;
+    let link = prog.take_link(id).map_err(err)?;
+    let fd: FdLink = link.try_into().map_err(|e: LinkError| LoaderError::Link {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    pin_new_link(&path, fd)?;
+    Ok(Attachment::Attached)
+}
+
+/// Attaches the pod program to `iface`'s ingress, pinned under `dir`; takes over a pinned
+/// attachment.
+pub fn attach_pod_pinned(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    dir: &Path,
+) -> Result<Attachment, LoaderError> {
+    let index = ifindex(iface).ok_or_else(|| LoaderError::Link {
+        path: PathBuf::from(iface),
+        message: "no such interface".into(),
+    })?;
+    let path = link_pin_path(dir, "tc", iface, index);
+    let prog = tc_program(ebpf)?;
+    let err = |e| LoaderError::Program(PROG_POD, e);
+    if let Some(old) = pinned_link(&path)? {
+        let link = old.try_into().map_err(|e: LinkError| LoaderError::Link {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        prog.attach_to_link(link).map_err(err)?;
+        return Ok(Attachment::Replaced);
+    }
+    let id = prog.attach(iface, TcAttachType::Ingress).map_err(err)?;
+    let link = prog.take_link(id).map_err(err)?;
+    let fd: FdLink = link.try_into().map_err(|e: LinkError| LoaderError::Link {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    pin_new_link(&path, fd)?;
+    Ok(Attachment::Attached)
+}
+
+/// Removes pinned links whose interface is gone (or was re-created with another index);
+/// returns their file names.
+#[must_use]
+pub fn remove_stale_links(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(entries) = fs::read_dir(pin::links_dir(dir)) else {
+        return removed;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let live = name
+            .split_once('-')
+            .and_then(|(_, rest)| rest.rsplit_once('-'))
+            .is_some_and(|(iface, index)| ifindex(iface).is_some_and(|i| index == i.to_string()));
+        if !live && fs::remove_file(e.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
+}
+
+/// Unpins the link of a pod interface that was removed (the kernel detached it already).
+pub fn unpin_pod_link(dir: &Path, iface: &str) {
+    if let Ok(entries) = fs::read_dir(pin::links_dir(dir)) {
+        let prefix = format!("tc-{iface}-");
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(&prefix) {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Removes everything xlb pinned under `dir`: links first (which detaches the programs), then
+/// maps, then the directory. Returns what was removed.
+pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, LoaderError> {
+    let pin_err = |source| LoaderError::PinDir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut removed = Vec::new();
+    let links = pin::links_dir(dir);
+    if let Ok(entries) = fs::read_dir(&links) {
+        for e in entries.flatten() {
+            fs::remove_file(e.path()).map_err(pin_err)?;
+            removed.push(e.path());
+        }
+        fs::remove_dir(&links).map_err(pin_err)?;
+    }
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            fs::remove_file(e.path()).map_err(pin_err)?;
+            removed.push(e.path());
+        }
+        fs::remove_dir(dir).map_err(pin_err)?;
+    }
+    Ok(removed)
 }
 
 /// Attaches the pod program to `iface`'s ingress (what the pod sends) through tcx.

@@ -24,6 +24,12 @@ struct Cli {
 enum Command {
     /// Run the agent: program the datapath from Services and EndpointSlices.
     Agent(AgentArgs),
+    /// Remove everything the agent attached and pinned (detaches the datapath).
+    Cleanup {
+        /// The agent's pin directory.
+        #[arg(long, default_value = lb_userspace::pin::DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
     /// Datapath diagnostics.
     #[command(subcommand)]
     Datapath(DatapathCommand),
@@ -49,6 +55,10 @@ struct AgentArgs {
     /// instead of the Kubernetes API.
     #[arg(long, conflicts_with = "kubeconfig")]
     manifests: Option<PathBuf>,
+    /// Where maps and attachments are pinned; a restarted agent adopts them, so restarts and
+    /// upgrades drop no flow. SIGTERM leaves the datapath running; `xlb cleanup` removes it.
+    #[arg(long, default_value = lb_userspace::pin::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
     /// Kubeconfig for the Kubernetes API (default: in-cluster configuration).
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
@@ -102,6 +112,7 @@ fn parse_range(s: &str) -> anyhow::Result<(u16, u16)> {
 
 fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
     Ok(AgentConfig {
+        pin_dir: a.pin_dir,
         manifests: a.manifests,
         kubeconfig: a.kubeconfig,
         node_name: a.node_name,
@@ -142,6 +153,15 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(agent::run(cfg)).context("agent")
+        }
+        Command::Cleanup { pin_dir } => {
+            let removed = loader::cleanup(&pin_dir).context("cleanup")?;
+            println!(
+                "removed {} pinned object(s) under {}",
+                removed.len(),
+                pin_dir.display()
+            );
+            Ok(())
         }
         Command::Datapath(DatapathCommand::Probe { nics, pod_ifaces }) => probe(&nics, &pod_ifaces),
     }

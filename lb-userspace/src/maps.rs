@@ -147,6 +147,7 @@ impl Drop for RingSlab {
 /// The kernel's maps of a loaded datapath.
 pub struct AyaMaps {
     frontends: HashMap<MapData, FrontendKey, Frontend>,
+    frontend_capacity: u32,
     backends: Array<MapData, Backend>,
     rings: RingSlab,
     config: Array<MapData, Config>,
@@ -160,8 +161,15 @@ impl AyaMaps {
     /// Takes the writable maps out of a loaded datapath (the programs keep using them).
     pub fn new(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         let err = |name| move |source| MapsError::Map { name, source };
-        let frontends = HashMap::try_from(take(ebpf, map_names::FRONTENDS)?)
-            .map_err(err(map_names::FRONTENDS))?;
+        let Map::HashMap(frontend_data) = take(ebpf, map_names::FRONTENDS)? else {
+            return Err(MapsError::Missing(map_names::FRONTENDS));
+        };
+        let frontend_capacity = frontend_data
+            .info()
+            .map_err(err(map_names::FRONTENDS))?
+            .max_entries();
+        let frontends =
+            HashMap::try_from(Map::HashMap(frontend_data)).map_err(err(map_names::FRONTENDS))?;
         let backends =
             Array::try_from(take(ebpf, map_names::BACKENDS)?).map_err(err(map_names::BACKENDS))?;
         let config =
@@ -178,10 +186,33 @@ impl AyaMaps {
         let rings = RingSlab::new(ring_data, slots)?;
         Ok(Self {
             frontends,
+            frontend_capacity,
             backends,
             rings,
             config,
         })
+    }
+
+    /// All backends with an address, by id (adoption at start).
+    #[must_use]
+    pub fn backends(&self) -> Vec<(u32, Backend)> {
+        self.backends
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| Some((u32::try_from(i).ok()?, b.ok()?)))
+            .filter(|(_, b)| b.addr_be != 0)
+            .collect()
+    }
+
+    /// The capacities of the maps as they are (pinned maps keep the sizes they were made with).
+    #[must_use]
+    pub fn capacities(&self, requested: &crate::loader::Capacities) -> crate::loader::Capacities {
+        crate::loader::Capacities {
+            frontends: self.frontend_capacity,
+            backends: self.backends.len(),
+            ring_slots: self.rings.slots,
+            ..*requested
+        }
     }
 
     /// All frontend entries (inspection, tests).

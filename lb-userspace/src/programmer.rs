@@ -14,7 +14,10 @@
 //! generation, which invalidates conntrack entries of its previous owner. Frontends with the
 //! same backend set share one ring. A service that does not fit the maps' capacities fails
 //! whole (its previous state stays programmed) and is reported.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::Ipv4Addr,
+};
 
 use lb_common::{BACKEND_F_LOCAL, Backend, FRONTEND_F_SNAT_REMOTE, Frontend, FrontendKey};
 use tracing::warn;
@@ -23,7 +26,10 @@ use crate::{
     loader::Capacities,
     maglev,
     maps::Op,
-    state::{BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendSpec, ServicePortRef},
+    state::{
+        BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendSpec, Proto, Scope,
+        ServicePortRef,
+    },
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -183,6 +189,22 @@ impl Ids {
     }
 }
 
+/// What [`Programmer::adopt`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Adoption {
+    pub frontends: usize,
+    pub backends: usize,
+    pub rings: usize,
+}
+
+fn proto_of(n: u8) -> Option<Proto> {
+    match n {
+        lb_common::IPPROTO_TCP => Some(Proto::Tcp),
+        lb_common::IPPROTO_UDP => Some(Proto::Udp),
+        _ => None,
+    }
+}
+
 /// Ordered writes for one sync, and the services that could not be programmed.
 #[derive(Debug, Default)]
 pub struct Plan {
@@ -225,6 +247,119 @@ impl Programmer {
             free_service_ids: Vec::new(),
             next_service_id: 1,
         }
+    }
+
+    /// Rebuilds the bookkeeping from maps that a previous agent programmed (pinned maps found
+    /// at start), so backend ids (and their generations, which conntrack entries remember),
+    /// ring regions and frontends are reused and the first sync writes only differences.
+    /// `ring(offset, size)` reads a ring region. Frontends keep their values; their services
+    /// are unknown until the first sync names them (which rewrites only their service id).
+    pub fn adopt(
+        &mut self,
+        frontends: &[(FrontendKey, Frontend)],
+        backends: &[(u32, Backend)],
+        ring: impl Fn(u32, u32) -> Vec<u32>,
+    ) -> Adoption {
+        let by_id: HashMap<u32, &Backend> = backends
+            .iter()
+            .filter(|(_, b)| b.addr_be != 0)
+            .map(|(id, b)| (*id, b))
+            .collect();
+        let mut used_regions: BTreeMap<u32, u32> = BTreeMap::new();
+        let mut adoption = Adoption::default();
+        for (key, value) in frontends {
+            let Some(proto) = proto_of(key.proto) else {
+                continue;
+            };
+            let addr = FrontendAddr {
+                addr: Ipv4Addr::from(key.addr_be.to_ne_bytes()),
+                port: u16::from_be(key.port_be),
+                proto,
+                scope: if key.scope == Scope::Internal as u8 {
+                    Scope::Internal
+                } else {
+                    Scope::External
+                },
+            };
+            let mut members: Vec<BackendAddr> = Vec::new();
+            if value.ring_size > 0 {
+                let mut ids: Vec<u32> = ring(value.ring_offset, value.ring_size);
+                ids.sort_unstable();
+                ids.dedup();
+                for id in ids {
+                    let Some(b) = by_id.get(&id) else { continue };
+                    let baddr = BackendAddr {
+                        addr: Ipv4Addr::from(b.addr_be.to_ne_bytes()),
+                        port: u16::from_be(b.port_be),
+                        proto,
+                    };
+                    members.push(baddr);
+                    self.backends.entry(baddr).or_insert(BackendEntry {
+                        id,
+                        generation: b.generation,
+                        local: b.flags & BACKEND_F_LOCAL != 0,
+                        rings: 0,
+                    });
+                    self.ids.generations.insert(id, b.generation);
+                    self.ids.next = self.ids.next.max(id + 1);
+                }
+                members.sort();
+                used_regions.insert(value.ring_offset, value.ring_size);
+                let ring_entry = self.rings.entry(members.clone()).or_insert_with(|| {
+                    adoption.rings += 1;
+                    RingEntry {
+                        offset: value.ring_offset,
+                        size: value.ring_size,
+                        frontends: 0,
+                    }
+                });
+                ring_entry.frontends += 1;
+            }
+            self.next_service_id = self.next_service_id.max(value.service_id + 1);
+            let service = ServicePortRef {
+                namespace: String::new(),
+                name: format!("(adopted service {})", value.service_id),
+                port_name: String::new(),
+            };
+            self.frontends.insert(
+                addr,
+                Programmed {
+                    value: *value,
+                    ring: members,
+                    service,
+                },
+            );
+            adoption.frontends += 1;
+        }
+        // Ring membership counts per backend, ids nobody uses become free.
+        for members in self.rings.keys() {
+            for a in members {
+                if let Some(b) = self.backends.get_mut(a) {
+                    b.rings += 1;
+                }
+            }
+        }
+        let live: BTreeSet<u32> = self.backends.values().map(|b| b.id).collect();
+        self.ids.free = (1..self.ids.next).filter(|id| !live.contains(id)).collect();
+        for (id, b) in &by_id {
+            self.ids.generations.entry(*id).or_insert(b.generation);
+        }
+        adoption.backends = self.backends.len();
+        // The slab: everything not in an adopted region is free.
+        let capacity: u32 = self.slab.free.values().sum();
+        let mut free = BTreeMap::new();
+        let mut cursor = 0u32;
+        for (&off, &size) in &used_regions {
+            if off > cursor {
+                free.insert(cursor, off - cursor);
+            }
+            cursor = cursor.max(off + size);
+        }
+        if capacity > cursor {
+            free.insert(cursor, capacity - cursor);
+        }
+        self.slab.free = free;
+        adoption
     }
 
     /// Number of programmed frontends.
@@ -815,6 +950,73 @@ mod tests {
         assert_eq!(plan.failed.len(), 1);
         assert!(plan.ops.is_empty(), "{:?}", plan.ops);
         assert_eq!(p.ring_slots_used(), 0);
+    }
+
+    #[test]
+    fn a_restarted_programmer_adopts_ids_rings_and_frontends() {
+        let mut maps = FakeMaps::default();
+        let mut first = Programmer::new(&caps());
+        let backends = vec![backend(5, true), backend(6, false), backend(7, false)];
+        let d = state(vec![
+            (
+                fe([10, 96, 0, 10], 80, Scope::Internal),
+                spec("tomcat6", backends.clone()),
+            ),
+            (
+                fe([192, 168, 50, 11], 32510, Scope::External),
+                spec("tomcat6", backends),
+            ),
+            (
+                fe([10, 96, 0, 11], 53, Scope::Internal),
+                spec("dns", vec![backend(9, false)]),
+            ),
+        ]);
+        apply(&mut first, &mut maps, &d);
+        let before = maps.clone();
+
+        let mut second = Programmer::new(&caps());
+        let frontends: Vec<_> = maps.frontends.iter().map(|(k, v)| (*k, *v)).collect();
+        let backends: Vec<_> = maps.backends.iter().map(|(k, v)| (*k, *v)).collect();
+        let rings = maps.rings.clone();
+        let adoption = second.adopt(&frontends, &backends, |off, size| {
+            (off..off + size)
+                .filter_map(|i| rings.get(&i).copied())
+                .collect()
+        });
+        assert_eq!(
+            (adoption.frontends, adoption.backends, adoption.rings),
+            (3, 4, 2)
+        );
+        // The same desired state: no backend or ring is rewritten, ids stay.
+        let ops = apply(&mut second, &mut maps, &d);
+        assert!(
+            ops.iter().all(|o| matches!(o, Op::SetFrontend { .. })),
+            "adoption rewrote more than frontends: {ops:?}"
+        );
+        assert_eq!(maps.backends, before.backends);
+        assert_eq!(maps.rings, before.rings);
+        for (k, v) in &maps.frontends {
+            let old = before.frontends[k];
+            assert_eq!(
+                (v.ring_offset, v.ring_size),
+                (old.ring_offset, old.ring_size)
+            );
+        }
+        // A new backend gets an id no live backend has.
+        let more = state(vec![(
+            fe([10, 96, 0, 11], 53, Scope::Internal),
+            spec("dns", vec![backend(9, false), backend(10, false)]),
+        )]);
+        apply(&mut second, &mut maps, &more);
+        let ids: Vec<u32> = maps.backends.keys().copied().collect();
+        let mut dedup = ids.clone();
+        dedup.dedup();
+        assert_eq!(ids, dedup);
+        assert!(
+            maps.backends
+                .values()
+                .any(|b| b.addr_be == backend_value(&backend(10, false).addr, 0, false).addr_be)
+        );
     }
 
     /// xorshift64*: deterministic randomness for the property test.
