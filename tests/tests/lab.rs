@@ -389,33 +389,86 @@ fn scaling_keeps_established_connections_and_stops_new_ones_to_removed_pods() {
         .expect("netns");
     assert!(!keep.is_empty(), "no long-lived connection landed on pod 0");
 
-    // Scale up to 5.
-    for i in 3..5 {
+    // A client keeps opening new connections through all the changes.
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let client = t.cluster.client.clone();
+    let log: std::sync::Mutex<Vec<(Instant, Result<String, String>)>> =
+        std::sync::Mutex::new(Vec::new());
+    let (t_up, t_down) = thread::scope(|s| {
+        s.spawn(|| {
+            client
+                .enter(|| {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let started = Instant::now();
+                        let r = echo::http_get(addr, T)
+                            .map(|a| a.pod)
+                            .map_err(|e| e.to_string());
+                        log.lock().expect("log").push((started, r));
+                    }
+                })
+                .expect("netns");
+        });
+        // Scale up to 5.
+        for i in 3..5 {
+            t.cluster
+                .add_pod(&pod_name(i), i % 3, &echo_bin(), &[TARGET_PORT])
+                .expect("pod");
+        }
+        let before = t.cluster.all_agent_syncs();
+        t.write_endpoints(&EndpointStates::default())
+            .expect("endpoints");
+        t.cluster.wait_synced_since(&before, SYNC).expect("sync");
+        let t_up = Instant::now();
+        thread::sleep(Duration::from_millis(700));
+        // Scale down to 1: endpoints first (as the controller does); the pods go away after
+        // a grace period, as kubelet ends them.
+        let before = t.cluster.all_agent_syncs();
+        let stays = [t.cluster.pods[0].name.clone()];
+        let states = EndpointStates::default();
+        let pods: Vec<&str> = stays.iter().map(String::as_str).collect();
+        let slice =
+            t.cluster
+                .endpoint_slice("tomcat6", &[("", TARGET_PORT, "TCP")], &pods, &states);
         t.cluster
-            .add_pod(&pod_name(i), i % 3, &echo_bin(), &[TARGET_PORT])
-            .expect("pod");
-    }
-    let before = t.cluster.all_agent_syncs();
-    t.write_endpoints(&EndpointStates::default())
-        .expect("endpoints");
-    t.cluster.wait_synced_since(&before, SYNC).expect("sync");
-    let seen = new_connections(&t, addr, 100);
-    assert_eq!(seen.len(), 5, "after scale-up: {seen:?}");
-    check_keepalives(&t, &mut keep);
-
-    // Scale down to 1: endpoints first (as the controller does), then the pods go away.
-    let before = t.cluster.all_agent_syncs();
-    for i in 1..5 {
-        t.cluster.remove_pod(&pod_name(i));
-    }
-    t.write_endpoints(&EndpointStates::default())
-        .expect("endpoints");
-    t.cluster.wait_synced_since(&before, SYNC).expect("sync");
-    let seen = new_connections(&t, addr, 30);
-    assert_eq!(
-        seen.keys().collect::<Vec<_>>(),
-        [&pod_name(0)],
-        "after scale-down: {seen:?}"
+            .write_manifest("tomcat6-endpoints.yaml", &slice)
+            .expect("endpoints");
+        t.cluster.wait_synced_since(&before, SYNC).expect("sync");
+        let t_down = Instant::now();
+        thread::sleep(Duration::from_millis(300));
+        for i in 1..5 {
+            t.cluster.remove_pod(&pod_name(i));
+        }
+        thread::sleep(Duration::from_millis(500));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (t_up, t_down)
+    });
+    let log = log.into_inner().expect("log");
+    let failed: Vec<_> = log.iter().filter(|(_, r)| r.is_err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed: {failed:?}",
+        failed.len(),
+        log.len()
+    );
+    let after_up: std::collections::BTreeSet<&String> = log
+        .iter()
+        .filter(|(at, _)| *at > t_up && *at < t_down)
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .collect();
+    assert_eq!(after_up.len(), 5, "after scale-up: {after_up:?}");
+    let after_down: Vec<&String> = log
+        .iter()
+        .filter(|(at, _)| *at > t_down)
+        .filter_map(|(_, r)| r.as_ref().ok())
+        .collect();
+    assert!(
+        after_down.len() >= 10,
+        "too few connections after scale-down: {}",
+        after_down.len()
+    );
+    assert!(
+        after_down.iter().all(|p| **p == pod_name(0)),
+        "a removed pod got a new connection after the change was applied: {after_down:?}"
     );
     check_keepalives(&t, &mut keep);
 }
