@@ -44,7 +44,7 @@ pub trait MapSource {
     fn frontend(&self, key: &FrontendKey) -> Result<Option<Frontend>, InspectError>;
     /// Backend `id` as stored (a cleared id reads as all zeroes); `None` beyond the map.
     fn backend(&self, id: u32) -> Result<Option<Backend>, InspectError>;
-    /// Every backend id whose entry has an address.
+    /// Backend entries by id; cleared ones (no address) may be left out.
     fn backends(&self) -> Result<Vec<(u32, Backend)>, InspectError>;
     /// Ring slots `offset..offset + len` (slots beyond the slab read as 0, as in the datapath).
     fn ring(&self, offset: u32, len: u32) -> Result<Vec<u32>, InspectError>;
