@@ -1,5 +1,7 @@
-//! xlb's agent and CLI: loads the eBPF datapath, attaches it, and programs its maps.
+//! xlb's agent and CLI: loads the eBPF datapath, attaches it, programs its maps, and reads
+//! them back for inspection.
 pub mod agent;
+pub mod inspect;
 pub mod invalid;
 pub mod loader;
 pub mod maglev;

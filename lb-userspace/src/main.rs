@@ -1,12 +1,22 @@
 //! `xlb`: the agent and its command-line tools.
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig},
+    inspect::{
+        self, AddrFilter, CtFilter, ExplainQuery, InspectError, Target, pinned::PinnedMaps, render,
+    },
     loader::{self, Capacities},
     model::ModelOptions,
+    pin,
+    state::Scope,
 };
 
 #[derive(Parser)]
@@ -33,6 +43,97 @@ enum Command {
     /// Datapath diagnostics.
     #[command(subcommand)]
     Datapath(DatapathCommand),
+    /// Frontends and the backends of their Maglev rings (from the pinned maps).
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Backends by id (from the pinned maps).
+    #[command(subcommand)]
+    Backend(BackendCommand),
+    /// Connection tracking entries (from the pinned maps).
+    #[command(subcommand)]
+    Conntrack(ConntrackCommand),
+    /// Packets and bytes per datapath verdict, summed over CPUs (from the pinned maps).
+    Stats(InspectArgs),
+    /// Which frontend an address matches, its eligible backends, and which backend a client
+    /// gets, and why (from the pinned maps).
+    Explain(ExplainArgs),
+}
+
+/// Where the maps are and how to print them; every inspection command takes these.
+#[derive(Args)]
+struct InspectArgs {
+    /// Directory the datapath's maps are pinned in (`<dir>/<map name>`).
+    #[arg(long, default_value = pin::DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Every frontend (address:port/protocol, scope, service id, flags, ring) with the
+    /// distinct backends of its ring.
+    List(InspectArgs),
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    /// Every backend id with an address: address:port, locality, generation.
+    List(InspectArgs),
+}
+
+#[derive(Subcommand)]
+enum ConntrackCommand {
+    /// Conntrack entries: kind (forward/reverse), 5-tuple, backend, SNAT.
+    List(ConntrackListArgs),
+}
+
+#[derive(Args)]
+struct ConntrackListArgs {
+    #[command(flatten)]
+    inspect: InspectArgs,
+    /// Only entries whose source is this address (or address:port).
+    #[arg(long, value_name = "IP[:PORT]")]
+    src: Option<AddrFilter>,
+    /// Only entries whose destination is this address (or address:port).
+    #[arg(long, value_name = "IP[:PORT]")]
+    dst: Option<AddrFilter>,
+    /// Only entries of flows to this backend address (or address:port).
+    #[arg(long, value_name = "IP[:PORT]")]
+    backend: Option<AddrFilter>,
+    /// Show at most N matching entries (the first found; the scan stops there).
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+}
+
+#[derive(Args)]
+struct ExplainArgs {
+    #[command(flatten)]
+    inspect: InspectArgs,
+    /// The frontend, as <ip>:<port>/<tcp|udp> (the protocol defaults to tcp).
+    target: Target,
+    /// A client address:port: say which backend its flow gets.
+    #[arg(long, value_name = "IP:PORT")]
+    from: Option<SocketAddrV4>,
+    /// Only this scope: external (arrived on a NIC) or internal (sent by a pod of this
+    /// node). Default: both.
+    #[arg(long, value_enum)]
+    scope: Option<ScopeArg>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ScopeArg {
+    External,
+    Internal,
 }
 
 #[derive(Subcommand)]
@@ -164,6 +265,88 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Datapath(DatapathCommand::Probe { nics, pod_ifaces }) => probe(&nics, &pod_ifaces),
+        Command::Service(ServiceCommand::List(args)) => run_inspect(&args, |m| {
+            render_view(
+                &args,
+                inspect::services(m)?.as_slice(),
+                render::services_table,
+            )
+        }),
+        Command::Backend(BackendCommand::List(args)) => run_inspect(&args, |m| {
+            render_view(
+                &args,
+                inspect::backends(m)?.as_slice(),
+                render::backends_table,
+            )
+        }),
+        Command::Conntrack(ConntrackCommand::List(a)) => {
+            let filter = CtFilter {
+                src: a.src,
+                dst: a.dst,
+                backend: a.backend,
+                limit: a.limit.unwrap_or(0),
+            };
+            run_inspect(&a.inspect, |m| {
+                let (views, truncated) = inspect::conntrack(m, &filter)?;
+                if truncated {
+                    eprintln!(
+                        "showing the first {} matching entries (--limit); more exist",
+                        views.len()
+                    );
+                }
+                render_view(&a.inspect, views.as_slice(), render::conntrack_table)
+            })
+        }
+        Command::Stats(args) => run_inspect(&args, |m| {
+            render_view(&args, inspect::stats(m)?.as_slice(), render::stats_table)
+        }),
+        Command::Explain(a) => {
+            let query = ExplainQuery {
+                target: a.target,
+                from: a.from,
+                scope: a.scope.map(|s| match s {
+                    ScopeArg::External => Scope::External,
+                    ScopeArg::Internal => Scope::Internal,
+                }),
+            };
+            run_inspect(&a.inspect, |m| {
+                let e = inspect::explain(m, &query)?;
+                render_view(&a.inspect, &e, render::explanation_text)
+            })
+        }
+    }
+}
+
+/// A view as a table or as JSON.
+fn render_view<T: serde::Serialize + ?Sized>(
+    args: &InspectArgs,
+    view: &T,
+    table: impl Fn(&T) -> String,
+) -> Result<String, InspectError> {
+    match args.output {
+        Output::Table => Ok(table(view)),
+        Output::Json => render::json(view),
+    }
+}
+
+/// Opens the pinned maps, builds and prints a view. Errors are one line on stderr and exit
+/// code 1; a closed stdout (`| head`) ends the output quietly.
+fn run_inspect(
+    args: &InspectArgs,
+    view: impl FnOnce(&PinnedMaps) -> Result<String, InspectError>,
+) -> anyhow::Result<()> {
+    let out = PinnedMaps::open(&args.pin_dir)
+        .map_err(InspectError::from)
+        .and_then(|m| view(&m));
+    match out {
+        Ok(text) => match std::io::stdout().lock().write_all(text.as_bytes()) {
+            Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+            _ => Ok(()),
+        },
+        Err(e) => {
+            eprintln!("xlb: {:#}", anyhow::Error::from(e));
+            std::process::exit(1);
+        }
     }
 }
 

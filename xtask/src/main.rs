@@ -28,7 +28,7 @@ enum Task {
     Setup,
     /// Build the xlb binary (release) with its embedded datapath.
     Build,
-    /// The whole test suite: fmt, clippy, unit, eBPF build, packet tests, lab tests.
+    /// The whole test suite: fmt, clippy, unit, eBPF build, packet tests, CLI tests, lab tests.
     Test,
     /// Run xlb's main job on its built-in example.
     Demo,

@@ -75,6 +75,12 @@ const STAGES: &[Stage] = &[
         tests: true,
     },
     Stage {
+        name: "cli",
+        args: &["test", "-p", "xlb-tests", "--test", "cli"],
+        skip_ebpf: false,
+        tests: true,
+    },
+    Stage {
         name: "lab",
         args: &[
             "test",
