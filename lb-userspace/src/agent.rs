@@ -139,12 +139,24 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
         warn!(
             found = ?other_versions,
             version = lb_common::ABI_VERSION,
-            "pinned maps of another layout version: building fresh maps of this version; \
-             the old ones are removed once this datapath is attached (their conntrack is not \
-             carried over)"
+            "pinned maps of another layout version: building fresh maps of this version and \
+             carrying flows over where the entry layout allows; the old maps are removed once \
+             this datapath is attached"
         );
     }
     let (mut ebpf, adopted) = loader::load_pinned(&cfg.capacities, &cfg.pin_dir)?;
+    for m in loader::migrate_flows(&mut ebpf, &cfg.pin_dir, &other_versions) {
+        match m {
+            loader::Migration::Copied { from, entries } => {
+                info!(from = %from, entries, "migrated flows from the previous layout version");
+            }
+            loader::Migration::Incompatible { from } => warn!(
+                from = %from,
+                "rebuilt without its flows: the previous layout version's entries differ \
+                 (established flows to unchanged rings keep their backend through Maglev)"
+            ),
+        }
+    }
     let maps = AyaMaps::new(&mut ebpf)?;
     let caps = maps.capacities(&cfg.capacities);
     let mut programmer = Programmer::new(&caps);

@@ -324,6 +324,70 @@ pub fn unpin_pod_link(dir: &Path, iface: &str) {
     }
 }
 
+/// What happened to the flows of a previous layout version's map.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Migration {
+    /// Entries copied into this version's map.
+    Copied { from: String, entries: usize },
+    /// The old map's entries have another size: not carried over.
+    Incompatible { from: String },
+}
+
+/// Carries conntrack and SNAT entries over from maps of another layout version pinned under
+/// `dir` (`old`: their file names) into the freshly loaded maps of `ebpf`, where the entry
+/// layout is the same (a version bump usually changes one map, not all of them).
+pub fn migrate_flows(ebpf: &mut Ebpf, dir: &Path, old: &[String]) -> Vec<Migration> {
+    let mut out = Vec::new();
+    for name in old {
+        let Some(target) = [map_names::CONNTRACK, map_names::SNAT]
+            .into_iter()
+            .find(|t| {
+                name.rsplit_once("_v")
+                    .is_some_and(|(base, _)| t.starts_with(&format!("{base}_v")))
+            })
+        else {
+            continue;
+        };
+        let copied = if target == map_names::CONNTRACK {
+            copy_entries::<lb_common::FlowKey, lb_common::CtEntry>(ebpf, dir, name, target)
+        } else {
+            copy_entries::<lb_common::FlowKey, lb_common::SnatEntry>(ebpf, dir, name, target)
+        };
+        out.push(match copied {
+            Some(entries) => Migration::Copied {
+                from: name.clone(),
+                entries,
+            },
+            None => Migration::Incompatible { from: name.clone() },
+        });
+    }
+    out
+}
+
+fn copy_entries<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    old: &str,
+    target: &str,
+) -> Option<usize> {
+    let data = aya::maps::MapData::from_pin(pin::map_path(dir, old)).ok()?;
+    let info = data.info().ok()?;
+    if info.key_size() as usize != size_of::<K>() || info.value_size() as usize != size_of::<V>() {
+        return None;
+    }
+    let from: aya::maps::HashMap<_, K, V> =
+        aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data)).ok()?;
+    let mut to: aya::maps::HashMap<_, K, V> =
+        aya::maps::HashMap::try_from(ebpf.map_mut(target)?).ok()?;
+    let mut n = 0;
+    for (k, v) in from.iter().filter_map(Result::ok) {
+        if to.insert(k, v, 0).is_ok() {
+            n += 1;
+        }
+    }
+    Some(n)
+}
+
 /// Removes everything xlb pinned under `dir`: links first (which detaches the programs), then
 /// maps, then the directory. Returns what was removed.
 pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, LoaderError> {

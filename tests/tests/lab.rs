@@ -625,3 +625,64 @@ fn agent_restart_drops_no_flow() {
         "the XDP attachment was not taken over: {log}"
     );
 }
+
+/// An upgrade to a build whose maps have another layout version (simulated: the running
+/// datapath's pinned maps are renamed to `_v0`, as an older build would have named them):
+/// the new agent builds fresh maps, carries the flows over, replaces the programs in place
+/// and removes the old maps; no connection breaks or fails.
+#[test]
+fn upgrade_across_map_layout_versions_drops_no_flow() {
+    if !privileged("upgrade_across_map_layout_versions_drops_no_flow") {
+        return;
+    }
+    let t = tomcat6("upgrade", 3);
+    let addr = t.node_port(0);
+    let c = &t.cluster;
+    let mut keep: Vec<(KeepAlive, String)> = c
+        .client
+        .enter(|| {
+            (0..6)
+                .map(|_| {
+                    let mut k = KeepAlive::connect(addr, T).expect("connect");
+                    let pod = k.get().expect("request").pod;
+                    (k, pod)
+                })
+                .collect()
+        })
+        .expect("netns");
+    c.lab.kill(t.agents[0]);
+    let pins = c.pin_dir(0);
+    let current = format!("_v{}", lb_common::ABI_VERSION);
+    for e in std::fs::read_dir(&pins).expect("pin dir").flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(base) = name.strip_suffix(&current) {
+            std::fs::rename(e.path(), pins.join(format!("{base}_v0"))).expect("rename pin");
+        }
+    }
+    let before = c.agent_syncs(0);
+    c.start_agent(0, &xlb_bin(), &[]).expect("upgrade");
+    let deadline = Instant::now() + SYNC;
+    while c.agent_syncs(0) <= before {
+        let a = c.client.enter(|| echo::http_get(addr, T)).expect("netns");
+        assert!(
+            a.is_ok(),
+            "a new connection failed during the upgrade: {a:?}"
+        );
+        assert!(Instant::now() < deadline, "the upgraded agent never synced");
+    }
+    check_keepalives(&t, &mut keep);
+    assert_eq!(new_connections(&t, addr, 60).len(), 3);
+    let log = std::fs::read_to_string(c.log_path("agent-node1.log")).expect("log");
+    assert!(
+        log.contains("migrated flows from the previous layout version"),
+        "{log}"
+    );
+    assert!(log.contains("Replaced"), "{log}");
+    let left: Vec<String> = std::fs::read_dir(&pins)
+        .expect("pin dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with("_v0"))
+        .collect();
+    assert!(left.is_empty(), "old maps left pinned: {left:?}");
+}
