@@ -1,9 +1,11 @@
 //! xlb's agent and CLI: loads the eBPF datapath, attaches it, and programs its maps.
 pub mod agent;
+pub mod http;
 pub mod invalid;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod pin;
