@@ -1,5 +1,9 @@
 //! `xlb`: the agent and its command-line tools.
-use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
@@ -21,6 +25,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing the agent's arguments buys nothing"
+)]
 enum Command {
     /// Run the agent: program the datapath from Services and EndpointSlices.
     Agent(AgentArgs),
@@ -87,6 +95,13 @@ struct AgentArgs {
     max_conntrack: u32,
     #[arg(long, default_value_t = lb_common::capacity::SNAT)]
     max_snat: u32,
+    /// Address of the Prometheus metrics endpoint (/metrics); kube-proxy's default.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_addr: SocketAddr,
+    /// Address of the health endpoints (/healthz, /readyz); kube-proxy's default. May equal
+    /// --metrics-addr.
+    #[arg(long, default_value = "127.0.0.1:10256")]
+    health_addr: SocketAddr,
 }
 
 fn parse_range(s: &str) -> anyhow::Result<(u16, u16)> {
@@ -123,6 +138,8 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
             ..ModelOptions::default()
         },
         manifest_poll: Duration::from_millis(200),
+        metrics_addr: a.metrics_addr,
+        health_addr: a.health_addr,
     })
 }
 
