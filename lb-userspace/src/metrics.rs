@@ -317,24 +317,25 @@ impl Metrics {
     /// The metrics of an agent with maps of `caps`; with `datapath`, also what the running
     /// datapath counts.
     pub fn new(caps: &Capacities, datapath: Option<DatapathSources>) -> Result<Self, MetricsError> {
+        // Help texts end without a period: the registry adds one.
         let mut registry = Registry::default();
         let syncs = Counter::default();
         registry.register(
             "xlb_syncs",
-            "Syncs: the whole store translated and the difference written to the maps.",
+            "Syncs: the whole store translated and the difference written to the maps",
             syncs.clone(),
         );
         let sync_errors = Counter::default();
         registry.register(
             "xlb_sync_errors",
-            "Map writes that failed during syncs.",
+            "Map writes that failed during syncs",
             sync_errors.clone(),
         );
         // 1 ms .. 16 s.
         let sync_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         registry.register_with_unit(
             "xlb_sync_proxy_rules_duration",
-            "Duration of one sync (model, plan and map writes).",
+            "Duration of one sync (model, plan and map writes)",
             Unit::Seconds,
             sync_duration.clone(),
         );
@@ -343,34 +344,34 @@ impl Metrics {
         registry.register_with_unit(
             "xlb_network_programming_duration",
             "Time from a change seen by a source (Kubernetes API watch or manifest files) \
-             to the datapath's maps holding it.",
+             to the datapath's maps holding it",
             Unit::Seconds,
             programming_duration.clone(),
         );
         let invalid_total = Family::<InvalidLabels, Counter>::default();
         registry.register(
             "xlb_invalid_objects",
-            "Objects refused by the agent, counted once each time an object becomes invalid.",
+            "Objects refused by the agent, counted once each time an object becomes invalid",
             invalid_total.clone(),
         );
         let invalid_current = Family::<InvalidLabels, Gauge>::default();
         registry.register(
             "xlb_invalid_objects",
-            "Objects refused by the agent now.",
+            "Objects refused by the agent now",
             invalid_current.clone(),
         );
         let failed_services = Gauge::default();
         registry.register(
             "xlb_failed_services",
             "Services whose ports did not fit into the maps at the last sync (their previous \
-             state stays programmed).",
+             state stays programmed)",
             failed_services.clone(),
         );
         let map_entries = register_map_levels(&mut registry, caps);
         let attached = Family::<MapLabels, Gauge>::default();
         registry.register(
             "xlb_attached_interfaces",
-            "Interfaces the datapath is attached to: xdp on NICs, tc on pod interfaces.",
+            "Interfaces the datapath is attached to: xdp on NICs, tc on pod interfaces",
             attached.clone(),
         );
         for hook in ["xdp", "tc"] {
@@ -495,13 +496,13 @@ fn register_map_levels(registry: &mut Registry, caps: &Capacities) -> Family<Map
     registry.register(
         "xlb_map_entries",
         "Entries in use per datapath map (ring_slots: Maglev ring slots; conntrack and snat: \
-         from the last background walk, at most one per 30 s, started by a scrape).",
+         from the last background walk, at most one per 30 s, started by a scrape)",
         map_entries.clone(),
     );
     let map_capacity = Family::<MapLabels, Gauge>::default();
     registry.register(
         "xlb_map_capacity",
-        "Capacity of each datapath map (ring_slots: slots of the Maglev ring slab).",
+        "Capacity of each datapath map (ring_slots: slots of the Maglev ring slab)",
         map_capacity.clone(),
     );
     for (label, capacity) in [
@@ -650,6 +651,7 @@ mod tests {
             );
         }
         assert!(text.contains("# TYPE xlb_syncs_total counter\n"), "{text}");
+        assert!(!text.contains("..\n"), "help ends with one period: {text}");
         assert!(
             text.contains("# TYPE xlb_network_programming_duration_seconds histogram\n"),
             "{text}"
