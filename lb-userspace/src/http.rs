@@ -22,6 +22,11 @@ use tracing::{debug, info};
 
 use crate::metrics::{self, Metrics};
 
+/// kube-proxy's default metrics address.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:10249";
+/// kube-proxy's health port, on loopback.
+pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:10256";
+
 /// Longest request head accepted.
 const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head.

@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use lb_userspace::{
     agent::{self, AgentConfig},
+    http,
     loader::{self, Capacities},
     model::ModelOptions,
 };
@@ -96,11 +97,11 @@ struct AgentArgs {
     #[arg(long, default_value_t = lb_common::capacity::SNAT)]
     max_snat: u32,
     /// Address of the Prometheus metrics endpoint (/metrics); kube-proxy's default.
-    #[arg(long, default_value = "127.0.0.1:10249")]
+    #[arg(long, default_value = http::DEFAULT_METRICS_ADDR)]
     metrics_addr: SocketAddr,
     /// Address of the health endpoints (/healthz, /readyz); kube-proxy's default. May equal
     /// --metrics-addr.
-    #[arg(long, default_value = "127.0.0.1:10256")]
+    #[arg(long, default_value = http::DEFAULT_HEALTH_ADDR)]
     health_addr: SocketAddr,
 }
 
