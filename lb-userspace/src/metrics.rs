@@ -1,10 +1,11 @@
 //! The agent's Prometheus metrics, encoded in the Prometheus text format (0.0.4) and served at
 //! `/metrics` by [`crate::http`]. The sync loop reports each sync ([`Metrics::observe_sync`])
 //! and what is attached; the datapath's verdict counters are read from the per-CPU stats map
-//! at scrape time. Conntrack and SNAT fill levels are not counted at scrape time: walking a
-//! 1 Mi-entry hash map key by key costs about a second of syscalls, so a scrape asks a
-//! background thread for a walk (at most one per [`WALK_INTERVAL`]) and reports the count of
-//! the last walk that finished. Per-service packet counters need the datapath to count by
+//! at scrape time. Conntrack and SNAT fill levels are not counted at scrape time: the kernel
+//! keeps no entry count a syscall can read, and walking a full 1 Mi-entry map takes a million
+//! syscalls (one per key), too slow for a scrape and the agent's single thread. So a scrape
+//! asks a background thread for a walk (at most one per [`WALK_INTERVAL`]) and reports the
+//! count of the last walk that finished. Per-service packet counters need the datapath to count by
 //! service; it counts by verdict only, so there are none yet.
 use std::{
     collections::{BTreeMap, BTreeSet},
