@@ -2,9 +2,10 @@
 //! translated (`model`) and the difference programmed (`programmer` → maps); the datapath is
 //! attached to the node's NICs (XDP) and to pod interfaces (TC), including ones that appear
 //! later. Nothing is programmed before every source has listed everything once, and nothing is
-//! attached before the first full sync is in the maps.
+//! attached before the first full sync is in the maps. Metrics and health are served over HTTP
+//! from the start; the agent is ready once the first full sync is in the maps and attached.
 use std::{
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -16,8 +17,10 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
+    http::{self, Health, HttpError},
     loader::{self, Capacities, LoaderError},
     maps::{AyaMaps, LbMaps as _, MapsError, Op},
+    metrics::{DatapathSources, Metrics, MetricsError, SyncReport},
     model::{self, ModelOptions, NodeInfo},
     netlink::{self, LinkEvent},
     programmer::Programmer,
@@ -50,6 +53,10 @@ pub struct AgentConfig {
     pub model: ModelOptions,
     /// How often manifest files are checked for changes.
     pub manifest_poll: Duration,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
+    /// Where `/healthz` and `/readyz` are served (may equal `metrics_addr`).
+    pub health_addr: SocketAddr,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,11 +73,21 @@ pub enum AgentError {
     Kube(#[from] kube_source::KubeSourceError),
     #[error("watching links: {0}")]
     Netlink(#[source] std::io::Error),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let (mut ebpf, mut maps, mut programmer) = load_datapath(&cfg)?;
+    let metrics = Arc::new(Metrics::new(
+        &maps.capacities(&cfg.capacities),
+        Some(DatapathSources::open(&ebpf)?),
+    )?);
+    let health = Arc::new(Health::default());
+    http::start(cfg.metrics_addr, cfg.health_addr, &metrics, &health).await?;
     let store = Arc::new(SharedStore::new());
     let mut changes = store.subscribe();
     changes.mark_changed();
@@ -113,13 +130,21 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     write_config(&mut maps, &cfg, &n)?;
                     node = Some(n.clone());
                 }
-                sync(&store, &n, &cfg, &mut programmer, &mut maps);
+                let errors = sync(&store, &n, &cfg, &mut programmer, &mut maps, &metrics);
                 if !attached.started {
                     attached.start(&mut ebpf, &cfg, &n, link_tx.clone())?;
                     remove_other_versions(&cfg.pin_dir);
+                    attached.report(&metrics);
+                }
+                if errors == 0 && !health.is_ready() {
+                    health.set_ready();
+                    info!("ready: the first full sync is programmed and the datapath attached");
                 }
             }
-            Some(event) = link_rx.recv() => attached.on_link(&mut ebpf, &cfg, &event),
+            Some(event) = link_rx.recv() => {
+                attached.on_link(&mut ebpf, &cfg, &event);
+                attached.report(&metrics);
+            }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
         }
@@ -238,17 +263,19 @@ fn write_config(maps: &mut AyaMaps, cfg: &AgentConfig, node: &NodeInfo) -> Resul
     Ok(())
 }
 
-/// One sync: the whole store → desired state → the difference, applied in order.
+/// One sync: the whole store → desired state → the difference, applied in order. Returns the
+/// number of map writes that failed.
 fn sync(
     store: &SharedStore,
     node: &NodeInfo,
     cfg: &AgentConfig,
     programmer: &mut Programmer,
     maps: &mut AyaMaps,
-) {
+    metrics: &Metrics,
+) -> usize {
     let started = Instant::now();
-    let (desired, source_invalid) =
-        store.read(|s, inv| (model::desired(s, node, &cfg.model), inv.len()));
+    let ((desired, source_invalid), changed_at) =
+        store.read_changes(|s, inv| (model::desired(s, node, &cfg.model), inv.to_vec()));
     let plan = programmer.plan(&desired.state);
     let mut errors = 0usize;
     for op in &plan.ops {
@@ -257,23 +284,44 @@ fn sync(
             warn!(error = %e, ?op, "map write failed");
         }
     }
+    let programmed_at = Instant::now();
     info!(
         frontends = programmer.frontend_count(),
         backends = programmer.backend_count(),
         ring_slots = programmer.ring_slots_used(),
         ops = plan.ops.len(),
         failed_services = plan.failed.len(),
-        invalid_objects = desired.invalid.len() + source_invalid,
+        invalid_objects = desired.invalid.len() + source_invalid.len(),
         errors,
         took_ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
         "sync"
     );
+    let mut invalid = desired.invalid;
+    invalid.extend(source_invalid);
+    let failed_services: std::collections::BTreeSet<(&str, &str)> = plan
+        .failed
+        .iter()
+        .map(|(s, _)| (s.namespace.as_str(), s.name.as_str()))
+        .collect();
+    metrics.observe_sync(&SyncReport {
+        took: started.elapsed(),
+        changed_at,
+        programmed_at,
+        errors,
+        failed_services: failed_services.len(),
+        invalid: &invalid,
+        frontends: programmer.frontend_count(),
+        backends: programmer.backend_count(),
+        ring_slots: programmer.ring_slots_used(),
+    });
+    errors
 }
 
 /// What the agent attached to.
 #[derive(Default)]
 struct Attached {
     started: bool,
+    nics: Vec<String>,
     pod_ifaces: std::collections::BTreeSet<String>,
 }
 
@@ -295,18 +343,17 @@ impl Attached {
         } else {
             cfg.nics.clone()
         };
-        let mut attached_any = false;
         for nic in &nics {
             match loader::attach_nic_pinned(ebpf, nic, &cfg.pin_dir) {
                 Ok(how) => {
-                    attached_any = true;
+                    self.nics.push(nic.clone());
                     set_accept_local(nic);
                     info!(nic = %nic, how = ?how, "XDP attached");
                 }
                 Err(e) => warn!(nic = %nic, error = %e, "XDP attach failed"),
             }
         }
-        if !attached_any {
+        if self.nics.is_empty() {
             return Err(AgentError::NoNic(nics.join(",")));
         }
         // Subscribe before listing, so no link falls between the two.
@@ -325,6 +372,10 @@ impl Attached {
         }
         self.started = true;
         Ok(())
+    }
+
+    fn report(&self, metrics: &Metrics) {
+        metrics.set_attached(self.nics.len(), self.pod_ifaces.len());
     }
 
     fn on_link(&mut self, ebpf: &mut Ebpf, cfg: &AgentConfig, event: &LinkEvent) {

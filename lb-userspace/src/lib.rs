@@ -1,11 +1,13 @@
 //! xlb's agent and CLI: loads the eBPF datapath, attaches it, programs its maps, and reads
 //! them back for inspection.
 pub mod agent;
+pub mod http;
 pub mod inspect;
 pub mod invalid;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod pin;

@@ -1,7 +1,7 @@
 //! `xlb`: the agent and its command-line tools.
 use std::{
     io::Write as _,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     time::Duration,
 };
@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig},
+    http,
     inspect::{
         self, AddrFilter, CtFilter, ExplainQuery, InspectError, Target, pinned::PinnedMaps, render,
     },
@@ -31,6 +32,10 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing the agent's arguments buys nothing"
+)]
 enum Command {
     /// Run the agent: program the datapath from Services and EndpointSlices.
     Agent(AgentArgs),
@@ -198,6 +203,13 @@ struct AgentArgs {
     max_conntrack: u32,
     #[arg(long, default_value_t = lb_common::capacity::SNAT)]
     max_snat: u32,
+    /// Address of the Prometheus metrics endpoint (/metrics); kube-proxy's default.
+    #[arg(long, default_value = http::DEFAULT_METRICS_ADDR)]
+    metrics_addr: SocketAddr,
+    /// Address of the health endpoints (/healthz, /readyz); kube-proxy's default. May equal
+    /// --metrics-addr.
+    #[arg(long, default_value = http::DEFAULT_HEALTH_ADDR)]
+    health_addr: SocketAddr,
 }
 
 fn parse_range(s: &str) -> anyhow::Result<(u16, u16)> {
@@ -235,6 +247,8 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
             ..ModelOptions::default()
         },
         manifest_poll: Duration::from_millis(200),
+        metrics_addr: a.metrics_addr,
+        health_addr: a.health_addr,
     })
 }
 

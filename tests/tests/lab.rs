@@ -686,3 +686,96 @@ fn upgrade_across_map_layout_versions_drops_no_flow() {
         .collect();
     assert!(left.is_empty(), "old maps left pinned: {left:?}");
 }
+
+/// The agents serve kube-proxy's endpoints inside their node's namespace (127.0.0.1:10256
+/// health, 127.0.0.1:10249 metrics): ready once synced and attached, NodePort traffic counted
+/// by verdict, and the first sync's programming latency observed.
+#[test]
+fn metrics_and_health_endpoints_report_the_datapath() {
+    /// `GET path` on 127.0.0.1:`port` inside `ns`: status and body.
+    fn local_get(ns: &Netns, port: u16, path: &str) -> (u16, String) {
+        use std::io::{Read as _, Write as _};
+        let answer = ns
+            .enter(|| -> std::io::Result<String> {
+                let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+                let mut s = std::net::TcpStream::connect_timeout(&addr.into(), T)?;
+                s.set_read_timeout(Some(T))?;
+                write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+                let mut text = String::new();
+                s.read_to_string(&mut text)?;
+                Ok(text)
+            })
+            .expect("netns")
+            .unwrap_or_else(|e| panic!("GET 127.0.0.1:{port}{path}: {e}"));
+        let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {head:?}"));
+        (status, body.to_owned())
+    }
+    /// The value of the series written exactly as `series` in a metrics page (every series
+    /// read here is a count).
+    fn sample(page: &str, series: &str) -> u64 {
+        page.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+    }
+
+    if !privileged("metrics_and_health_endpoints_report_the_datapath") {
+        return;
+    }
+    let t = tomcat6("metrics", 3);
+    let node = &t.cluster.nodes[0].ns;
+    assert_eq!(local_get(node, 10256, "/healthz").0, 200);
+    let (status, body) = local_get(node, 10256, "/readyz");
+    assert_eq!(status, 200, "not ready after answering NodePorts: {body}");
+    // A new flow to the local pod is `nat_new`; one to a remote pod is `snat_tx` once the next
+    // hop is resolved. 30 connections miss the local pod with probability (2/3)^30.
+    let connections = 30;
+    for _ in 0..connections {
+        get(&t.cluster.client, t.node_port(0));
+    }
+    let (status, page) = local_get(node, 10249, "/metrics");
+    assert_eq!(status, 200, "{page}");
+    let nat_new = sample(&page, "xlb_datapath_packets_total{verdict=\"nat_new\"}");
+    let snat_tx = sample(&page, "xlb_datapath_packets_total{verdict=\"snat_tx\"}");
+    assert!(nat_new > 0, "no nat_new packet\n{page}");
+    assert!(
+        nat_new + snat_tx >= connections,
+        "{connections} connections, {nat_new} nat_new and {snat_tx} snat_tx packets"
+    );
+    assert!(sample(&page, "xlb_datapath_bytes_total{verdict=\"nat_new\"}") > 0);
+    assert!(sample(&page, "xlb_network_programming_duration_seconds_count") >= 1);
+    assert!(sample(&page, "xlb_syncs_total") >= 1);
+    assert_eq!(sample(&page, "xlb_sync_errors_total"), 0);
+    assert_eq!(sample(&page, "xlb_attached_interfaces{hook=\"xdp\"}"), 1);
+    assert_eq!(
+        sample(&page, "xlb_attached_interfaces{hook=\"tc\"}"),
+        1,
+        "one pod per node"
+    );
+    // tomcat6 has ClusterIP and NodePort (one node address) frontends, in two scopes each.
+    assert_eq!(sample(&page, "xlb_map_entries{map=\"frontends\"}"), 4);
+    assert_eq!(sample(&page, "xlb_map_entries{map=\"backends\"}"), 3);
+    // That scrape started a walk of the conntrack map; a later one reports its count.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = local_get(node, 10249, "/metrics").1;
+        if page.contains("xlb_map_entries{map=\"conntrack\"}") {
+            let flows = sample(&page, "xlb_map_entries{map=\"conntrack\"}");
+            assert!(
+                flows >= 1,
+                "{connections} flows tracked, {flows} entries counted"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "conntrack never counted:\n{page}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -2,10 +2,13 @@
 //! lock (a re-list replaces a whole kind at once, never object by object) and bumps its
 //! generation; the sync loop waits for a generation it has not seen, then debounces.
 //! Readiness: the agent programs nothing before every registered source finished its first
-//! full listing, so a restart never programs a partial picture.
+//! full listing, so a restart never programs a partial picture. The store also remembers when
+//! the oldest change not yet taken by a sync happened: the start of kube-proxy's "network
+//! programming" latency.
 use std::{
     collections::BTreeMap,
     sync::{Mutex, MutexGuard, PoisonError},
+    time::Instant,
 };
 
 use tokio::sync::watch;
@@ -19,6 +22,8 @@ struct Inner {
     synced: BTreeMap<&'static str, bool>,
     /// Objects a source could not even parse (the model reports the rest).
     invalid: BTreeMap<&'static str, Vec<Invalid>>,
+    /// When the oldest change that no [`SharedStore::read_changes`] has taken yet happened.
+    changed_since: Option<Instant>,
 }
 
 /// A [`Store`] shared between sources and the sync loop.
@@ -53,7 +58,11 @@ impl SharedStore {
 
     /// Changes the store and wakes the sync loop.
     pub fn update<R>(&self, f: impl FnOnce(&mut Store) -> R) -> R {
-        let r = f(&mut self.lock().store);
+        let r = {
+            let mut inner = self.lock();
+            inner.changed_since.get_or_insert_with(Instant::now);
+            f(&mut inner.store)
+        };
         self.generation.send_modify(|g| *g += 1);
         r
     }
@@ -68,6 +77,7 @@ impl SharedStore {
         let r = {
             let mut inner = self.lock();
             let inner = &mut *inner;
+            inner.changed_since.get_or_insert_with(Instant::now);
             f(&mut inner.store, inner.invalid.entry(source).or_default())
         };
         self.generation.send_modify(|g| *g += 1);
@@ -79,6 +89,7 @@ impl SharedStore {
     pub fn replace(&self, source: &'static str, store: Store, invalid: Vec<Invalid>) {
         {
             let mut inner = self.lock();
+            inner.changed_since.get_or_insert_with(Instant::now);
             inner.store = store;
             inner.invalid.insert(source, invalid);
             inner.synced.insert(source, true);
@@ -88,7 +99,11 @@ impl SharedStore {
 
     /// Marks `source` as having finished a full listing (wakes the sync loop).
     pub fn set_synced(&self, source: &'static str) {
-        self.lock().synced.insert(source, true);
+        {
+            let mut inner = self.lock();
+            inner.changed_since.get_or_insert_with(Instant::now);
+            inner.synced.insert(source, true);
+        }
         self.generation.send_modify(|g| *g += 1);
     }
 
@@ -103,6 +118,16 @@ impl SharedStore {
         let inner = self.lock();
         let invalid: Vec<Invalid> = inner.invalid.values().flatten().cloned().collect();
         f(&inner.store, &invalid)
+    }
+
+    /// Like [`SharedStore::read`], and takes the time of the oldest change since the previous
+    /// call (`None`: nothing changed since), under the same lock: whatever `f` reads includes
+    /// every change up to that time.
+    pub fn read_changes<R>(&self, f: impl FnOnce(&Store, &[Invalid]) -> R) -> (R, Option<Instant>) {
+        let mut inner = self.lock();
+        let since = inner.changed_since.take();
+        let invalid: Vec<Invalid> = inner.invalid.values().flatten().cloned().collect();
+        (f(&inner.store, &invalid), since)
     }
 
     /// The current generation (bumped by every change).
@@ -134,5 +159,24 @@ mod tests {
         s.set_synced("kube");
         assert!(s.is_synced());
         assert_eq!(s.generation(), 2);
+    }
+
+    #[test]
+    fn read_changes_takes_the_oldest_change_once() {
+        let s = SharedStore::new();
+        assert_eq!(s.read_changes(|_, _| ()).1, None);
+        s.update(|_| ());
+        let first = s.read_changes(|_, _| ()).1.expect("a change");
+        assert_eq!(s.read_changes(|_, _| ()).1, None, "taken");
+        s.update(|_| ());
+        s.set_synced("kube");
+        let second = s.read_changes(|_, _| ()).1.expect("a change");
+        assert!(second >= first);
+        // The oldest of the two changes is kept, not the newest.
+        s.update(|_| ());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        s.update(|_| ());
+        let since = s.read_changes(|_, _| ()).1.expect("a change");
+        assert!(since.elapsed() >= std::time::Duration::from_millis(5));
     }
 }
