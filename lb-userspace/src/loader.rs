@@ -234,29 +234,15 @@ pub fn attach_nic_pinned(
     iface: &str,
     dir: &Path,
 ) -> Result<Attachment, LoaderError> {
-    let index = ifindex(iface).ok_or_else(|| LoaderError::Link {
-        path: PathBuf::from(iface),
-        message: "no such interface".into(),
-    })?;
-    let path = link_pin_path(dir, "xdp", iface, index);
+    let path = link_pin_path(dir, "xdp", iface, existing_ifindex(iface)?);
     let prog = xdp_program(ebpf)?;
-    let err = |e| LoaderError::Program(PROG_NIC, e);
-    if let Some(old) = pinned_link(&path)? {
-        let link = old.try_into().map_err(|e: LinkError| LoaderError::Link {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        prog.attach_to_link(link).map_err(err)?;
-        return Ok(Attachment::Replaced);
-    }
-    let id = prog.attach(iface, XdpMode::Driver).map_err(err)?;
-    let link = prog.take_link(id).map_err(err)?;
-    let fd: FdLink = link.try_into().map_err(|e: LinkError| LoaderError::Link {
-        path: path.clone(),
-        message: e.to_string(),
-    })?;
-    pin_new_link(&path, fd)?;
-    Ok(Attachment::Attached)
+    attach_pinned(&path, PROG_NIC, |old| {
+        if let Some(link) = old {
+            return prog.attach_to_link(link).map(|_| None);
+        }
+        let id = prog.attach(iface, XdpMode::Driver)?;
+        prog.take_link(id).map(Some)
+    })
 }
 
 /// Attaches the pod program to `iface`'s ingress, pinned under `dir`; takes over a pinned
@@ -266,28 +252,50 @@ pub fn attach_pod_pinned(
     iface: &str,
     dir: &Path,
 ) -> Result<Attachment, LoaderError> {
-    let index = ifindex(iface).ok_or_else(|| LoaderError::Link {
+    let path = link_pin_path(dir, "tc", iface, existing_ifindex(iface)?);
+    let prog = tc_program(ebpf)?;
+    attach_pinned(&path, PROG_POD, |old| {
+        if let Some(link) = old {
+            return prog.attach_to_link(link).map(|_| None);
+        }
+        let id = prog.attach(iface, TcAttachType::Ingress)?;
+        prog.take_link(id).map(Some)
+    })
+}
+
+fn existing_ifindex(iface: &str) -> Result<u32, LoaderError> {
+    ifindex(iface).ok_or_else(|| LoaderError::Link {
         path: PathBuf::from(iface),
         message: "no such interface".into(),
-    })?;
-    let path = link_pin_path(dir, "tc", iface, index);
-    let prog = tc_program(ebpf)?;
-    let err = |e| LoaderError::Program(PROG_POD, e);
-    if let Some(old) = pinned_link(&path)? {
-        let link = old.try_into().map_err(|e: LinkError| LoaderError::Link {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        prog.attach_to_link(link).map_err(err)?;
-        return Ok(Attachment::Replaced);
-    }
-    let id = prog.attach(iface, TcAttachType::Ingress).map_err(err)?;
-    let link = prog.take_link(id).map_err(err)?;
-    let fd: FdLink = link.try_into().map_err(|e: LinkError| LoaderError::Link {
-        path: path.clone(),
+    })
+}
+
+/// The attach-or-take-over logic of both hooks. `attach` gets the pinned link of a previous
+/// agent (`Some`: replace its program, return `None`) or nothing (attach anew and return the
+/// new link, which is then pinned at `path`).
+fn attach_pinned<L>(
+    path: &Path,
+    prog: &'static str,
+    attach: impl FnOnce(Option<L>) -> Result<Option<L>, aya::programs::ProgramError>,
+) -> Result<Attachment, LoaderError>
+where
+    L: TryFrom<FdLink, Error = LinkError>,
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let link_err = |e: LinkError| LoaderError::Link {
+        path: path.to_owned(),
         message: e.to_string(),
-    })?;
-    pin_new_link(&path, fd)?;
+    };
+    let old = pinned_link(path)?
+        .map(L::try_from)
+        .transpose()
+        .map_err(link_err)?;
+    let replaced = old.is_some();
+    match attach(old).map_err(|e| LoaderError::Program(prog, e))? {
+        Some(new) => pin_new_link(path, FdLink::try_from(new).map_err(link_err)?)?,
+        None if replaced => return Ok(Attachment::Replaced),
+        None => {}
+    }
     Ok(Attachment::Attached)
 }
 

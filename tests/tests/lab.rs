@@ -473,6 +473,21 @@ fn scaling_keeps_established_connections_and_stops_new_ones_to_removed_pods() {
     check_keepalives(&t, &mut keep);
 }
 
+/// `n` long-lived connections from the client, each with the pod it landed on.
+fn keepalives(c: &Cluster, addr: SocketAddrV4, n: usize) -> Vec<(KeepAlive, String)> {
+    c.client
+        .enter(|| {
+            (0..n)
+                .map(|_| {
+                    let mut k = KeepAlive::connect(addr, T).expect("connect");
+                    let pod = k.get().expect("request").pod;
+                    (k, pod)
+                })
+                .collect()
+        })
+        .expect("netns")
+}
+
 fn new_connections(t: &Tomcat6, addr: SocketAddrV4, n: usize) -> BTreeMap<String, usize> {
     t.cluster
         .client
@@ -582,18 +597,7 @@ fn agent_restart_drops_no_flow() {
     let t = tomcat6("restart", 3);
     let addr = t.node_port(0);
     let c = &t.cluster;
-    let mut keep: Vec<(KeepAlive, String)> = c
-        .client
-        .enter(|| {
-            (0..6)
-                .map(|_| {
-                    let mut k = KeepAlive::connect(addr, T).expect("connect");
-                    let pod = k.get().expect("request").pod;
-                    (k, pod)
-                })
-                .collect()
-        })
-        .expect("netns");
+    let mut keep = keepalives(c, addr, 6);
     let before = c.agent_syncs(0);
     c.lab.kill(t.agents[0]);
     // Down: the pinned datapath keeps forwarding, old and new connections alike.
@@ -638,18 +642,7 @@ fn upgrade_across_map_layout_versions_drops_no_flow() {
     let t = tomcat6("upgrade", 3);
     let addr = t.node_port(0);
     let c = &t.cluster;
-    let mut keep: Vec<(KeepAlive, String)> = c
-        .client
-        .enter(|| {
-            (0..6)
-                .map(|_| {
-                    let mut k = KeepAlive::connect(addr, T).expect("connect");
-                    let pod = k.get().expect("request").pod;
-                    (k, pod)
-                })
-                .collect()
-        })
-        .expect("netns");
+    let mut keep = keepalives(c, addr, 6);
     c.lab.kill(t.agents[0]);
     let pins = c.pin_dir(0);
     let current = format!("_v{}", lb_common::ABI_VERSION);
