@@ -21,6 +21,7 @@ pub mod map_names {
     pub const CONNTRACK: &str = "xlb_ct_v1";
     pub const SNAT: &str = "xlb_snat_v1";
     pub const STATS: &str = "xlb_stats_v1";
+    pub const SERVICE_STATS: &str = "xlb_svc_stats_v1";
     pub const CONFIG: &str = "xlb_config_v1";
 }
 
@@ -147,6 +148,7 @@ pub struct SnatEntry {
     pub frontend_addr_be: u32, // address the client sent to
     pub client_port_be: u16,
     pub frontend_port_be: u16,
+    pub service_id: u32, // service the flow belongs to
 }
 
 /// Maximum node addresses the datapath knows of.
@@ -280,7 +282,8 @@ assert_layout!(CtEntry, 20, 4);
 assert_offset!(CtEntry, service_id, 12);
 assert_offset!(CtEntry, nat_port_be, 16);
 assert_offset!(CtEntry, kind, 18);
-assert_layout!(SnatEntry, 12, 4);
+assert_layout!(SnatEntry, 16, 4);
+assert_offset!(SnatEntry, service_id, 12);
 assert_offset!(SnatEntry, client_port_be, 8);
 assert_layout!(Config, 48, 4);
 assert_offset!(Config, node_addrs_be, 16);

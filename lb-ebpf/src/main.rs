@@ -72,6 +72,7 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
             }
         }
     };
+    stats::count_service(fwd.service_id, (ctx.data_end() - ctx.data()) as u64);
     let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
     match fwd.snat {
         // A local backend: the kernel delivers it to the pod.
@@ -91,7 +92,13 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
 
 /// A reply of a translated flow at the NIC.
 #[inline(always)]
-fn nic_reply(ctx: &XdpContext, f: &Flow, Reverse { src, dst }: Reverse) -> (Verdict, u32) {
+fn nic_reply(ctx: &XdpContext, f: &Flow, rev: Reverse) -> (Verdict, u32) {
+    let Reverse {
+        src,
+        dst,
+        service_id,
+    } = rev;
+    stats::count_service(service_id, (ctx.data_end() - ctx.data()) as u64);
     if dst.is_none() {
         // Reply to a client on this node (a pod): the kernel delivers it.
         if nat::xdp_rewrite(ctx.data(), ctx.data_end(), f, Some(src), None, false) {
@@ -201,6 +208,7 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
             }
         }
     };
+    stats::count_service(fwd.service_id, u64::from(len));
     let dst = (fwd.backend.addr_be, fwd.backend.port_be);
     if nat::tc_rewrite(ctx, &f, fwd.snat, Some(dst)).is_err() {
         return (Verdict::DropRewrite, TC_ACT_SHOT);
@@ -214,7 +222,13 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
 
 /// A reply of a translated flow leaving a pod.
 #[inline(always)]
-fn pod_reply(ctx: &TcContext, f: &Flow, Reverse { src, dst }: Reverse) -> (Verdict, i32) {
+fn pod_reply(ctx: &TcContext, f: &Flow, rev: Reverse) -> (Verdict, i32) {
+    let Reverse {
+        src,
+        dst,
+        service_id,
+    } = rev;
+    stats::count_service(service_id, u64::from(ctx.len()));
     if nat::tc_rewrite(ctx, f, Some(src), dst).is_err() {
         return (Verdict::DropRewrite, TC_ACT_SHOT);
     }

@@ -40,6 +40,12 @@ pub static SNAT: LruHashMap<FlowKey, SnatEntry> = LruHashMap::with_max_entries(c
 #[map(name = "xlb_stats_v1")]
 pub static STATS: PerCpuArray<Counter> = PerCpuArray::with_max_entries(Verdict::COUNT, 0);
 
+/// Packets and bytes per service (index: the frontend's service id), per CPU. Sized like the
+/// frontends map (a service has at least one frontend).
+#[map(name = "xlb_svc_stats_v1")]
+pub static SERVICE_STATS: PerCpuArray<Counter> =
+    PerCpuArray::with_max_entries(capacity::FRONTENDS, 0);
+
 /// Node configuration (one entry): SNAT address and port range.
 #[map(name = "xlb_config_v1")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);

@@ -34,6 +34,7 @@ pub fn config() -> Option<Config> {
 /// What to do with a packet of a frontend's flow.
 pub struct Forward {
     pub backend: Backend,
+    pub service_id: u32,
     /// New source (address, port) for SNATed flows.
     pub snat: Option<(u32, u16)>,
     pub verdict: Verdict,
@@ -77,6 +78,7 @@ pub fn tracked(key: &FlowKey) -> Tracked {
         return Tracked::Reply(Reverse {
             src: (ct.nat_addr_be, ct.nat_port_be),
             dst: None,
+            service_id: ct.service_id,
         });
     }
     if ct.kind == CT_FORWARD
@@ -85,6 +87,7 @@ pub fn tracked(key: &FlowKey) -> Tracked {
         let snat = (ct.nat_addr_be != 0).then_some((ct.nat_addr_be, ct.nat_port_be));
         return Tracked::Forward(Forward {
             backend: b,
+            service_id: ct.service_id,
             snat,
             verdict: Verdict::NatEstablished,
         });
@@ -116,9 +119,9 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
     let b = backend(id, None).ok_or(Verdict::DropNoBackend)?;
     let snat = match hook {
         Hook::Nic if b.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_SNAT_REMOTE != 0 => {
-            Some(reserve_snat(f, &b, h)?)
+            Some(reserve_snat(f, &b, h, fe.service_id)?)
         }
-        Hook::Pod if b.addr_be == f.src_be => Some(reserve_hairpin(f, &b)?),
+        Hook::Pod if b.addr_be == f.src_be => Some(reserve_hairpin(f, &b, fe.service_id)?),
         _ => None,
     };
     let (nat_addr_be, nat_port_be) = snat.unwrap_or((0, 0));
@@ -149,6 +152,7 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
     }
     Ok(Forward {
         backend: b,
+        service_id: fe.service_id,
         snat,
         verdict: Verdict::NatNew,
     })
@@ -167,7 +171,7 @@ fn ring_slot(slot: u32) -> u32 {
 /// Picks a free SNAT port for a flow to backend `b`, starting where the flow hash points and
 /// probing a few neighbours; the SNAT entry records the client and frontend for the replies.
 #[inline(always)]
-fn reserve_snat(f: &Flow, b: &Backend, h: u32) -> Result<(u32, u16), Verdict> {
+fn reserve_snat(f: &Flow, b: &Backend, h: u32, service_id: u32) -> Result<(u32, u16), Verdict> {
     let cfg = config().ok_or(Verdict::DropSnatExhausted)?;
     let (min, max) = (u32::from(cfg.snat_port_min), u32::from(cfg.snat_port_max));
     if cfg.snat_addr_be == 0 || min == 0 || max < min {
@@ -179,6 +183,7 @@ fn reserve_snat(f: &Flow, b: &Backend, h: u32) -> Result<(u32, u16), Verdict> {
         frontend_addr_be: f.dst_be,
         client_port_be: f.sport_be,
         frontend_port_be: f.dport_be,
+        service_id,
     };
     let start = h.checked_rem(range).unwrap_or(0);
     for i in 0..SNAT_TRIES {
@@ -196,7 +201,7 @@ fn reserve_snat(f: &Flow, b: &Backend, h: u32) -> Result<(u32, u16), Verdict> {
 /// A pod reaching itself: its packets come back from `HAIRPIN_ADDR` with its own source
 /// port (unique among its own connections), so the reply tuple is free by construction.
 #[inline(always)]
-fn reserve_hairpin(f: &Flow, b: &Backend) -> Result<(u32, u16), Verdict> {
+fn reserve_hairpin(f: &Flow, b: &Backend, service_id: u32) -> Result<(u32, u16), Verdict> {
     let hairpin = u32::from_ne_bytes(HAIRPIN_ADDR);
     let reply = conntrack::key(b.addr_be, hairpin, b.port_be, f.sport_be, f.proto);
     let entry = SnatEntry {
@@ -204,6 +209,7 @@ fn reserve_hairpin(f: &Flow, b: &Backend) -> Result<(u32, u16), Verdict> {
         frontend_addr_be: f.dst_be,
         client_port_be: f.sport_be,
         frontend_port_be: f.dport_be,
+        service_id,
     };
     conntrack::put_snat(&reply, &entry).map_err(|_| Verdict::DropMapFull)?;
     Ok((hairpin, f.sport_be))
@@ -213,6 +219,7 @@ fn reserve_hairpin(f: &Flow, b: &Backend) -> Result<(u32, u16), Verdict> {
 pub struct Reverse {
     pub src: (u32, u16),
     pub dst: Option<(u32, u16)>,
+    pub service_id: u32,
 }
 
 /// Looks up an untracked packet `f` (conntrack key `key`) as a reply of a SNATed flow: it
@@ -230,5 +237,6 @@ pub fn snat_reply(f: &Flow, key: &FlowKey, cfg: Option<&Config>) -> Option<Rever
     Some(Reverse {
         src: (s.frontend_addr_be, s.frontend_port_be),
         dst: Some((s.client_addr_be, s.client_port_be)),
+        service_id: s.service_id,
     })
 }

@@ -1,11 +1,26 @@
 //! Per-CPU verdict counters.
 use lb_common::Verdict;
 
-use crate::maps::STATS;
+use crate::maps::{SERVICE_STATS, STATS};
 
 #[inline(always)]
 pub fn count(verdict: Verdict, bytes: u64) {
     if let Some(c) = STATS.get_ptr_mut(verdict as u32) {
+        // SAFETY: per-CPU slot, this program is the only writer on this CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+        }
+    }
+}
+
+/// Counts a translated packet for its service (0: none known).
+#[inline(always)]
+pub fn count_service(service_id: u32, bytes: u64) {
+    if service_id == 0 {
+        return;
+    }
+    if let Some(c) = SERVICE_STATS.get_ptr_mut(service_id) {
         // SAFETY: per-CPU slot, this program is the only writer on this CPU.
         unsafe {
             (*c).packets += 1;

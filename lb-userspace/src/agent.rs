@@ -303,6 +303,7 @@ fn sync(
         .iter()
         .map(|(s, _)| (s.namespace.as_str(), s.name.as_str()))
         .collect();
+    metrics.set_services(programmer.services());
     metrics.observe_sync(&SyncReport {
         took: started.elapsed(),
         changed_at,

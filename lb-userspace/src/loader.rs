@@ -51,13 +51,14 @@ pub enum LoaderError {
 }
 
 /// Every map of the datapath, by name.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 8] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::RINGS,
     map_names::CONNTRACK,
     map_names::SNAT,
     map_names::STATS,
+    map_names::SERVICE_STATS,
     map_names::CONFIG,
 ];
 
@@ -150,6 +151,7 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
             map_names::RINGS,
             caps.ring_slots.div_ceil(lb_common::RING_LANES),
         )
+        .map_max_entries(map_names::SERVICE_STATS, caps.frontends)
         .map_max_entries(map_names::CONNTRACK, caps.conntrack)
         .map_max_entries(map_names::SNAT, caps.snat);
     let mut ebpf = loader.load(DATAPATH).map_err(LoaderError::Load)?;

@@ -5,13 +5,13 @@
 //! keeps no entry count a syscall can read, and walking a full 1 Mi-entry map takes a million
 //! syscalls (one per key), too slow for a scrape and the agent's single thread. So a scrape
 //! asks a background thread for a walk (at most one per [`WALK_INTERVAL`]) and reports the
-//! count of the last walk that finished. Per-service packet counters need the datapath to count by
-//! service; it counts by verdict only, so there are none yet.
+//! count of the last walk that finished. Per-service packets and bytes come from the datapath's
+//! per-service counters (indexed by the programmer's service ids), named after the last sync.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     sync::{
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
         mpsc::{self, SyncSender},
     },
     thread,
@@ -96,6 +96,30 @@ impl VerdictCounters for PerCpuArray<MapData, VerdictCounter> {
     }
 }
 
+/// The datapath's per-service counters, summed over CPUs.
+pub trait ServiceCounters: Send + Sync + 'static {
+    /// Counters of service `id`.
+    fn read(&self, id: u32) -> Result<VerdictCounter, MetricsError>;
+}
+
+impl ServiceCounters for PerCpuArray<MapData, VerdictCounter> {
+    fn read(&self, id: u32) -> Result<VerdictCounter, MetricsError> {
+        let per_cpu = self.get(&id, 0).map_err(|source| MetricsError::Map {
+            name: map_names::SERVICE_STATS,
+            source,
+        })?;
+        Ok(per_cpu
+            .iter()
+            .fold(VerdictCounter::default(), |acc, c| VerdictCounter {
+                packets: acc.packets.wrapping_add(c.packets),
+                bytes: acc.bytes.wrapping_add(c.bytes),
+            }))
+    }
+}
+
+/// Service names by the ids the datapath counts under, as of the last sync.
+pub type ServiceNames = Arc<Mutex<Vec<(String, u32)>>>;
+
 /// A map whose entries can be counted (by walking its keys).
 pub trait CountEntries: Send + 'static {
     /// The number of entries, walking at most `limit` keys.
@@ -120,6 +144,7 @@ impl<K: Pod + Send, V: Pod + Send> CountEntries for BpfHashMap<MapData, K, V> {
 /// to count.
 pub struct DatapathSources {
     pub verdicts: Box<dyn VerdictCounters>,
+    pub services: Box<dyn ServiceCounters>,
     pub conntrack: Box<dyn CountEntries>,
     pub snat: Box<dyn CountEntries>,
 }
@@ -132,6 +157,9 @@ impl DatapathSources {
         let verdicts: PerCpuArray<MapData, VerdictCounter> =
             PerCpuArray::try_from(reopen(ebpf, map_names::STATS)?)
                 .map_err(err(map_names::STATS))?;
+        let services: PerCpuArray<MapData, VerdictCounter> =
+            PerCpuArray::try_from(reopen(ebpf, map_names::SERVICE_STATS)?)
+                .map_err(err(map_names::SERVICE_STATS))?;
         let conntrack: BpfHashMap<MapData, FlowKey, CtEntry> =
             BpfHashMap::try_from(reopen(ebpf, map_names::CONNTRACK)?)
                 .map_err(err(map_names::CONNTRACK))?;
@@ -139,6 +167,7 @@ impl DatapathSources {
             BpfHashMap::try_from(reopen(ebpf, map_names::SNAT)?).map_err(err(map_names::SNAT))?;
         Ok(Self {
             verdicts: Box::new(verdicts),
+            services: Box::new(services),
             conntrack: Box::new(conntrack),
             snat: Box::new(snat),
         })
@@ -159,9 +188,11 @@ fn reopen(ebpf: &Ebpf, name: &'static str) -> Result<Map, MetricsError> {
     Ok(wrap(MapData::from_id(id).map_err(err)?))
 }
 
-/// Encodes the datapath's verdict counters at scrape time.
+/// Encodes the datapath's verdict and per-service counters at scrape time.
 struct DatapathCollector {
     verdicts: Box<dyn VerdictCounters>,
+    services: Box<dyn ServiceCounters>,
+    names: ServiceNames,
 }
 
 impl fmt::Debug for DatapathCollector {
@@ -191,7 +222,35 @@ impl Collector for DatapathCollector {
             "xlb_datapath_bytes",
             "Bytes of the packets the datapath handled, by verdict, summed over CPUs.",
             counters.iter().map(|(v, c)| (*v, c.bytes)),
-        )
+        )?;
+        let names = self
+            .names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let per_service: Vec<(String, VerdictCounter)> = names
+            .into_iter()
+            .filter_map(|(name, id)| self.services.read(id).ok().map(|c| (name, c)))
+            .collect();
+        for (metric, help, pick) in [
+            (
+                "xlb_service_packets",
+                "Packets the datapath translated for a service port (both directions)",
+                (|c: &VerdictCounter| c.packets) as fn(&VerdictCounter) -> u64,
+            ),
+            (
+                "xlb_service_bytes",
+                "Bytes the datapath translated for a service port (both directions)",
+                |c: &VerdictCounter| c.bytes,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(metric, help, None, MetricType::Counter)?;
+            for (name, c) in &per_service {
+                let labels = [("service", name.as_str())];
+                ConstCounter::new(pick(c)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -306,6 +365,7 @@ pub struct Metrics {
     /// Refused objects of the previous sync, with how many records each had.
     invalid_seen: Mutex<BTreeMap<InvalidId, usize>>,
     walker: Option<MapWalker>,
+    service_names: ServiceNames,
 }
 
 impl fmt::Debug for Metrics {
@@ -378,8 +438,15 @@ impl Metrics {
         for hook in ["xdp", "tc"] {
             attached.get_or_create(&[("hook", hook)]).set(0);
         }
+        let service_names = ServiceNames::default();
         let walker = match datapath {
-            Some(d) => Some(register_datapath(&mut registry, caps, d, &map_entries)?),
+            Some(d) => Some(register_datapath(
+                &mut registry,
+                caps,
+                d,
+                &map_entries,
+                &service_names,
+            )?),
             None => None,
         };
         Ok(Self {
@@ -395,7 +462,16 @@ impl Metrics {
             attached,
             invalid_seen: Mutex::new(BTreeMap::new()),
             walker,
+            service_names,
         })
+    }
+
+    /// The services the datapath counts, by id (after each sync).
+    pub fn set_services(&self, services: Vec<(String, u32)>) {
+        *self
+            .service_names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = services;
     }
 
     /// Records one sync.
@@ -526,9 +602,12 @@ fn register_datapath(
     caps: &Capacities,
     d: DatapathSources,
     map_entries: &Family<MapLabels, Gauge>,
+    names: &ServiceNames,
 ) -> Result<MapWalker, MetricsError> {
     registry.register_collector(Box::new(DatapathCollector {
         verdicts: d.verdicts,
+        services: d.services,
+        names: Arc::clone(names),
     }));
     let maps = vec![
         Walked {
@@ -563,7 +642,8 @@ mod tests {
     use lb_common::{Counter as VerdictCounter, Verdict};
 
     use super::{
-        CountEntries, DatapathSources, Metrics, MetricsError, SyncReport, VerdictCounters,
+        CountEntries, DatapathSources, Metrics, MetricsError, ServiceCounters, SyncReport,
+        VerdictCounters,
     };
     use crate::{
         invalid::{Invalid, reason},
@@ -724,6 +804,17 @@ mod tests {
         }
     }
 
+    struct FakeServices;
+
+    impl ServiceCounters for FakeServices {
+        fn read(&self, id: u32) -> Result<VerdictCounter, MetricsError> {
+            Ok(VerdictCounter {
+                packets: u64::from(id) * 10,
+                bytes: u64::from(id) * 1000,
+            })
+        }
+    }
+
     struct FakeTable {
         entries: u64,
         walks: Arc<AtomicU64>,
@@ -741,6 +832,7 @@ mod tests {
         let walks = Arc::new(AtomicU64::new(0));
         let sources = DatapathSources {
             verdicts: Box::new(FakeVerdicts),
+            services: Box::new(FakeServices),
             conntrack: Box::new(FakeTable {
                 entries: 1234,
                 walks: Arc::clone(&walks),
@@ -752,7 +844,25 @@ mod tests {
             }),
         };
         let m = Metrics::new(&Capacities::small(), Some(sources)).expect("metrics");
+        m.set_services(vec![("default/tomcat6".into(), 3)]);
         let text = m.encode().expect("encode");
+        assert_eq!(
+            value(
+                &text,
+                "xlb_service_packets_total{service=\"default/tomcat6\"}"
+            )
+            .as_deref(),
+            Some("30"),
+            "{text}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "xlb_service_bytes_total{service=\"default/tomcat6\"}"
+            )
+            .as_deref(),
+            Some("3000")
+        );
         assert_eq!(
             value(&text, "xlb_datapath_packets_total{verdict=\"nat_new\"}").as_deref(),
             Some("4"),

@@ -362,6 +362,15 @@ impl Programmer {
         adoption
     }
 
+    /// Service ports and the ids the datapath counts them under.
+    #[must_use]
+    pub fn services(&self) -> Vec<(String, u32)> {
+        self.service_ids
+            .iter()
+            .map(|(s, id)| (s.to_string(), *id))
+            .collect()
+    }
+
     /// Number of programmed frontends.
     #[must_use]
     pub fn frontend_count(&self) -> usize {

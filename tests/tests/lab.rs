@@ -741,6 +741,15 @@ fn metrics_and_health_endpoints_report_the_datapath() {
         "{connections} connections, {nat_new} nat_new and {snat_tx} snat_tx packets"
     );
     assert!(sample(&page, "xlb_datapath_bytes_total{verdict=\"nat_new\"}") > 0);
+    // Every packet of those connections (both directions) counts for the Service.
+    let svc = sample(
+        &page,
+        "xlb_service_packets_total{service=\"default/tomcat6\"}",
+    );
+    assert!(
+        svc >= 2 * connections,
+        "{svc} packets counted for default/tomcat6\n{page}"
+    );
     assert!(sample(&page, "xlb_network_programming_duration_seconds_count") >= 1);
     assert!(sample(&page, "xlb_syncs_total") >= 1);
     assert_eq!(sample(&page, "xlb_sync_errors_total"), 0);
