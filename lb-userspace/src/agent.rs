@@ -133,7 +133,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 let errors = sync(&store, &n, &cfg, &mut programmer, &mut maps, &metrics);
                 if !attached.started {
                     attached.start(&mut ebpf, &cfg, &n, link_tx.clone())?;
-                    remove_other_versions(&cfg.pin_dir);
+                    finish_migration(&mut ebpf, &cfg.pin_dir);
                     attached.report(&metrics);
                 }
                 if errors == 0 && !health.is_ready() {
@@ -170,7 +170,7 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
         );
     }
     let (mut ebpf, adopted) = loader::load_pinned(&cfg.capacities, &cfg.pin_dir)?;
-    for m in loader::migrate_flows(&mut ebpf, &cfg.pin_dir, &other_versions) {
+    for m in loader::migrate_flows(&mut ebpf, &cfg.pin_dir, &other_versions, false) {
         match m {
             loader::Migration::Copied { from, entries } => {
                 info!(from = %from, entries, "migrated flows from the previous layout version");
@@ -218,9 +218,19 @@ fn other_layout_versions(dir: &std::path::Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Removes pinned maps of other layout versions (after this datapath took over).
-fn remove_other_versions(dir: &std::path::Path) {
-    for name in other_layout_versions(dir) {
+/// After this datapath took over: carries over the flows the previous version's programs
+/// created since the load, then removes its pinned maps.
+fn finish_migration(ebpf: &mut Ebpf, dir: &std::path::Path) {
+    let old = other_layout_versions(dir);
+    if old.is_empty() {
+        return;
+    }
+    for m in loader::migrate_flows(ebpf, dir, &old, true) {
+        if let loader::Migration::Copied { from, entries } = m {
+            info!(from = %from, entries, "carried over the flows created during the switch");
+        }
+    }
+    for name in old {
         if std::fs::remove_file(dir.join(&name)).is_ok() {
             info!(map = %name, "removed a pinned map of the previous layout version");
         }

@@ -334,6 +334,9 @@ pub fn unpin_pod_link(dir: &Path, iface: &str) {
     }
 }
 
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+
 /// What happened to the flows of a previous layout version's map.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Migration {
@@ -345,8 +348,15 @@ pub enum Migration {
 
 /// Carries conntrack and SNAT entries over from maps of another layout version pinned under
 /// `dir` (`old`: their file names) into the freshly loaded maps of `ebpf`, where the entry
-/// layout is the same (a version bump usually changes one map, not all of them).
-pub fn migrate_flows(ebpf: &mut Ebpf, dir: &Path, old: &[String]) -> Vec<Migration> {
+/// layout is the same (a version bump usually changes one map, not all of them). Called once
+/// at load and again right after the new programs took over (`missing_only`), for the flows
+/// the old programs created in between; the second pass never overwrites newer state.
+pub fn migrate_flows(
+    ebpf: &mut Ebpf,
+    dir: &Path,
+    old: &[String],
+    missing_only: bool,
+) -> Vec<Migration> {
     let mut out = Vec::new();
     for name in old {
         let Some(target) = [map_names::CONNTRACK, map_names::SNAT]
@@ -358,10 +368,12 @@ pub fn migrate_flows(ebpf: &mut Ebpf, dir: &Path, old: &[String]) -> Vec<Migrati
         else {
             continue;
         };
+        // BPF_NOEXIST: keep what the new datapath already wrote.
+        let flags = if missing_only { BPF_NOEXIST } else { BPF_ANY };
         let copied = if target == map_names::CONNTRACK {
-            copy_entries::<lb_common::FlowKey, lb_common::CtEntry>(ebpf, dir, name, target)
+            copy_entries::<lb_common::FlowKey, lb_common::CtEntry>(ebpf, dir, name, target, flags)
         } else {
-            copy_entries::<lb_common::FlowKey, lb_common::SnatEntry>(ebpf, dir, name, target)
+            copy_entries::<lb_common::FlowKey, lb_common::SnatEntry>(ebpf, dir, name, target, flags)
         };
         out.push(match copied {
             Some(entries) => Migration::Copied {
@@ -379,6 +391,7 @@ fn copy_entries<K: aya::Pod, V: aya::Pod>(
     dir: &Path,
     old: &str,
     target: &str,
+    flags: u64,
 ) -> Option<usize> {
     let data = aya::maps::MapData::from_pin(pin::map_path(dir, old)).ok()?;
     let info = data.info().ok()?;
@@ -391,7 +404,7 @@ fn copy_entries<K: aya::Pod, V: aya::Pod>(
         aya::maps::HashMap::try_from(ebpf.map_mut(target)?).ok()?;
     let mut n = 0;
     for (k, v) in from.iter().filter_map(Result::ok) {
-        if to.insert(k, v, 0).is_ok() {
+        if to.insert(k, v, flags).is_ok() {
             n += 1;
         }
     }
