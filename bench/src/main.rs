@@ -5,6 +5,7 @@
 //! (sync time for large clusters) come as further subcommands.
 mod datapath;
 mod report;
+mod rules;
 mod scenario;
 mod stats;
 
