@@ -43,6 +43,19 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// As the JSON reports carry it.
+    #[must_use]
+    pub fn json(&self) -> Value {
+        json!({
+            "cores": self.cores,
+            "cpu": self.cpu,
+            "kernel": self.kernel,
+            "load_at_start": self.load,
+        })
+    }
+}
+
 /// `1234567` → `1,234,567`.
 #[must_use]
 pub fn thousands(n: u64) -> String {
@@ -282,15 +295,7 @@ pub fn json(results: &Results, machine: &Machine, quick: bool) -> Value {
         "conntrack".into(),
         json!({ "capacity": results.caps.conntrack, "entries_at_end": entries }),
     );
-    top.insert(
-        "machine".into(),
-        json!({
-            "cores": machine.cores,
-            "cpu": machine.cpu,
-            "kernel": machine.kernel,
-            "load_at_start": machine.load,
-        }),
-    );
+    top.insert("machine".into(), machine.json());
     top.insert("seconds".into(), json!(results.seconds));
     Value::Object(top)
 }

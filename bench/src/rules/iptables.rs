@@ -159,11 +159,15 @@ fn base_nat(t: &mut Table) {
     t.rule(format_args!(
         "-A POSTROUTING -m comment --comment \"kubernetes postrouting rules\" -j KUBE-POSTROUTING"
     ));
-    t.rule(format_args!("-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"));
+    t.rule(format_args!(
+        "-A KUBE-MARK-MASQ -j MARK --or-mark {MASQ_MARK}"
+    ));
     t.rule(format_args!(
         "-A KUBE-POSTROUTING -m mark ! --mark {MASQ_MARK}/{MASQ_MARK} -j RETURN"
     ));
-    t.rule(format_args!("-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}"));
+    t.rule(format_args!(
+        "-A KUBE-POSTROUTING -j MARK --xor-mark {MASQ_MARK}"
+    ));
     t.rule(format_args!(
         "-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully"
     ));
@@ -371,7 +375,8 @@ COMMIT
     #[test]
     fn two_services_keep_their_order_and_nodeports_come_last() {
         let got = restore(&[filler(), measured()], &net());
-        let filler_chains = ":KUBE-SVC-VITKWGFMH3WJPTDY - [0:0]\n:KUBE-SEP-KR7TLWEBVUMKZA5G - [0:0]\n";
+        let filler_chains =
+            ":KUBE-SVC-VITKWGFMH3WJPTDY - [0:0]\n:KUBE-SEP-KR7TLWEBVUMKZA5G - [0:0]\n";
         let filler_rules = r#"-A KUBE-SERVICES -d 10.96.0.11/32 -p tcp -m comment --comment "bench/filler-1 cluster IP" -m tcp --dport 80 -j KUBE-SVC-VITKWGFMH3WJPTDY
 -A KUBE-SVC-VITKWGFMH3WJPTDY ! -s 10.244.0.0/16 -d 10.96.0.11/32 -p tcp -m comment --comment "bench/filler-1 cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
 -A KUBE-SVC-VITKWGFMH3WJPTDY -m comment --comment "bench/filler-1 -> 10.244.2.7:8080" -j KUBE-SEP-KR7TLWEBVUMKZA5G

@@ -205,7 +205,10 @@ mod tests {
         // Part boundaries matter: ("ab","c") is not ("a","bc").
         assert_ne!(chain_tag(&["ab", "c"]), chain_tag(&["a", "bc"]));
         assert_eq!(a.len(), 16);
-        assert!(a.bytes().all(|c| c.is_ascii_uppercase() || (b'2'..=b'7').contains(&c)));
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_uppercase() || (b'2'..=b'7').contains(&c))
+        );
     }
 
     #[test]
