@@ -3,6 +3,7 @@
 //! Today: `datapath`, the NIC program's cost per packet through `BPF_PROG_TEST_RUN`. The
 //! forwarding benchmark (real packets through the lab) and the control-plane benchmark
 //! (sync time for large clusters) come as further subcommands.
+mod control_plane;
 mod datapath;
 mod forward;
 mod report;
@@ -33,8 +34,26 @@ enum Bench {
     /// Packets/s through a lab node: xlb vs kube-proxy's iptables and nftables rulesets and a
     /// no-NAT ceiling.
     Forward(ForwardArgs),
+    /// The agent: full sync and change latency at 10,000 Services, and its RSS.
+    ControlPlane(ControlPlaneArgs),
     /// Print the kube-proxy ruleset the forwarding benchmark loads for N Services.
     Rules(RulesArgs),
+}
+
+#[derive(Args)]
+struct ControlPlaneArgs {
+    /// Fewer changes and runs: a smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object on stdout (the table goes to stderr then).
+    #[arg(long)]
+    json: bool,
+    /// Where to write the JSON results [default: <target dir>/bench/control-plane.json].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Skip the agent RSS measurement (needs the release xlb binary and a lab).
+    #[arg(long)]
+    no_rss: bool,
 }
 
 #[derive(Args)]
@@ -91,6 +110,7 @@ fn main() -> ExitCode {
     let result = match Cli::parse().bench {
         Bench::Datapath(args) => datapath_bench(&args),
         Bench::Forward(args) => forward_bench(&args),
+        Bench::ControlPlane(args) => control_plane_bench(&args),
         Bench::Rules(args) => {
             print_rules(&args);
             Ok(())
@@ -135,6 +155,33 @@ fn present(table: &str, out: &Path, json: Option<&serde_json::Value>) -> anyhow:
         println!("results written to {}", out.display());
     }
     Ok(())
+}
+
+fn control_plane_bench(args: &ControlPlaneArgs) -> anyhow::Result<()> {
+    if !lb_lab::is_root() {
+        bail!("the control-plane benchmark loads eBPF maps: run it as root");
+    }
+    let mut plan = if args.quick {
+        control_plane::Plan::QUICK
+    } else {
+        control_plane::Plan::FULL
+    };
+    plan.rss = !args.no_rss;
+    let xlb = if plan.rss {
+        Some(forward::Bins::find(&target_dir())?.xlb)
+    } else {
+        None
+    };
+    let machine = report::Machine::probe();
+    let results = control_plane::run_bench(plan, xlb.as_deref())?;
+    let table = control_plane::table(&results, &machine, args.quick);
+    let json = control_plane::json(&results, &machine, args.quick);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| target_dir().join("bench/control-plane.json"));
+    write_json(&out, &json)?;
+    present(&table, &out, args.json.then_some(&json))
 }
 
 fn print_rules(args: &RulesArgs) {
