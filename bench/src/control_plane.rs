@@ -8,7 +8,7 @@
 //! - Change → programmed: with the 10k loaded in real maps, 1,000 EndpointSlice changes (one
 //!   endpoint of one Service replaced), each timed from the store update through desired
 //!   state, plan and map writes — the agent's sync path without its debounce.
-//! - Agent RSS: a real `xlb agent --manifests` on a lab node with the 10k manifest, VmRSS
+//! - Agent RSS: a real `xlb agent --manifests` on a lab node with the 10k manifest, `VmRSS`
 //!   from /proc after its first sync.
 use std::{
     fmt::Write as _,
@@ -252,8 +252,8 @@ pub struct Results {
 
 pub struct Rss {
     pub vm_rss_kib: u64,
-    pub rss_anon_kib: u64,
-    pub rss_shmem_kib: u64,
+    pub anon_kib: u64,
+    pub shmem_kib: u64,
     /// The agent's own first sync as it logged it (model + plan + apply), ms.
     pub agent_sync_ms: Option<f64>,
     /// From start to the first sync logged (reading and parsing the manifest included).
@@ -384,7 +384,7 @@ fn changes(
     let node = NodeInfo::from_store(store, NODE).context("the node is missing")?;
     let opts = ModelOptions::default();
     let mut times = Vec::with_capacity(plan.changes);
-    let mut ops = Vec::with_capacity(plan.changes);
+    let mut op_counts = Vec::with_capacity(plan.changes);
     let mut phases = [0.0f64; 3];
     for c in 0..plan.changes {
         // Spread over the services; generation c + 1 is new for that service.
@@ -408,10 +408,10 @@ fn changes(
             !p.ops.is_empty() && p.failed.is_empty(),
             "change {c} wrote nothing"
         );
-        ops.push(p.ops.len() as f64);
+        op_counts.push(p.ops.len() as f64);
     }
     let n = plan.changes.max(1) as f64;
-    Ok((times, ops, phases.map(|x| x * 1e3 / n)))
+    Ok((times, op_counts, phases.map(|x| x * 1e3 / n)))
 }
 
 /// Starts `xlb agent --manifests` on a lab node with `n` Services and reads its memory after
@@ -423,7 +423,7 @@ fn agent_rss(xlb: &Path, n: usize) -> anyhow::Result<Rss> {
     c.write_manifest("bench.yaml", &manifest(n))?;
     let t = Instant::now();
     let pid = c.start_agent(0, xlb, &[])?;
-    let deadline = t + Duration::from_secs(300);
+    let deadline = t + Duration::from_mins(5);
     while c.agent_syncs(0) == 0 {
         if !c.lab.is_running(pid) {
             bail!(
@@ -458,8 +458,8 @@ fn agent_rss(xlb: &Path, n: usize) -> anyhow::Result<Rss> {
         .and_then(|v| v.parse().ok());
     Ok(Rss {
         vm_rss_kib: field("VmRSS:").context("no VmRSS")?,
-        rss_anon_kib: field("RssAnon:").unwrap_or(0),
-        rss_shmem_kib: field("RssShmem:").unwrap_or(0),
+        anon_kib: field("RssAnon:").unwrap_or(0),
+        shmem_kib: field("RssShmem:").unwrap_or(0),
         agent_sync_ms,
         first_sync_seconds,
     })
@@ -539,8 +539,8 @@ pub fn table(r: &Results, machine: &Machine, quick: bool) -> String {
              after start (manifest read and parsed), the sync itself {} ms as the agent logged it",
             thousands(r.plan.services as u64),
             rss.vm_rss_kib as f64 / 1024.0,
-            rss.rss_anon_kib as f64 / 1024.0,
-            rss.rss_shmem_kib as f64 / 1024.0,
+            rss.anon_kib as f64 / 1024.0,
+            rss.shmem_kib as f64 / 1024.0,
             rss.first_sync_seconds,
             rss.agent_sync_ms
                 .map_or_else(|| "?".to_owned(), |v| format!("{v:.0}"))
@@ -587,8 +587,8 @@ pub fn json(r: &Results, machine: &Machine, quick: bool) -> Value {
         "change_mean_ms": {"model": r.change_phases_ms[0], "plan": r.change_phases_ms[1], "apply": r.change_phases_ms[2]},
         "rss_mib": r.rss_mib(),
         "rss": r.rss.as_ref().map(|x| json!({
-            "vm_rss_kib": x.vm_rss_kib, "rss_anon_kib": x.rss_anon_kib,
-            "rss_shmem_kib": x.rss_shmem_kib, "agent_sync_ms": x.agent_sync_ms,
+            "vm_rss_kib": x.vm_rss_kib, "rss_anon_kib": x.anon_kib,
+            "rss_shmem_kib": x.shmem_kib, "agent_sync_ms": x.agent_sync_ms,
             "first_sync_s": x.first_sync_seconds,
         })),
         "curve": r.curve.iter().map(|c| json!({

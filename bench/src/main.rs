@@ -36,6 +36,8 @@ enum Bench {
     Forward(ForwardArgs),
     /// The agent: full sync and change latency at 10,000 Services, and its RSS.
     ControlPlane(ControlPlaneArgs),
+    /// Combine the JSON the benchmarks wrote into report.md, PNG charts and results.json.
+    Report,
     /// Print the kube-proxy ruleset the forwarding benchmark loads for N Services.
     Rules(RulesArgs),
 }
@@ -111,6 +113,7 @@ fn main() -> ExitCode {
         Bench::Datapath(args) => datapath_bench(&args),
         Bench::Forward(args) => forward_bench(&args),
         Bench::ControlPlane(args) => control_plane_bench(&args),
+        Bench::Report => combined_report(),
         Bench::Rules(args) => {
             print_rules(&args);
             Ok(())
@@ -184,6 +187,18 @@ fn control_plane_bench(args: &ControlPlaneArgs) -> anyhow::Result<()> {
     present(&table, &out, args.json.then_some(&json))
 }
 
+fn combined_report() -> anyhow::Result<()> {
+    let dir = target_dir().join("bench");
+    fs::create_dir_all(&dir)?;
+    let w = report::combined::write(&dir)?;
+    eprintln!("report: {}", w.report.display());
+    eprintln!("results: {}", w.results.display());
+    for c in &w.charts {
+        eprintln!("chart: {}", c.display());
+    }
+    Ok(())
+}
+
 fn print_rules(args: &RulesArgs) {
     // The lab's addresses: node 1 and its first three pods.
     let node_ip = std::net::Ipv4Addr::new(192, 168, 50, 11);
@@ -248,8 +263,8 @@ fn datapath_bench(args: &DatapathArgs) -> anyhow::Result<()> {
         .and_then(|o| datapath::case_keys().find(|k| *k == o));
     let machine = report::Machine::probe();
     let results = datapath::run_bench(plan)?;
-    let table = report::table(&results, &machine);
-    let json = report::json(&results, &machine, args.quick);
+    let table = report::datapath::table(&results, &machine);
+    let json = report::datapath::json(&results, &machine, args.quick);
     let text = serde_json::to_string_pretty(&json)?;
     let out = args
         .out

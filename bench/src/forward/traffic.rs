@@ -274,8 +274,9 @@ fn send_loop(
                     _ => return Err(e),
                 }
             } else {
-                done += rc as usize;
-                sent += rc as u64;
+                let n = usize::try_from(rc).unwrap_or(0);
+                done += n;
+                sent += n as u64;
             }
         }
     }
@@ -377,7 +378,7 @@ fn sink_loop(s: &UdpSocket, count: &AtomicU64, stop: &AtomicBool) -> io::Result<
                 _ => return Err(e),
             }
         } else {
-            count.fetch_add(rc as u64, Ordering::Relaxed);
+            count.fetch_add(u64::try_from(rc).unwrap_or(0), Ordering::Relaxed);
         }
     }
     Ok(())

@@ -28,7 +28,7 @@ impl Names {
     }
 }
 
-fn sep_chain(sp: &ServicePort, e: &super::Endpoint) -> String {
+fn sep_chain(sp: &ServicePort, e: super::Endpoint) -> String {
     let ep = format!("{}:{}", e.addr, e.port);
     format!(
         "KUBE-SEP-{}",
@@ -208,7 +208,7 @@ fn service_port(
         external(sp, net, &names, np, filter, nat, nodeports);
     }
     for e in &sp.endpoints {
-        let sep = sep_chain(sp, e);
+        let sep = sep_chain(sp, *e);
         nat.chain(&sep);
         nat.rule(format_args!(
             "-A {sep} -s {}/32 -m comment --comment \"{shown}\" -j KUBE-MARK-MASQ",
@@ -271,7 +271,7 @@ fn balance(nat: &mut Table, chain: &str, sp: &ServicePort, endpoints: &[super::E
     let shown = sp.display();
     let n = endpoints.len();
     for (i, e) in endpoints.iter().enumerate() {
-        let sep = sep_chain(sp, e);
+        let sep = sep_chain(sp, *e);
         let to = format!("{}:{}", e.addr, e.port);
         if i + 1 < n {
             nat.rule(format_args!(
@@ -315,7 +315,7 @@ mod tests {
 COMMIT
 "#;
 
-    const NAT_HEAD: &str = r#"*nat
+    const NAT_HEAD: &str = r"*nat
 :PREROUTING ACCEPT [0:0]
 :INPUT ACCEPT [0:0]
 :OUTPUT ACCEPT [0:0]
@@ -324,7 +324,7 @@ COMMIT
 :KUBE-NODEPORTS - [0:0]
 :KUBE-POSTROUTING - [0:0]
 :KUBE-SERVICES - [0:0]
-"#;
+";
 
     const NAT_BASE_RULES: &str = r#"-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
 -A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
@@ -338,12 +338,12 @@ COMMIT
     const LAST: &str = "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\nCOMMIT\n";
 
     /// The measured service alone: ClusterIP and NodePort (eTP Local) over two local pods.
-    const MEASURED_CHAINS: &str = r#":KUBE-SVC-EWS2BUU34RPKV57S - [0:0]
+    const MEASURED_CHAINS: &str = r":KUBE-SVC-EWS2BUU34RPKV57S - [0:0]
 :KUBE-EXT-EWS2BUU34RPKV57S - [0:0]
 :KUBE-SVL-EWS2BUU34RPKV57S - [0:0]
 :KUBE-SEP-7Q2QN7L5TDXXHY7E - [0:0]
 :KUBE-SEP-YBYW5VKLNYQ2VL2O - [0:0]
-"#;
+";
 
     const MEASURED_RULES: &str = r#"-A KUBE-SERVICES -d 10.96.0.10/32 -p udp -m comment --comment "bench/measured:udp cluster IP" -m udp --dport 80 -j KUBE-SVC-EWS2BUU34RPKV57S
 -A KUBE-SVC-EWS2BUU34RPKV57S ! -s 10.244.0.0/16 -d 10.96.0.10/32 -p udp -m comment --comment "bench/measured:udp cluster IP" -m udp --dport 80 -j KUBE-MARK-MASQ

@@ -28,7 +28,7 @@ fn path(sp: &ServicePort) -> String {
     format!("{}/{}/{}/{port}", sp.namespace, sp.name, sp.proto.name())
 }
 
-fn endpoint_chain(sp: &ServicePort, e: &Endpoint) -> String {
+fn endpoint_chain(sp: &ServicePort, e: Endpoint) -> String {
     let ep = format!("{}/{}", e.addr, e.port);
     let tag = chain_tag(&[&sp.display(), sp.proto.name(), &ep]);
     format!("endpoint-{}-{}__{ep}", &tag[..8], path(sp))
@@ -184,7 +184,7 @@ fn choose(sp: &ServicePort, endpoints: &[Endpoint]) -> String {
     let arms: Vec<String> = endpoints
         .iter()
         .enumerate()
-        .map(|(i, e)| format!("{i} : goto {}", endpoint_chain(sp, e)))
+        .map(|(i, e)| format!("{i} : goto {}", endpoint_chain(sp, *e)))
         .collect();
     format!(
         "numgen random mod {} vmap {{ {} }}",
@@ -221,7 +221,7 @@ fn service_port(o: &mut String, el: &mut Elements, sp: &ServicePort, net: &Clust
         );
     }
     for e in &sp.endpoints {
-        line(o, format_args!("add chain {T} {}", endpoint_chain(sp, e)));
+        line(o, format_args!("add chain {T} {}", endpoint_chain(sp, *e)));
     }
     line(
         o,
@@ -238,7 +238,7 @@ fn service_port(o: &mut String, el: &mut Elements, sp: &ServicePort, net: &Clust
         external(o, el, sp, net, &svc, np);
     }
     for e in &sp.endpoints {
-        let ep = endpoint_chain(sp, e);
+        let ep = endpoint_chain(sp, *e);
         line(
             o,
             format_args!(
@@ -403,7 +403,7 @@ add rule ip kube-proxy endpoint-DDJYCBVB-bench/measured/udp/udp__10.244.1.6/9000
     #[test]
     fn two_services_in_order() {
         let got = ruleset(&[filler(), measured()], &net());
-        let filler = r#"
+        let filler = r"
 # bench/filler-1
 add chain ip kube-proxy service-VITKWGFM-bench/filler-1/tcp/80
 add chain ip kube-proxy endpoint-BBH2I5RZ-bench/filler-1/tcp/80__10.244.2.7/8080
@@ -411,7 +411,7 @@ add rule ip kube-proxy service-VITKWGFM-bench/filler-1/tcp/80 ip daddr 10.96.0.1
 add rule ip kube-proxy service-VITKWGFM-bench/filler-1/tcp/80 numgen random mod 1 vmap { 0 : goto endpoint-BBH2I5RZ-bench/filler-1/tcp/80__10.244.2.7/8080 }
 add rule ip kube-proxy endpoint-BBH2I5RZ-bench/filler-1/tcp/80__10.244.2.7/8080 ip saddr 10.244.2.7 jump mark-for-masquerade
 add rule ip kube-proxy endpoint-BBH2I5RZ-bench/filler-1/tcp/80__10.244.2.7/8080 meta l4proto tcp dnat to 10.244.2.7:8080
-"#;
+";
         let elements = format!(
             "\nadd element ip kube-proxy cluster-ips {{ 10.96.0.11 , 10.96.0.10 }}\n\
              add element ip kube-proxy service-ips {{ 10.96.0.11 . tcp . 80 : goto service-VITKWGFM-bench/filler-1/tcp/80 , 10.96.0.10 . udp . 80 : goto {SVC} }}\n\
