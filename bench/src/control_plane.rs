@@ -535,12 +535,13 @@ pub fn table(r: &Results, machine: &Machine, quick: bool) -> String {
         let _ = writeln!(
             o,
             "\nagent RSS (xlb agent --manifests, {} services, after its first sync): VmRSS {:.1} MiB\n  \
-             (anonymous {:.1} MiB, shared {:.1} MiB: the memory-mapped ring slab); first sync {:.1} s\n  \
+             (anonymous {:.1} MiB; file-backed {:.1} MiB: the binary and the memory-mapped ring\n  \
+             slab); first sync {:.1} s \
              after start (manifest read and parsed), the sync itself {} ms as the agent logged it",
             thousands(r.plan.services as u64),
             rss.vm_rss_kib as f64 / 1024.0,
             rss.anon_kib as f64 / 1024.0,
-            rss.shmem_kib as f64 / 1024.0,
+            rss.vm_rss_kib.saturating_sub(rss.anon_kib + rss.shmem_kib) as f64 / 1024.0,
             rss.first_sync_seconds,
             rss.agent_sync_ms
                 .map_or_else(|| "?".to_owned(), |v| format!("{v:.0}"))

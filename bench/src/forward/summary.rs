@@ -303,8 +303,9 @@ pub fn table(r: &Results, machine: &Machine, quick: bool) -> String {
         "load       AF_PACKET generator in the client namespace, {} thread(s), sendmmsg of 60-byte\n           \
          frames, {:.1} s per mix (<= {} packets); established = {} flows reused, new flows = a\n           \
          new source address x port every packet; sinks count with recvmmsg; delivered pps =\n           \
-         datagrams the sinks counted / sending time; {} repetition(s), a fresh lab per trial,\n           \
-         dataplanes alternating; figures: median [min-max] over repetitions",
+         datagrams the sinks counted / sending time; {} repetition(s), a lab per dataplane\n           \
+         (kernel conntrack flushed before each trial), dataplanes alternating; figures:\n           \
+         median [min-max] over repetitions",
         p.threads,
         p.seconds,
         thousands(p.max_packets),
