@@ -131,6 +131,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     node = Some(n.clone());
                 }
                 let errors = sync(&store, &n, &cfg, &mut programmer, &mut maps, &metrics);
+                release_free_memory();
                 if !attached.started {
                     attached.start(&mut ebpf, &cfg, &n, link_tx.clone())?;
                     finish_migration(&mut ebpf, &cfg.pin_dir);
@@ -326,6 +327,17 @@ fn sync(
         ring_slots: programmer.ring_slots_used(),
     });
     errors
+}
+
+/// Hands memory freed since the last sync back to the kernel. Reading a large manifest or
+/// listing builds big temporary trees (serde values, the previous store, a desired state);
+/// glibc keeps the freed pages in its arenas, where they count as the agent's RSS until
+/// reused.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only releases free heap pages; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// What the agent attached to.

@@ -32,7 +32,8 @@ enum Task {
     Test,
     /// Run xlb's main job on its built-in example.
     Demo,
-    /// Benchmarks: `datapath` (ns per packet); `forward` and `control-plane` are to come.
+    /// Benchmarks: `datapath` (ns per packet), `forward` (packets/s vs kube-proxy),
+    /// `control-plane` (sync time, memory); all three and the report when none is named.
     Bench(bench::BenchArgs),
 }
 

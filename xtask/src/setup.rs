@@ -22,6 +22,18 @@ pub fn ensure() -> anyhow::Result<()> {
     if !has("ethtool", "--version") {
         apt.push("ethtool");
     }
+    // The forwarding benchmark measures kube-proxy's rulesets (only ever inside lab
+    // namespaces): iptables brings iptables-legacy-restore, nftables brings nft, conntrack
+    // flushes a lab node's connection tracking between runs.
+    for (program, package) in [
+        ("iptables-legacy-restore", "iptables"),
+        ("nft", "nftables"),
+        ("conntrack", "conntrack"),
+    ] {
+        if !has(program, "--version") {
+            apt.push(package);
+        }
+    }
     if !apt.is_empty() {
         apt_install(&apt)?;
     }

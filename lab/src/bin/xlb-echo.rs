@@ -91,9 +91,9 @@ fn serve(name: &str, conn: TcpStream) {
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Pod: {name}\r\n\r\n",
                 body.len()
             );
-            out.write_all(head.as_bytes())
-                .and_then(|()| out.write_all(body.as_bytes()))
-                .is_ok()
+            // One write: a second small write would wait for the client's delayed ACK
+            // (Nagle), adding ~40 ms to every request on a kept-alive connection.
+            out.write_all(format!("{head}{body}").as_bytes()).is_ok()
         };
         if !ok {
             return;

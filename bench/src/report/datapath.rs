@@ -1,61 +1,10 @@
-//! Presenting the datapath benchmark: a table for people, one JSON object for tools, and the
-//! machine it ran on.
-use std::{
-    fmt::{self, Write as _},
-    fs,
-};
+//! Presenting the datapath benchmark: a table for people, one JSON object for tools.
+use std::fmt::{self, Write as _};
 
 use serde_json::{Value, json};
 
+use super::{Machine, thousands};
 use crate::datapath::{ESTABLISHED_MAX, NEW_FLOW_MAX, Results, SCALE_MAX, ScaleResult};
-
-/// The machine, as far as it matters for the figures.
-pub struct Machine {
-    pub cores: usize,
-    pub cpu: String,
-    pub kernel: String,
-    /// 1-minute load average when the benchmark started.
-    pub load: String,
-}
-
-impl Machine {
-    #[must_use]
-    pub fn probe() -> Self {
-        let read = |p: &str| fs::read_to_string(p).unwrap_or_default();
-        let cpu = read("/proc/cpuinfo")
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("model name")?
-                    .split_once(':')
-                    .map(|(_, v)| v)
-            })
-            .map_or_else(|| "unknown CPU".into(), |m| m.trim().to_owned());
-        Self {
-            cores: std::thread::available_parallelism().map_or(0, usize::from),
-            cpu,
-            kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
-            load: read("/proc/loadavg")
-                .split_whitespace()
-                .next()
-                .unwrap_or("?")
-                .to_owned(),
-        }
-    }
-}
-
-/// `1234567` → `1,234,567`.
-#[must_use]
-pub fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::new();
-    for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
-}
 
 fn yes_no(met: bool) -> &'static str {
     if met { "yes" } else { "NO" }
@@ -282,15 +231,7 @@ pub fn json(results: &Results, machine: &Machine, quick: bool) -> Value {
         "conntrack".into(),
         json!({ "capacity": results.caps.conntrack, "entries_at_end": entries }),
     );
-    top.insert(
-        "machine".into(),
-        json!({
-            "cores": machine.cores,
-            "cpu": machine.cpu,
-            "kernel": machine.kernel,
-            "load_at_start": machine.load,
-        }),
-    );
+    top.insert("machine".into(), machine.json());
     top.insert("seconds".into(), json!(results.seconds));
     Value::Object(top)
 }
@@ -336,17 +277,4 @@ fn targets_json(results: &Results) -> Value {
         })
     });
     ratios.chain(scale).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::thousands;
-
-    #[test]
-    fn groups_thousands() {
-        assert_eq!(thousands(0), "0");
-        assert_eq!(thousands(999), "999");
-        assert_eq!(thousands(1000), "1,000");
-        assert_eq!(thousands(1_048_576), "1,048,576");
-    }
 }
