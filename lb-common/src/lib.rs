@@ -140,7 +140,9 @@ pub struct CtEntry {
 
 /// Value of the SNAT map, whose key is the reply's 5-tuple as it arrives (backend → SNAT
 /// address and port): the client and frontend to restore. Inserting it with `BPF_NOEXIST`
-/// is also how a SNAT port is reserved, so one port serves many backends at once.
+/// is also how a SNAT port is reserved, so one port serves many backends at once. Entries
+/// expire (see `Config`'s timeouts) so ports of finished flows are reused: a reply refreshes
+/// `last_seen_s`, a FIN or RST marks the flow closing.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SnatEntry {
@@ -148,7 +150,27 @@ pub struct SnatEntry {
     pub frontend_addr_be: u32, // address the client sent to
     pub client_port_be: u16,
     pub frontend_port_be: u16,
-    pub service_id: u32, // service the flow belongs to
+    pub service_id: u32,  // service the flow belongs to
+    pub last_seen_s: u32, // coarse seconds since boot: creation, then the last reply
+    pub state: u8,        // SNAT_NEW, SNAT_ESTABLISHED or SNAT_CLOSING
+    pub _pad: [u8; 3],
+}
+
+/// SNAT entry states.
+pub const SNAT_NEW: u8 = 0;
+pub const SNAT_ESTABLISHED: u8 = 1;
+pub const SNAT_CLOSING: u8 = 2;
+
+/// Default idle timeouts of SNAT entries, in seconds (a port is reused only after them).
+pub mod snat_timeout {
+    /// No reply yet (kernel conntrack: `SYN_SENT` 120 s, UDP unreplied 30 s).
+    pub const NEW: u32 = 60;
+    /// TCP with replies, no FIN/RST yet.
+    pub const TCP_ESTABLISHED: u32 = 2 * 3600;
+    /// UDP with replies (kernel conntrack: 120 s).
+    pub const UDP_ESTABLISHED: u32 = 120;
+    /// After a FIN or RST (kernel conntrack: `TIME_WAIT` 120 s).
+    pub const CLOSING: u32 = 120;
 }
 
 /// Maximum node addresses the datapath knows of.
@@ -164,6 +186,10 @@ pub struct Config {
     pub node_addr_count: u32, // valid entries in node_addrs_be
     pub flags: u32,
     pub node_addrs_be: [u32; MAX_NODE_ADDRS],
+    pub snat_timeout_new_s: u32, // idle timeouts of SNAT entries by state (snat_timeout::*)
+    pub snat_timeout_tcp_established_s: u32,
+    pub snat_timeout_udp_established_s: u32,
+    pub snat_timeout_closing_s: u32,
 }
 
 /// What the datapath did with a packet; index of the stats map.
@@ -282,10 +308,13 @@ assert_layout!(CtEntry, 20, 4);
 assert_offset!(CtEntry, service_id, 12);
 assert_offset!(CtEntry, nat_port_be, 16);
 assert_offset!(CtEntry, kind, 18);
-assert_layout!(SnatEntry, 16, 4);
+assert_layout!(SnatEntry, 24, 4);
+assert_offset!(SnatEntry, last_seen_s, 16);
+assert_offset!(SnatEntry, state, 20);
 assert_offset!(SnatEntry, service_id, 12);
 assert_offset!(SnatEntry, client_port_be, 8);
-assert_layout!(Config, 48, 4);
+assert_layout!(Config, 64, 4);
+assert_offset!(Config, snat_timeout_new_s, 48);
 assert_offset!(Config, node_addrs_be, 16);
 assert_layout!(Counter, 16, 8);
 

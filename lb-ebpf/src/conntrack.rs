@@ -32,11 +32,16 @@ pub fn lookup(k: &FlowKey) -> Option<CtEntry> {
     unsafe { CONNTRACK.get(k) }.copied()
 }
 
-/// The SNAT entry of a reply arriving at a SNAT address and port, if any.
+/// The SNAT entry of a reply tuple, for reading and refreshing in place.
 #[inline(always)]
-pub fn snat_reply(k: &FlowKey) -> Option<SnatEntry> {
-    // SAFETY: as above.
-    unsafe { SNAT.get(k) }.copied()
+pub fn snat_entry(k: &FlowKey) -> Option<*mut SnatEntry> {
+    SNAT.get_ptr_mut(k)
+}
+
+/// Forgets a flow's forward entry (its SNAT port was reclaimed by another flow).
+#[inline(always)]
+pub fn remove(k: &FlowKey) {
+    let _ = CONNTRACK.remove(k);
 }
 
 #[inline(always)]

@@ -73,6 +73,7 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
         }
     };
     stats::count_service(fwd.service_id, (ctx.data_end() - ctx.data()) as u64);
+    select::snat_forward_closing(&f, &fwd);
     let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
     match fwd.snat {
         // A local backend: the kernel delivers it to the pod.
@@ -209,6 +210,7 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
         }
     };
     stats::count_service(fwd.service_id, u64::from(len));
+    select::snat_forward_closing(&f, &fwd);
     let dst = (fwd.backend.addr_be, fwd.backend.port_be);
     if nat::tc_rewrite(ctx, &f, fwd.snat, Some(dst)).is_err() {
         return (Verdict::DropRewrite, TC_ACT_SHOT);

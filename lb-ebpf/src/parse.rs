@@ -75,6 +75,8 @@ pub struct Flow {
     pub l4_off: usize,
     pub proto: u8,
     pub ttl: u8,
+    /// TCP flags (FIN 0x01, SYN 0x02, RST 0x04, ...); 0 for UDP.
+    pub tcp_flags: u8,
     /// IPv4 total length, host order.
     pub tot_len: u16,
     pub src_be: u32,
@@ -117,12 +119,15 @@ pub fn ipv4_flow(data: usize, data_end: usize, pkt_len: usize) -> Result<Flow, V
     if tot_len < ihl + min_l4 {
         return Err(Verdict::PassMalformed);
     }
+    let mut tcp_flags = 0;
     if ip.proto == IPPROTO_TCP {
         let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Verdict::PassMalformed)?;
         // SAFETY: as above.
-        if unsafe { (*tcp).doff_flags[0] } >> 4 < 5 {
+        let doff_flags = unsafe { (*tcp).doff_flags };
+        if doff_flags[0] >> 4 < 5 {
             return Err(Verdict::PassMalformed);
         }
+        tcp_flags = doff_flags[1];
     } else if ptr_at::<UdpHdr>(data, data_end, l4_off).is_none() {
         return Err(Verdict::PassMalformed);
     }
@@ -133,6 +138,7 @@ pub fn ipv4_flow(data: usize, data_end: usize, pkt_len: usize) -> Result<Flow, V
         l4_off,
         proto: ip.proto,
         ttl: ip.ttl,
+        tcp_flags,
         tot_len: tot_len as u16,
         src_be: u32::from_ne_bytes(ip.src),
         dst_be: u32::from_ne_bytes(ip.dst),

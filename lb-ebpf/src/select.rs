@@ -1,8 +1,10 @@
 //! Backend selection: conntrack first (an established flow keeps its backend while that
 //! backend lives; a reply finds its translation), then the frontend and Maglev for new flows.
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, CtEntry, FRONTEND_F_SNAT_REMOTE,
-    FlowKey, Frontend, FrontendKey, HAIRPIN_ADDR, RING_LANES, SnatEntry, Verdict, hash::flow_hash,
+    FlowKey, Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP, RING_LANES, SNAT_CLOSING,
+    SNAT_ESTABLISHED, SNAT_NEW, SnatEntry, Verdict, hash::flow_hash, snat_timeout,
 };
 
 use crate::{
@@ -178,12 +180,16 @@ fn reserve_snat(f: &Flow, b: &Backend, h: u32, service_id: u32) -> Result<(u32, 
         return Err(Verdict::DropSnatExhausted);
     }
     let range = max - min + 1;
+    let now = now_s();
     let entry = SnatEntry {
         client_addr_be: f.src_be,
         frontend_addr_be: f.dst_be,
         client_port_be: f.sport_be,
         frontend_port_be: f.dport_be,
         service_id,
+        last_seen_s: now,
+        state: SNAT_NEW,
+        _pad: [0; 3],
     };
     let start = h.checked_rem(range).unwrap_or(0);
     for i in 0..SNAT_TRIES {
@@ -194,8 +200,103 @@ fn reserve_snat(f: &Flow, b: &Backend, h: u32, service_id: u32) -> Result<(u32, 
         if conntrack::reserve_snat(&reply, &entry).is_ok() {
             return Ok((cfg.snat_addr_be, port_be));
         }
+        // Taken: reclaim it if its flow has been idle past its state's timeout.
+        if let Some(old) = conntrack::snat_entry(&reply) {
+            // SAFETY: the pointer is the map's value; a racing writer can at worst make the
+            // expiry check see a newer time and skip this port.
+            let stale = unsafe { *old };
+            if expired(&stale, now, &cfg, f.proto) {
+                let owner = conntrack::key(
+                    stale.client_addr_be,
+                    stale.frontend_addr_be,
+                    stale.client_port_be,
+                    stale.frontend_port_be,
+                    f.proto,
+                );
+                conntrack::remove(&owner);
+                // SAFETY: as above; the whole value is replaced.
+                unsafe { *old = entry };
+                return Ok((cfg.snat_addr_be, port_be));
+            }
+        }
     }
     Err(Verdict::DropSnatExhausted)
+}
+
+/// Coarse seconds since boot.
+#[inline(always)]
+fn now_s() -> u32 {
+    // SAFETY: plain helper call.
+    (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
+}
+
+#[inline(always)]
+fn or_default(configured: u32, default: u32) -> u32 {
+    if configured == 0 { default } else { configured }
+}
+
+/// Whether a SNAT entry's flow has been idle longer than its state allows.
+#[inline(always)]
+fn expired(e: &SnatEntry, now: u32, cfg: &Config, proto: u8) -> bool {
+    let timeout = match e.state {
+        SNAT_NEW => or_default(cfg.snat_timeout_new_s, snat_timeout::NEW),
+        SNAT_CLOSING => or_default(cfg.snat_timeout_closing_s, snat_timeout::CLOSING),
+        _ if proto == IPPROTO_TCP => or_default(
+            cfg.snat_timeout_tcp_established_s,
+            snat_timeout::TCP_ESTABLISHED,
+        ),
+        _ => or_default(
+            cfg.snat_timeout_udp_established_s,
+            snat_timeout::UDP_ESTABLISHED,
+        ),
+    };
+    now.wrapping_sub(e.last_seen_s) > timeout
+}
+
+const TCP_FIN_RST: u8 = 0x01 | 0x04;
+
+/// Notes a packet of a SNATed flow in its SNAT entry: a reply makes it established and
+/// refreshes it (at most one write a second), a FIN or RST in either direction marks it
+/// closing.
+#[inline(always)]
+pub fn touch_snat(e: *mut SnatEntry, f: &Flow, reply: bool) {
+    let now = now_s();
+    // SAFETY: `e` points at a SNAT map value; plain integer fields.
+    unsafe {
+        if f.tcp_flags & TCP_FIN_RST != 0 {
+            if (*e).state != SNAT_CLOSING || (*e).last_seen_s != now {
+                (*e).state = SNAT_CLOSING;
+                (*e).last_seen_s = now;
+            }
+        } else if reply && (*e).state != SNAT_CLOSING {
+            if (*e).state == SNAT_NEW {
+                (*e).state = SNAT_ESTABLISHED;
+            }
+            if (*e).last_seen_s != now {
+                (*e).last_seen_s = now;
+            }
+        }
+    }
+}
+
+/// A FIN or RST of an established SNATed flow (client side): marks its SNAT entry closing.
+#[inline(always)]
+pub fn snat_forward_closing(f: &Flow, fwd: &Forward) {
+    if f.tcp_flags & TCP_FIN_RST == 0 {
+        return;
+    }
+    if let Some((addr, port)) = fwd.snat {
+        let reply = conntrack::key(
+            fwd.backend.addr_be,
+            addr,
+            fwd.backend.port_be,
+            port,
+            f.proto,
+        );
+        if let Some(e) = conntrack::snat_entry(&reply) {
+            touch_snat(e, f, false);
+        }
+    }
 }
 
 /// A pod reaching itself: its packets come back from `HAIRPIN_ADDR` with its own source
@@ -210,6 +311,9 @@ fn reserve_hairpin(f: &Flow, b: &Backend, service_id: u32) -> Result<(u32, u16),
         client_port_be: f.sport_be,
         frontend_port_be: f.dport_be,
         service_id,
+        last_seen_s: now_s(),
+        state: SNAT_NEW,
+        _pad: [0; 3],
     };
     conntrack::put_snat(&reply, &entry).map_err(|_| Verdict::DropMapFull)?;
     Ok((hairpin, f.sport_be))
@@ -233,7 +337,10 @@ pub fn snat_reply(f: &Flow, key: &FlowKey, cfg: Option<&Config>) -> Option<Rever
     if !to_snat_port && f.dst_be != u32::from_ne_bytes(HAIRPIN_ADDR) {
         return None;
     }
-    let s = conntrack::snat_reply(key)?;
+    let e = conntrack::snat_entry(key)?;
+    touch_snat(e, f, true);
+    // SAFETY: a SNAT map value, copied out.
+    let s = unsafe { *e };
     Some(Reverse {
         src: (s.frontend_addr_be, s.frontend_port_be),
         dst: Some((s.client_addr_be, s.client_port_be)),

@@ -263,6 +263,10 @@ fn write_config(maps: &mut AyaMaps, cfg: &AgentConfig, node: &NodeInfo) -> Resul
         snat_addr_be: u32::from_ne_bytes(snat.octets()),
         snat_port_min: cfg.snat_ports.0,
         snat_port_max: cfg.snat_ports.1,
+        snat_timeout_new_s: lb_common::snat_timeout::NEW,
+        snat_timeout_tcp_established_s: lb_common::snat_timeout::TCP_ESTABLISHED,
+        snat_timeout_udp_established_s: lb_common::snat_timeout::UDP_ESTABLISHED,
+        snat_timeout_closing_s: lb_common::snat_timeout::CLOSING,
         ..Config::default()
     };
     for (slot, addr) in c.node_addrs_be.iter_mut().zip(&node.addresses) {

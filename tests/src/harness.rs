@@ -56,12 +56,16 @@ impl Datapath {
 
     /// Sets the SNAT address and port range (host order, inclusive).
     pub fn set_snat(&mut self, addr: Ipv4Addr, ports: (u16, u16)) {
-        let cfg = Config {
+        self.set_config(Config {
             snat_addr_be: u32::from_ne_bytes(addr.octets()),
             snat_port_min: ports.0,
             snat_port_max: ports.1,
             ..Config::default()
-        };
+        });
+    }
+
+    /// Writes the node configuration (SNAT address, range, timeouts).
+    pub fn set_config(&mut self, cfg: Config) {
         self.maps.apply(&Op::SetConfig(cfg)).expect("config");
     }
 

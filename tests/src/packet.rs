@@ -23,6 +23,8 @@ pub struct Frame {
     pub payload: Vec<u8>,
     /// UDP only: send checksum 0 ("no checksum").
     pub udp_no_checksum: bool,
+    /// TCP flags (default SYN).
+    pub tcp_flags: u8,
     /// Write only the pseudo-header seed in the L4 checksum, as a local socket's
     /// `CHECKSUM_PARTIAL` packet carries it.
     pub partial_checksum: bool,
@@ -43,6 +45,7 @@ impl Frame {
             payload: b"GET / HTTP/1.1\r\n".to_vec(),
             udp_no_checksum: false,
             partial_checksum: false,
+            tcp_flags: 0x02,
         }
     }
 
@@ -114,7 +117,7 @@ impl Frame {
         if self.proto == IPPROTO_TCP {
             l4.extend_from_slice(&1000u32.to_be_bytes()); // seq
             l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.extend_from_slice(&[0x50, 0x02]); // data offset 5, SYN
+            l4.extend_from_slice(&[0x50, self.tcp_flags]); // data offset 5
             l4.extend_from_slice(&64240u16.to_be_bytes());
             l4.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent
         } else {

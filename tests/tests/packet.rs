@@ -756,3 +756,53 @@ fn expiring_ttl_passes_untouched() {
     assert_eq!((out.action, out.frame), (XDP_PASS, frame));
     assert_eq!(dp.count(Verdict::PassTtl), 1);
 }
+
+/// SNAT ports are reused once their flow is over: with a range of two ports, a third flow is
+/// dropped while both are in use; after a RST on one of them and its closing timeout, the
+/// third flow gets that port, and the old flow's conntrack entry is gone.
+#[test]
+fn snat_ports_of_finished_flows_are_reused() {
+    if !privileged("snat_ports_of_finished_flows_are_reused") {
+        return;
+    }
+    let node = node();
+    node.ns
+        .enter(|| {
+            let eth0 = ifindex("eth0");
+            let mut dp = Datapath::load();
+            dp.program(&tomcat6(&[REMOTE_POD_A], false));
+            dp.set_config(lb_common::Config {
+                snat_addr_be: u32::from_ne_bytes(NODE.octets()),
+                snat_port_min: 61000,
+                snat_port_max: 61001,
+                snat_timeout_new_s: 3600,
+                snat_timeout_closing_s: 1,
+                ..lb_common::Config::default()
+            });
+            let flow = |port| Frame::tcp(SocketAddrV4::new(*client().ip(), port), node_port());
+            let snat_port = |out: &Outcome| parse(&out.frame).src.port();
+            let a = dp.xdp_on(&flow(40001).build(), eth0);
+            let b = dp.xdp_on(&flow(40002).build(), eth0);
+            assert_eq!((a.action, b.action), (XDP_TX, XDP_TX));
+            assert_ne!(snat_port(&a), snat_port(&b));
+            assert_eq!(dp.xdp_on(&flow(40003).build(), eth0).action, XDP_DROP);
+            assert_eq!(dp.count(Verdict::DropSnatExhausted), 1);
+            // Flow a ends: its RST goes out through the established path.
+            let mut rst = flow(40001);
+            rst.tcp_flags = 0x14; // RST+ACK
+            assert_eq!(dp.xdp_on(&rst.build(), eth0).action, XDP_TX);
+            std::thread::sleep(std::time::Duration::from_millis(2100));
+            let c = dp.xdp_on(&flow(40003).build(), eth0);
+            assert_eq!(c.action, XDP_TX, "the closed flow's port was not reclaimed");
+            assert_eq!(snat_port(&c), snat_port(&a));
+            let a_key_left = dp.conntrack().iter().any(|(k, _)| {
+                k.src_be == u32::from_ne_bytes(client().ip().octets())
+                    && k.sport_be == 40001u16.to_be()
+            });
+            assert!(
+                !a_key_left,
+                "the reclaimed flow's forward entry is still there"
+            );
+        })
+        .expect("enter netns");
+}
