@@ -89,6 +89,10 @@ pub struct Frontend {
 
 /// Backend flag: the backend is a pod on this node.
 pub const BACKEND_F_LOCAL: u32 = 1 << 0;
+/// Backend flag: no ring holds the backend any more (its endpoint went away or is not ready).
+/// Established TCP flows keep it, as kube-proxy's conntrack keeps them; UDP flows move to a
+/// live backend, as kube-proxy flushes their conntrack entries.
+pub const BACKEND_F_DRAINING: u32 = 1 << 1;
 
 /// Value of the backends map (key: backend id, u32; id 0 means "none").
 #[repr(C)]

@@ -2,9 +2,9 @@
 //! backend lives; a reply finds its translation), then the frontend and Maglev for new flows.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, CtEntry, FRONTEND_F_SNAT_REMOTE,
-    FlowKey, Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP, RING_LANES, SNAT_CLOSING,
-    SNAT_ESTABLISHED, SNAT_NEW, SnatEntry, Verdict, hash::flow_hash, snat_timeout,
+    BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, CtEntry,
+    FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP, RING_LANES,
+    SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, SnatEntry, Verdict, hash::flow_hash, snat_timeout,
 };
 
 use crate::{
@@ -85,6 +85,7 @@ pub fn tracked(key: &FlowKey) -> Tracked {
     }
     if ct.kind == CT_FORWARD
         && let Some(b) = backend(ct.backend_id, Some(ct.backend_generation))
+        && (b.flags & BACKEND_F_DRAINING == 0 || key.proto == IPPROTO_TCP)
     {
         let snat = (ct.nat_addr_be != 0).then_some((ct.nat_addr_be, ct.nat_port_be));
         return Tracked::Forward(Forward {

@@ -133,6 +133,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 let errors = sync(&store, &n, &cfg, &mut programmer, &mut maps, &metrics);
                 release_free_memory();
                 if !attached.started {
+                    // Just before the swap, the flows the old programs made since the load;
+                    // just after, the few made during it.
+                    carry_over(&mut ebpf, &cfg.pin_dir);
                     attached.start(&mut ebpf, &cfg, &n, link_tx.clone())?;
                     finish_migration(&mut ebpf, &cfg.pin_dir);
                     attached.report(&metrics);
@@ -219,19 +222,22 @@ fn other_layout_versions(dir: &std::path::Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// After this datapath took over: carries over the flows the previous version's programs
-/// created since the load, then removes its pinned maps.
-fn finish_migration(ebpf: &mut Ebpf, dir: &std::path::Path) {
+/// Carries over (without overwriting) the flows the previous version's programs created since
+/// the last pass; returns the old maps' names.
+fn carry_over(ebpf: &mut Ebpf, dir: &std::path::Path) -> Vec<String> {
     let old = other_layout_versions(dir);
-    if old.is_empty() {
-        return;
-    }
     for m in loader::migrate_flows(ebpf, dir, &old, true) {
         if let loader::Migration::Copied { from, entries } = m {
             info!(from = %from, entries, "carried over the flows created during the switch");
         }
     }
-    for name in old {
+    old
+}
+
+/// After this datapath took over: a last pass over the previous version's flows, then its
+/// pinned maps are removed.
+fn finish_migration(ebpf: &mut Ebpf, dir: &std::path::Path) {
+    for name in carry_over(ebpf, dir) {
         if std::fs::remove_file(dir.join(&name)).is_ok() {
             info!(map = %name, "removed a pinned map of the previous layout version");
         }

@@ -19,7 +19,9 @@ use std::{
     net::Ipv4Addr,
 };
 
-use lb_common::{BACKEND_F_LOCAL, Backend, FRONTEND_F_SNAT_REMOTE, Frontend, FrontendKey};
+use lb_common::{
+    BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, FRONTEND_F_SNAT_REMOTE, Frontend, FrontendKey,
+};
 use tracing::warn;
 
 use crate::{
@@ -217,6 +219,12 @@ pub struct Plan {
 pub struct Programmer {
     frontend_capacity: usize,
     backends: HashMap<BackendAddr, BackendEntry>,
+    /// Backends no ring holds any more, kept (flagged draining) so established TCP flows keep
+    /// them, in the order they started draining; an id is taken back from the oldest when
+    /// the pool runs dry, and a backend that returns gets its old id again.
+    draining: HashMap<BackendAddr, (u64, BackendEntry)>,
+    drain_order: BTreeMap<u64, BackendAddr>,
+    drain_seq: u64,
     ids: Ids,
     rings: HashMap<Vec<BackendAddr>, RingEntry>,
     slab: Slab,
@@ -239,6 +247,9 @@ impl Programmer {
         Self {
             frontend_capacity: caps.frontends as usize,
             backends: HashMap::new(),
+            draining: HashMap::new(),
+            drain_order: BTreeMap::new(),
+            drain_seq: 0,
             ids: Ids::new(caps.backends),
             rings: HashMap::new(),
             slab: Slab::new(caps.ring_slots),
@@ -442,8 +453,12 @@ impl Programmer {
             .collect();
         for addr in dead {
             if let Some(b) = self.backends.remove(&addr) {
-                clears.push(Op::ClearBackend { id: b.id });
-                self.ids.quarantine.push(b.id);
+                let mut value = backend_value(&addr, b.generation, b.local);
+                value.flags |= BACKEND_F_DRAINING;
+                clears.push(Op::SetBackend { id: b.id, value });
+                self.drain_seq += 1;
+                self.drain_order.insert(self.drain_seq, addr);
+                self.draining.insert(addr, (self.drain_seq, b));
             }
         }
         self.release_unused_service_ids();
@@ -489,12 +504,14 @@ impl Programmer {
         let new_backends: BTreeSet<BackendAddr> = frontends
             .iter()
             .flat_map(|(_, s)| s.backends.iter().map(|b| b.addr))
-            .filter(|a| !self.backends.contains_key(a))
+            .filter(|a| !self.backends.contains_key(a) && !self.draining.contains_key(a))
             .collect();
-        if new_backends.len() > self.ids.available() {
+        // Ids of draining backends can be taken back.
+        let free = self.ids.available() + self.draining.len();
+        if new_backends.len() > free {
             return Err(PlanError::BackendsFull {
                 needed: new_backends.len(),
-                free: self.ids.available(),
+                free,
             });
         }
         Ok(())
@@ -551,8 +568,25 @@ impl Programmer {
                     });
                 }
                 None => {
-                    // check_capacity made sure ids are available.
-                    let Some((id, generation)) = self.ids.alloc() else {
+                    if let Some((seq, b)) = self.draining.remove(&addr) {
+                        // Back from draining: same id and generation, so its established
+                        // flows stay valid.
+                        self.drain_order.remove(&seq);
+                        let value = backend_value(&addr, b.generation, spec.local);
+                        out.backends.push(Op::SetBackend { id: b.id, value });
+                        self.backends.insert(
+                            addr,
+                            BackendEntry {
+                                local: spec.local,
+                                ..b
+                            },
+                        );
+                        continue;
+                    }
+                    // check_capacity made sure ids are available (maybe from draining ones).
+                    let Some((id, generation)) =
+                        self.ids.alloc().or_else(|| self.reclaim_draining())
+                    else {
                         continue;
                     };
                     let entry = BackendEntry {
@@ -647,6 +681,23 @@ impl Programmer {
                 self.unref_ring(&old.ring);
             }
         }
+    }
+
+    /// Takes the id of the backend that has been draining longest, with a new generation
+    /// (which invalidates the conntrack entries that still name it).
+    fn reclaim_draining(&mut self) -> Option<(u32, u32)> {
+        let (&seq, &addr) = self.drain_order.iter().next()?;
+        self.drain_order.remove(&seq);
+        let (_, b) = self.draining.remove(&addr)?;
+        let g = self.ids.generations.entry(b.id).or_insert(0);
+        *g = g.wrapping_add(1);
+        Some((b.id, *g))
+    }
+
+    /// Backends draining now (no ring holds them; their TCP flows continue).
+    #[must_use]
+    pub fn draining_count(&self) -> usize {
+        self.draining.len()
     }
 
     /// One frontend stopped using `ring`; a ring nobody uses is freed (quarantined).
@@ -813,50 +864,60 @@ mod tests {
     }
 
     #[test]
-    fn backend_ids_are_stable_and_reuse_bumps_generation() {
-        let mut p = Programmer::new(&caps());
+    fn backend_ids_are_stable_draining_keeps_them_and_reuse_bumps_generation() {
+        // Ids 1 and 2 only.
+        let mut p = Programmer::new(&Capacities {
+            backends: 3,
+            ..caps()
+        });
         let mut maps = FakeMaps::default();
         let f = fe([10, 96, 0, 10], 80, Scope::Internal);
+        let with = |b: Vec<BackendSpec>| state(vec![(f, spec("a", b))]);
         apply(
             &mut p,
             &mut maps,
-            &state(vec![(
-                f,
-                spec("a", vec![backend(1, false), backend(2, false)]),
-            )]),
+            &with(vec![backend(1, false), backend(2, false)]),
         );
         let id_of = |maps: &FakeMaps, last: u8| {
             let want = backend_value(&backend(last, false).addr, 0, false).addr_be;
             maps.backends
                 .iter()
                 .find(|(_, b)| b.addr_be == want)
-                .map(|(id, b)| (*id, b.generation))
+                .map(|(id, b)| {
+                    (
+                        *id,
+                        b.generation,
+                        b.flags & lb_common::BACKEND_F_DRAINING != 0,
+                    )
+                })
         };
-        let (id2, g2) = id_of(&maps, 2).expect("backend 2");
-        // Removing backend 1 keeps backend 2's id.
+        let (id1, g1, _) = id_of(&maps, 1).expect("backend 1");
+        let (id2, g2, _) = id_of(&maps, 2).expect("backend 2");
+        // Removing backend 1 keeps backend 2's id and leaves 1 draining: its established TCP
+        // flows keep going.
+        apply(&mut p, &mut maps, &with(vec![backend(2, false)]));
+        assert_eq!(id_of(&maps, 2), Some((id2, g2, false)));
+        assert_eq!(id_of(&maps, 1), Some((id1, g1, true)));
+        assert_eq!(p.draining_count(), 1);
+        // It comes back (readiness flipped back): same id and generation, not draining.
         apply(
             &mut p,
             &mut maps,
-            &state(vec![(f, spec("a", vec![backend(2, false)]))]),
+            &with(vec![backend(1, false), backend(2, false)]),
         );
-        assert_eq!(id_of(&maps, 2), Some((id2, g2)));
+        assert_eq!(id_of(&maps, 1), Some((id1, g1, false)));
+        // Drained again, then a new backend needs an id: the draining one's id is taken back
+        // with a new generation, which invalidates conntrack entries naming it.
+        apply(&mut p, &mut maps, &with(vec![backend(2, false)]));
+        apply(
+            &mut p,
+            &mut maps,
+            &with(vec![backend(2, false), backend(3, false)]),
+        );
+        let (id3, g3, draining) = id_of(&maps, 3).expect("backend 3");
+        assert_eq!((id3, draining), (id1, false));
+        assert!(g3 > g1, "a reused id keeps its generation");
         assert_eq!(id_of(&maps, 1), None);
-        // Two syncs later the freed id is reused with a new generation.
-        apply(
-            &mut p,
-            &mut maps,
-            &state(vec![(f, spec("a", vec![backend(2, false)]))]),
-        );
-        apply(
-            &mut p,
-            &mut maps,
-            &state(vec![(
-                f,
-                spec("a", vec![backend(2, false), backend(3, false)]),
-            )]),
-        );
-        let (_, g3) = id_of(&maps, 3).expect("backend 3");
-        assert!(g3 >= 2, "reused id keeps generation 1");
     }
 
     #[test]

@@ -392,6 +392,10 @@ fn nic_new_flow_to_local_backend_is_dnatted_exactly() {
 
 /// An established flow keeps its backend when its ring is rewritten, and is re-balanced
 /// once its backend is removed.
+/// An established flow keeps its backend when its ring is rewritten. When its backend leaves
+/// the Service (endpoint gone or not ready), TCP flows keep going to it while it drains, as
+/// kube-proxy's conntrack keeps them; UDP flows move to a live backend, as kube-proxy flushes
+/// their conntrack entries.
 #[test]
 fn established_flow_sticks_across_ring_changes() {
     if !privileged("established_flow_sticks_across_ring_changes") {
@@ -399,53 +403,71 @@ fn established_flow_sticks_across_ring_changes() {
     }
     let pods = [LOCAL_POD, REMOTE_POD_A, REMOTE_POD_B];
     let mut dp = loaded(&pods, true);
-    let flow = |sport| Frame::tcp(SocketAddrV4::new(LOCAL_POD, sport), cluster_ip()).build();
+    let tcp = |sport| Frame::tcp(SocketAddrV4::new(LOCAL_POD, sport), cluster_ip()).build();
+    let udp = |sport| Frame::udp(SocketAddrV4::new(LOCAL_POD, sport), cluster_ip()).build();
     // Pod → ClusterIP through TC (no SNAT): note which pod each flow landed on.
     let mut first = std::collections::BTreeMap::new();
     for sport in 30000..30060u16 {
-        let out = dp.tc(&flow(sport));
-        assert_eq!(out.action, TC_ACT_OK);
-        first.insert(sport, *parse(&out.frame).dst.ip());
+        for (proto, frame) in [("tcp", tcp(sport)), ("udp", udp(sport))] {
+            let out = dp.tc(&frame);
+            assert_eq!(out.action, TC_ACT_OK);
+            first.insert((proto, sport), *parse(&out.frame).dst.ip());
+        }
     }
     assert!(
         pods.iter().all(|p| first.values().any(|d| d == p)),
-        "60 flows missed a pod"
+        "120 flows missed a pod"
     );
+    let now = |dp: &mut Datapath, proto: &str, sport| {
+        let frame = if proto == "tcp" {
+            tcp(sport)
+        } else {
+            udp(sport)
+        };
+        *parse(&dp.tc(&frame).frame).dst.ip()
+    };
     // Scale up to 5 pods: a new ring; every established flow keeps its pod.
     let (new_a, new_b) = (Ipv4Addr::new(10, 244, 2, 6), Ipv4Addr::new(10, 244, 3, 6));
     dp.program(&tomcat6(
         &[LOCAL_POD, REMOTE_POD_A, REMOTE_POD_B, new_a, new_b],
         true,
     ));
-    for (&sport, &pod_ip) in &first {
-        let got = *parse(&dp.tc(&flow(sport)).frame).dst.ip();
-        assert_eq!(got, pod_ip, "flow {sport} moved after scale-up");
+    for (&(proto, sport), &pod_ip) in &first {
+        assert_eq!(
+            now(&mut dp, proto, sport),
+            pod_ip,
+            "{proto} flow {sport} moved after scale-up"
+        );
     }
-    // Remove REMOTE_POD_A: its flows go elsewhere, the others stay.
+    // REMOTE_POD_A leaves: its TCP flows stay while it drains, its UDP flows move; the other
+    // flows stay; new flows never reach it.
     dp.program(&tomcat6(&[LOCAL_POD, REMOTE_POD_B, new_a, new_b], true));
-    for (&sport, &pod_ip) in &first {
-        let got = *parse(&dp.tc(&flow(sport)).frame).dst.ip();
-        if pod_ip == REMOTE_POD_A {
+    for (&(proto, sport), &pod_ip) in &first {
+        let got = now(&mut dp, proto, sport);
+        if pod_ip == REMOTE_POD_A && proto == "udp" {
             assert_ne!(
                 got, REMOTE_POD_A,
-                "flow {sport} still reaches a removed backend"
+                "UDP flow {sport} still reaches a removed backend"
             );
         } else {
             assert_eq!(
                 got, pod_ip,
-                "flow {sport} moved although its backend stayed"
+                "{proto} flow {sport} moved although it should stay"
             );
         }
     }
+    for sport in 31000..31100u16 {
+        assert_ne!(
+            now(&mut dp, "tcp", sport),
+            REMOTE_POD_A,
+            "a new flow reached a removed backend"
+        );
+    }
 }
 
-/// Conntrack is consulted before the frontends: an established flow keeps its backend while
-/// that backend lives, even after its frontend is removed (as kube-proxy's conntrack NAT
-/// does). New flows to the removed frontend pass untouched, and once the backend is gone the
-/// established flow does too.
 #[test]
-fn established_flow_outlives_its_frontend_only_while_its_backend_lives() {
-    if !privileged("established_flow_outlives_its_frontend_only_while_its_backend_lives") {
+fn established_flow_outlives_its_frontend_while_its_backend_drains() {
+    if !privileged("established_flow_outlives_its_frontend_while_its_backend_drains") {
         return;
     }
     let mut dp = loaded(&[LOCAL_POD], false);
@@ -467,11 +489,14 @@ fn established_flow_outlives_its_frontend_only_while_its_backend_lives() {
         (XDP_PASS, new_flow),
         "a new flow to a removed frontend"
     );
-    // No service left: the backend is cleared and the flow is no longer translated.
+    // No service left: the backend drains; the established TCP flow still reaches it (as
+    // kube-proxy's conntrack keeps it), a new one is not translated.
     dp.program(&DesiredState::default());
-    let frame = input.build();
-    let out = dp.xdp(&frame);
-    assert_eq!((out.action, out.frame), (XDP_PASS, frame));
+    let out = dp.xdp(&input.build());
+    assert_eq!((out.action, out.frame), (XDP_PASS, expected));
+    let new_flow = Frame::tcp(SocketAddrV4::new(*client().ip(), 40002), node_port()).build();
+    let out = dp.xdp(&new_flow);
+    assert_eq!((out.action, out.frame), (XDP_PASS, new_flow));
     assert_eq!(dp.count(Verdict::PassNotService), 2);
 }
 
