@@ -126,6 +126,17 @@ impl KeepAlive {
 
 /// Downloads `/bytes/n` and checks every byte against the pattern; returns who served it.
 pub fn download(addr: SocketAddrV4, n: u64, timeout: Duration) -> io::Result<String> {
+    download_paced(addr, n, timeout, Duration::ZERO)
+}
+
+/// Like [`download`], pausing `pause` after each read: a stream that stays open for a while
+/// (the server's sends wait on the client's window).
+pub fn download_paced(
+    addr: SocketAddrV4,
+    n: u64,
+    timeout: Duration,
+    pause: Duration,
+) -> io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr.into(), timeout)?;
     s.set_read_timeout(Some(timeout))?;
     s.write_all(
@@ -153,6 +164,9 @@ pub fn download(addr: SocketAddrV4, n: u64, timeout: Duration) -> io::Result<Str
                 io::ErrorKind::UnexpectedEof,
                 format!("{got} of {n} bytes"),
             ));
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
         }
         if buf[..k] != pattern_chunk(got, k)[..] {
             return Err(io::Error::new(

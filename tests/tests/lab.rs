@@ -591,8 +591,9 @@ fn service_deletion_stops_traffic() {
     assert!(from_pod.expect("netns").is_err(), "ClusterIP still answers");
 }
 
-/// kill -9 of an agent neither breaks a long-lived connection nor fails a new one through its
-/// node, while it is down or after it restarts and adopts its pinned datapath.
+/// kill -9 of an agent neither breaks a long-lived connection (a stream in progress, idle
+/// keep-alive connections) nor fails a new one through its node, while it is down or after it
+/// restarts and adopts its pinned datapath.
 #[test]
 fn agent_restart_drops_no_flow() {
     if !privileged("agent_restart_drops_no_flow") {
@@ -602,12 +603,33 @@ fn agent_restart_drops_no_flow() {
     let addr = t.node_port(0);
     let c = &t.cluster;
     let mut keep = keepalives(c, addr, 6);
+    thread::scope(|s| {
+        // A stream that runs through the whole kill and restart (32 MiB read slowly).
+        let stream = s.spawn(|| {
+            c.client
+                .enter(|| echo::download_paced(addr, 32 << 20, T, Duration::from_millis(8)))
+                .expect("netns")
+        });
+        thread::sleep(Duration::from_millis(200));
+        kill_and_restart(&t, &mut keep);
+        assert!(
+            !stream.is_finished(),
+            "the stream ended before the restart was over"
+        );
+        let served = stream.join().expect("stream thread");
+        assert!(served.is_ok(), "the long-lived stream broke: {served:?}");
+    });
+}
+
+fn kill_and_restart(t: &Tomcat6, keep: &mut [(KeepAlive, String)]) {
+    let addr = t.node_port(0);
+    let c = &t.cluster;
     let before = c.agent_syncs(0);
     c.lab.kill(t.agents[0]);
     // Down: the pinned datapath keeps forwarding, old and new connections alike.
-    let seen = new_connections(&t, addr, 30);
+    let seen = new_connections(t, addr, 30);
     assert_eq!(seen.values().sum::<usize>(), 30);
-    check_keepalives(&t, &mut keep);
+    check_keepalives(t, keep);
     // Restarted: it adopts the pinned maps and replaces the programs in place.
     c.start_agent(0, &xlb_bin(), &[]).expect("restart");
     let deadline = Instant::now() + SYNC;
@@ -623,8 +645,8 @@ fn agent_restart_drops_no_flow() {
             "the restarted agent never synced"
         );
     }
-    check_keepalives(&t, &mut keep);
-    let seen = new_connections(&t, addr, 60);
+    check_keepalives(t, keep);
+    let seen = new_connections(t, addr, 60);
     assert_eq!(seen.len(), 3, "{seen:?}");
     let log = std::fs::read_to_string(c.log_path("agent-node1.log")).expect("log");
     assert!(log.contains("adopted the pinned datapath"), "{log}");
