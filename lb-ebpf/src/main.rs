@@ -46,7 +46,7 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
         Err(v) => return (v, xdp_action::XDP_PASS),
     };
     let key = conntrack::flow_key(&f);
-    let fwd = match select::tracked(&key) {
+    let fwd = match select::tracked(&key, f.tcp_flags) {
         Tracked::Forward(fwd) => {
             if f.ttl <= 1 {
                 return (Verdict::PassTtl, xdp_action::XDP_PASS);
@@ -192,7 +192,7 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
         Err(v) => return (v, TC_ACT_OK),
     };
     let key = conntrack::flow_key(&f);
-    let fwd = match select::tracked(&key) {
+    let fwd = match select::tracked(&key, f.tcp_flags) {
         Tracked::Forward(fwd) => fwd,
         Tracked::Reply(rev) => return pod_reply(ctx, &f, rev),
         Tracked::Untracked => {

@@ -71,8 +71,10 @@ pub enum Tracked {
 /// then serves established flows and replies, which are most packets; only a miss costs the
 /// frontend lookup too. An established flow keeps its backend for as long as that backend
 /// lives, even if its frontend was removed meanwhile (as kube-proxy's conntrack NAT does).
+/// A draining backend keeps established TCP flows only: UDP flows move on, and so does a
+/// TCP SYN (a new connection reusing an old 5-tuple must not reach a backend that left).
 #[inline(always)]
-pub fn tracked(key: &FlowKey) -> Tracked {
+pub fn tracked(key: &FlowKey, tcp_flags: u8) -> Tracked {
     let Some(ct) = conntrack::lookup(key) else {
         return Tracked::Untracked;
     };
@@ -85,7 +87,8 @@ pub fn tracked(key: &FlowKey) -> Tracked {
     }
     if ct.kind == CT_FORWARD
         && let Some(b) = backend(ct.backend_id, Some(ct.backend_generation))
-        && (b.flags & BACKEND_F_DRAINING == 0 || key.proto == IPPROTO_TCP)
+        && (b.flags & BACKEND_F_DRAINING == 0
+            || (key.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN))
     {
         let snat = (ct.nat_addr_be != 0).then_some((ct.nat_addr_be, ct.nat_port_be));
         return Tracked::Forward(Forward {
@@ -255,6 +258,8 @@ fn expired(e: &SnatEntry, now: u32, cfg: &Config, proto: u8) -> bool {
 }
 
 const TCP_FIN_RST: u8 = 0x01 | 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// Notes a packet of a SNATed flow in its SNAT entry: a reply makes it established and
 /// refreshes it (at most one write a second), a FIN or RST in either direction marks it

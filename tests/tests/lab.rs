@@ -136,7 +136,8 @@ fn three_hundred_connections_spread_evenly() {
         .client
         .enter(|| {
             let mut counts: BTreeMap<String, u32> = BTreeMap::new();
-            for port in 40_000..40_300 {
+            // Below the ephemeral range (32768+), so no earlier connection holds them.
+            for port in 20_000..20_300 {
                 let a = echo::http_get_from(addr, port, T).expect("GET");
                 *counts.entry(a.pod).or_default() += 1;
             }
@@ -477,6 +478,22 @@ fn scaling_keeps_established_connections_and_stops_new_ones_to_removed_pods() {
     check_keepalives(&t, &mut keep);
 }
 
+/// The log `name` once it contains `what` (panics after a while).
+fn wait_for_log(c: &Cluster, name: &str, what: &str) -> String {
+    let deadline = Instant::now() + SYNC;
+    loop {
+        let log = std::fs::read_to_string(c.log_path(name)).unwrap_or_default();
+        if log.contains(what) {
+            return log;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} never said {what:?}:\n{log}"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// `n` long-lived connections from the client, each with the pod it landed on.
 fn keepalives(c: &Cluster, addr: SocketAddrV4, n: usize) -> Vec<(KeepAlive, String)> {
     c.client
@@ -648,12 +665,9 @@ fn kill_and_restart(t: &Tomcat6, keep: &mut [(KeepAlive, String)]) {
     check_keepalives(t, keep);
     let seen = new_connections(t, addr, 60);
     assert_eq!(seen.len(), 3, "{seen:?}");
-    let log = std::fs::read_to_string(c.log_path("agent-node1.log")).expect("log");
+    // The attach lines follow the first sync line: wait for them.
+    let log = wait_for_log(c, "agent-node1.log", "Replaced");
     assert!(log.contains("adopted the pinned datapath"), "{log}");
-    assert!(
-        log.contains("Replaced"),
-        "the XDP attachment was not taken over: {log}"
-    );
 }
 
 /// An upgrade to a build whose maps have another layout version (simulated: the running
@@ -691,12 +705,11 @@ fn upgrade_across_map_layout_versions_drops_no_flow() {
     }
     check_keepalives(&t, &mut keep);
     assert_eq!(new_connections(&t, addr, 60).len(), 3);
-    let log = std::fs::read_to_string(c.log_path("agent-node1.log")).expect("log");
+    let log = wait_for_log(c, "agent-node1.log", "Replaced");
     assert!(
         log.contains("migrated flows from the previous layout version"),
         "{log}"
     );
-    assert!(log.contains("Replaced"), "{log}");
     let left: Vec<String> = std::fs::read_dir(&pins)
         .expect("pin dir")
         .flatten()

@@ -403,7 +403,15 @@ fn established_flow_sticks_across_ring_changes() {
     }
     let pods = [LOCAL_POD, REMOTE_POD_A, REMOTE_POD_B];
     let mut dp = loaded(&pods, true);
-    let tcp = |sport| Frame::tcp(SocketAddrV4::new(LOCAL_POD, sport), cluster_ip()).build();
+    // Mid-stream TCP segments (ACK): a SYN would be a new connection.
+    let tcp = |sport| {
+        let f = Frame::tcp(SocketAddrV4::new(LOCAL_POD, sport), cluster_ip());
+        Frame {
+            tcp_flags: 0x10,
+            ..f
+        }
+        .build()
+    };
     let udp = |sport| Frame::udp(SocketAddrV4::new(LOCAL_POD, sport), cluster_ip()).build();
     // Pod → ClusterIP through TC (no SNAT): note which pod each flow landed on.
     let mut first = std::collections::BTreeMap::new();
@@ -471,7 +479,10 @@ fn established_flow_outlives_its_frontend_while_its_backend_drains() {
         return;
     }
     let mut dp = loaded(&[LOCAL_POD], false);
-    let input = Frame::tcp(client(), node_port());
+    let input = Frame {
+        tcp_flags: 0x10,
+        ..Frame::tcp(client(), node_port())
+    };
     let expected = translated(&input, None, Some(pod(LOCAL_POD)));
     assert_eq!(dp.xdp(&input.build()).frame, expected);
     // The NodePort frontends go; the ClusterIP ones keep the backend alive.
