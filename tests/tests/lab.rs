@@ -392,6 +392,8 @@ fn scaling_keeps_established_connections_and_stops_new_ones_to_removed_pods() {
                             .map(|a| a.pod)
                             .map_err(|e| e.to_string());
                         log.lock().expect("log").push((started, r));
+                        // A steady client, not a flood: a few hundred connections a second.
+                        thread::sleep(Duration::from_millis(2));
                     }
                 })
                 .expect("netns");
