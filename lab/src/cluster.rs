@@ -299,6 +299,18 @@ impl Cluster {
         })
     }
 
+    /// Times the agent of node `node` has said it is ready (first full sync programmed and
+    /// every interface attached) since its log began; a restarted agent says it again.
+    #[must_use]
+    pub fn agent_ready_count(&self, node: usize) -> usize {
+        let log = self.log_path(&format!("agent-{}.log", self.nodes[node].name));
+        fs::read_to_string(log).map_or(0, |t| {
+            t.lines()
+                .filter(|l| l.contains("ready: the first full sync"))
+                .count()
+        })
+    }
+
     /// Syncs of every node's agent.
     #[must_use]
     pub fn all_agent_syncs(&self) -> Vec<usize> {

@@ -82,6 +82,19 @@ impl Tomcat6 {
     /// Waits until the client gets an answer through every node's NodePort.
     pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        // Ready means attached to the NIC and to every pod interface that existed at start;
+        // a NodePort answer alone could come before a pod's TC program is in place.
+        for i in 0..self.cluster.nodes.len() {
+            while self.cluster.agent_ready_count(i) == 0 {
+                if Instant::now() > deadline {
+                    return Err(LabError::Io {
+                        what: "an agent never said it was ready (see the agent logs)",
+                        source: std::io::ErrorKind::TimedOut.into(),
+                    });
+                }
+                thread::sleep(Duration::from_millis(50));
+            }
+        }
         for i in 0..self.cluster.nodes.len() {
             let addr = self.node_port(i);
             loop {

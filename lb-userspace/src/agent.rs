@@ -133,6 +133,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 let errors = sync(&store, &n, &cfg, &mut programmer, &mut maps, &metrics);
                 release_free_memory();
                 if !attached.started {
+                    programmer.release_inherited();
                     // Just before the swap, the flows the old programs made since the load;
                     // just after, the few made during it.
                     carry_over(&mut ebpf, &cfg.pin_dir);
@@ -168,12 +169,25 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
         warn!(
             found = ?other_versions,
             version = lb_common::ABI_VERSION,
-            "pinned maps of another layout version: building fresh maps of this version and \
-             carrying flows over where the entry layout allows; the old maps are removed once \
-             this datapath is attached"
+            "pinned maps of another layout version: building fresh maps of this version, \
+             taking the flow maps over where their entry layout is unchanged (else copying \
+             what fits); the old maps are removed once this datapath is attached"
         );
     }
-    let (mut ebpf, adopted) = loader::load_pinned(&cfg.capacities, &cfg.pin_dir)?;
+    let taken = loader::take_over_flow_maps(&cfg.pin_dir, &other_versions);
+    for (from, to) in &taken {
+        info!(
+            from = %from,
+            to = %to,
+            "took the flow map of the previous layout version over as it is (same entry \
+             layout): its flows continue without a gap"
+        );
+    }
+    let other_versions = other_layout_versions(&cfg.pin_dir);
+    let (mut ebpf, mut adopted) = loader::load_pinned(&cfg.capacities, &cfg.pin_dir)?;
+    adopted
+        .maps
+        .retain(|m| !taken.iter().any(|(_, to)| to == m));
     for m in loader::migrate_flows(&mut ebpf, &cfg.pin_dir, &other_versions, false) {
         match m {
             loader::Migration::Copied { from, entries } => {
@@ -189,6 +203,14 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     let maps = AyaMaps::new(&mut ebpf)?;
     let caps = maps.capacities(&cfg.capacities);
     let mut programmer = Programmer::new(&caps);
+    if let Some(old) = loader::previous_backends(&cfg.pin_dir, &other_versions) {
+        // The flows carried over name backends by the old ids: keep them.
+        programmer.inherit_backend_ids(&old);
+        info!(
+            backends = old.len(),
+            "backend ids of the previous layout version kept for the same addresses"
+        );
+    }
     if adopted.maps.is_empty() {
         info!(pin_dir = %cfg.pin_dir.display(), "fresh datapath maps pinned");
     } else {

@@ -346,9 +346,81 @@ pub enum Migration {
     Incompatible { from: String },
 }
 
+/// This version's flow map (conntrack or SNAT) that the map pinned as `name` (another layout
+/// version's) corresponds to.
+fn flow_map_target(name: &str) -> Option<&'static str> {
+    [map_names::CONNTRACK, map_names::SNAT]
+        .into_iter()
+        .find(|t| {
+            name.rsplit_once("_v")
+                .is_some_and(|(base, _)| t.starts_with(&format!("{base}_v")))
+        })
+}
+
+/// Takes the flow maps (conntrack, SNAT) of another layout version over as they are where
+/// their entries have this build's layout: the pin is renamed to this version's name before
+/// the load, so the new programs share the map with the old ones. Flows the old programs
+/// create while the new ones start are then seen at once, where copying would leave a gap
+/// between the last copy and the swap. Returns the (old, new) names taken over; the caller
+/// must call this before [`load_pinned`].
+#[must_use]
+pub fn take_over_flow_maps(dir: &Path, old: &[String]) -> Vec<(String, &'static str)> {
+    let mut taken = Vec::new();
+    for name in old {
+        let Some(target) = flow_map_target(name) else {
+            continue;
+        };
+        let (from, to) = (pin::map_path(dir, name), pin::map_path(dir, target));
+        if to.exists() {
+            continue;
+        }
+        let Ok(info) = aya::maps::MapData::from_pin(&from).and_then(|m| m.info()) else {
+            continue;
+        };
+        let value = if target == map_names::CONNTRACK {
+            size_of::<lb_common::CtEntry>()
+        } else {
+            size_of::<lb_common::SnatEntry>()
+        };
+        let same_layout = matches!(info.map_type(), Ok(aya::maps::MapType::LruHash))
+            && info.key_size() as usize == size_of::<lb_common::FlowKey>()
+            && info.value_size() as usize == value;
+        if same_layout && fs::rename(&from, &to).is_ok() {
+            taken.push((name.clone(), target));
+        }
+    }
+    taken
+}
+
+/// The backends (id, entry) of another layout version's backends map pinned under `dir`
+/// (`old`: the file names found), where its entries have this build's layout; None otherwise.
+#[must_use]
+pub fn previous_backends(dir: &Path, old: &[String]) -> Option<Vec<(u32, lb_common::Backend)>> {
+    let base = map_names::BACKENDS.rsplit_once("_v")?.0;
+    let name = old
+        .iter()
+        .find(|n| n.rsplit_once("_v").is_some_and(|(b, _)| b == base))?;
+    let data = aya::maps::MapData::from_pin(pin::map_path(dir, name)).ok()?;
+    let info = data.info().ok()?;
+    if info.value_size() as usize != size_of::<lb_common::Backend>() {
+        return None;
+    }
+    let array: aya::maps::Array<_, lb_common::Backend> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    Some(
+        array
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| Some((u32::try_from(i).ok()?, b.ok()?)))
+            .filter(|(_, b)| b.addr_be != 0 || b.generation != 0)
+            .collect(),
+    )
+}
+
 /// Carries conntrack and SNAT entries over from maps of another layout version pinned under
 /// `dir` (`old`: their file names) into the freshly loaded maps of `ebpf`, where the entry
-/// layout is the same (a version bump usually changes one map, not all of them). Called once
+/// layout is the same and [`take_over_flow_maps`] could not share the map itself (this
+/// version's map was already pinned, by an upgrade that stopped half-way). Called once
 /// at load and again right after the new programs took over (`missing_only`), for the flows
 /// the old programs created in between; the second pass never overwrites newer state.
 pub fn migrate_flows(
@@ -359,13 +431,7 @@ pub fn migrate_flows(
 ) -> Vec<Migration> {
     let mut out = Vec::new();
     for name in old {
-        let Some(target) = [map_names::CONNTRACK, map_names::SNAT]
-            .into_iter()
-            .find(|t| {
-                name.rsplit_once("_v")
-                    .is_some_and(|(base, _)| t.starts_with(&format!("{base}_v")))
-            })
-        else {
+        let Some(target) = flow_map_target(name) else {
             continue;
         };
         // BPF_NOEXIST: keep what the new datapath already wrote.

@@ -158,6 +158,12 @@ struct Ids {
     free: Vec<u32>,
     quarantine: Vec<u32>,
     generations: HashMap<u32, u32>,
+    /// Ids a previous layout version's datapath gave its backends (upgrade), by address and
+    /// port: a backend at the same place gets its id and generation back.
+    inherited: HashMap<(Ipv4Addr, u16), Vec<(u32, u32)>>,
+    /// The generation before the first of a fresh id: above every generation a previous
+    /// datapath's conntrack entries may name (upgrade), else 0.
+    floor: u32,
 }
 
 impl Ids {
@@ -168,7 +174,20 @@ impl Ids {
             free: Vec::new(),
             quarantine: Vec::new(),
             generations: HashMap::new(),
+            inherited: HashMap::new(),
+            floor: 0,
         }
+    }
+
+    /// The id for a new backend at `addr`: the one a previous layout version gave it, else a
+    /// fresh one.
+    fn alloc_for(&mut self, addr: BackendAddr) -> Option<(u32, u32)> {
+        if let Some(ids) = self.inherited.get_mut(&(addr.addr, addr.port))
+            && let Some(inherited) = ids.pop()
+        {
+            return Some(inherited);
+        }
+        self.alloc()
     }
 
     fn available(&self) -> usize {
@@ -185,7 +204,7 @@ impl Ids {
         } else {
             return None;
         };
-        let g = self.generations.entry(id).or_insert(0);
+        let g = self.generations.entry(id).or_insert(self.floor);
         *g = g.wrapping_add(1);
         Some((id, *g))
     }
@@ -584,8 +603,10 @@ impl Programmer {
                         continue;
                     }
                     // check_capacity made sure ids are available (maybe from draining ones).
-                    let Some((id, generation)) =
-                        self.ids.alloc().or_else(|| self.reclaim_draining())
+                    let Some((id, generation)) = self
+                        .ids
+                        .alloc_for(addr)
+                        .or_else(|| self.reclaim_draining())
                     else {
                         continue;
                     };
@@ -680,6 +701,52 @@ impl Programmer {
             if let Some(old) = self.frontends.insert(**addr, programmed) {
                 self.unref_ring(&old.ring);
             }
+        }
+    }
+
+    /// Before the first sync of an upgrade across layout versions, whose flow maps were taken
+    /// over: `old` is the previous version's backends map. Backends at the same address and
+    /// port get their old id and generation back, so the conntrack entries the old programs
+    /// made keep naming the right backend; an id that now goes to another backend gets a newer
+    /// generation, which invalidates the old entries naming it. Call
+    /// [`Programmer::release_inherited`] after that sync.
+    pub fn inherit_backend_ids(&mut self, old: &[(u32, Backend)]) {
+        let ids = &mut self.ids;
+        // Entries of backends removed before the upgrade are zeroed: their last generation is
+        // unknown, so fresh ids start well above every generation still visible.
+        let highest = old.iter().map(|(_, b)| b.generation).max().unwrap_or(0);
+        ids.floor = highest.saturating_add(1 << 16);
+        for (id, b) in old {
+            if *id == 0 || *id >= ids.limit || b.addr_be == 0 {
+                continue;
+            }
+            ids.generations.insert(*id, ids.floor);
+            ids.inherited
+                .entry((
+                    Ipv4Addr::from(b.addr_be.to_ne_bytes()),
+                    u16::from_be(b.port_be),
+                ))
+                .or_default()
+                .push((*id, b.generation));
+            ids.next = ids.next.max(id + 1);
+        }
+        let reserved: BTreeSet<u32> = ids
+            .inherited
+            .values()
+            .flatten()
+            .map(|(id, _)| *id)
+            .collect();
+        ids.free = (1..ids.next)
+            .rev()
+            .filter(|id| !reserved.contains(id))
+            .collect();
+    }
+
+    /// Frees the inherited ids no backend claimed (their backends left during the upgrade).
+    pub fn release_inherited(&mut self) {
+        let ids = &mut self.ids;
+        for (id, _) in ids.inherited.drain().flat_map(|(_, v)| v) {
+            ids.free.push(id);
         }
     }
 
@@ -918,6 +985,45 @@ mod tests {
         assert_eq!((id3, draining), (id1, false));
         assert!(g3 > g1, "a reused id keeps its generation");
         assert_eq!(id_of(&maps, 1), None);
+    }
+
+    /// An upgrade across layout versions keeps the old datapath's conntrack entries valid
+    /// for backends still at the same address, and no old entry names a backend that moved.
+    #[test]
+    fn an_upgrade_inherits_backend_ids_by_address() {
+        // The old datapath: .5 as id 7 (generation 3), .6 as id 2 (generation 1), id 4 .4.
+        let f = fe([10, 96, 0, 10], 80, Scope::Internal);
+        let seen = |maps: &FakeMaps, last: u8| {
+            maps.backends
+                .iter()
+                .find(|(_, b)| b.addr_be == u32::from_ne_bytes([10, 244, 1, last]))
+                .map(|(id, b)| (*id, b.generation))
+        };
+        let previous = vec![
+            (7, backend_value(&backend(5, true).addr, 3, true)),
+            (2, backend_value(&backend(6, false).addr, 1, false)),
+            (4, backend_value(&backend(4, false).addr, 0, false)),
+        ];
+        let mut new = Programmer::new(&caps());
+        new.inherit_backend_ids(&previous);
+        let mut maps = FakeMaps::default();
+        let d = state(vec![(
+            f,
+            spec(
+                "a",
+                vec![backend(5, true), backend(6, false), backend(8, false)],
+            ),
+        )]);
+        apply(&mut new, &mut maps, &d);
+        new.release_inherited();
+        assert_eq!(seen(&maps, 5), Some((7, 3)));
+        assert_eq!(seen(&maps, 6), Some((2, 1)));
+        let (id, generation) = seen(&maps, 8).expect(".8 programmed");
+        assert!(![7, 2].contains(&id), "{id}");
+        assert!(
+            generation > 3 + (1 << 15),
+            "{generation}: an old entry could name it"
+        );
     }
 
     #[test]

@@ -674,8 +674,9 @@ fn kill_and_restart(t: &Tomcat6, keep: &mut [(KeepAlive, String)]) {
 
 /// An upgrade to a build whose maps have another layout version (simulated: the running
 /// datapath's pinned maps are renamed to `_v0`, as an older build would have named them):
-/// the new agent builds fresh maps, carries the flows over, replaces the programs in place
-/// and removes the old maps; no connection breaks or fails.
+/// the new agent builds fresh service maps, takes the flow maps over (their entry layout is
+/// unchanged), replaces the programs in place and removes the old maps; no connection breaks
+/// or fails, also not one that opens while the programs are swapped.
 #[test]
 fn upgrade_across_map_layout_versions_drops_no_flow() {
     if !privileged("upgrade_across_map_layout_versions_drops_no_flow") {
@@ -709,9 +710,19 @@ fn upgrade_across_map_layout_versions_drops_no_flow() {
     assert_eq!(new_connections(&t, addr, 60).len(), 3);
     let log = wait_for_log(c, "agent-node1.log", "Replaced");
     assert!(
-        log.contains("migrated flows from the previous layout version"),
+        log.contains("took the flow map of the previous layout version over")
+            && log.contains("backend ids of the previous layout version kept"),
         "{log}"
     );
+    // The old maps go once the new programs are in place; the agent then says it is ready.
+    let deadline = Instant::now() + SYNC;
+    while c.agent_ready_count(0) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the upgraded agent never got ready"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
     let left: Vec<String> = std::fs::read_dir(&pins)
         .expect("pin dir")
         .flatten()
