@@ -603,10 +603,8 @@ impl Programmer {
                         continue;
                     }
                     // check_capacity made sure ids are available (maybe from draining ones).
-                    let Some((id, generation)) = self
-                        .ids
-                        .alloc_for(addr)
-                        .or_else(|| self.reclaim_draining())
+                    let Some((id, generation)) =
+                        self.ids.alloc_for(addr).or_else(|| self.reclaim_draining())
                     else {
                         continue;
                     };
