@@ -15,7 +15,7 @@ use std::{
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Stdio,
+    process::{Command, Stdio},
 };
 
 use crate::{Lab, LabError, Netns, Result, veth};
@@ -74,7 +74,7 @@ fn xdp_pass_object(dir: &Path) -> Result<PathBuf> {
         source,
     })?;
     crate::run(
-        std::process::Command::new(LLVM_MC)
+        Command::new(LLVM_MC)
             .args(["-triple", "bpfel", "-filetype=obj", "-o"])
             .arg(&obj)
             .arg(&src),
@@ -282,12 +282,32 @@ impl Cluster {
             .arg(&self.manifests)
             .arg("--pin-dir")
             .arg(self.pin_dir(node))
+            .arg("--socket-lb-cgroup")
+            .arg(self.node_cgroup(node)?)
             .args(["--node-name", &n.name, "--nic", "eth0"])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log);
         self.lab.spawn(&mut cmd)
+    }
+
+    /// The cgroup of node `node`'s own processes (its "host"): the agent attaches socket-level
+    /// load balancing to it.
+    pub fn node_cgroup(&self, node: usize) -> Result<PathBuf> {
+        self.lab.cgroup(&self.nodes[node].name)
+    }
+
+    /// `program` run as a process of node `node` itself: in its network namespace and its
+    /// cgroup, like a host-network pod or the kubelet.
+    pub fn node_process(
+        &self,
+        node: usize,
+        program: impl AsRef<std::ffi::OsStr>,
+    ) -> Result<Command> {
+        let mut cmd = self.nodes[node].ns.command(program);
+        crate::in_cgroup(&mut cmd, &self.node_cgroup(node)?)?;
+        Ok(cmd)
     }
 
     /// Syncs the agent of node `node` has logged so far.

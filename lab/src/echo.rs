@@ -49,6 +49,13 @@ pub fn http_get(addr: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
     get_on(s, addr, timeout)
 }
 
+/// Like [`http_get`], also returning the peer address the socket reports (`getpeername`).
+pub fn http_get_peer(addr: SocketAddrV4, timeout: Duration) -> io::Result<(Answer, SocketAddr)> {
+    let s = TcpStream::connect_timeout(&addr.into(), timeout)?;
+    let peer = s.peer_addr()?;
+    Ok((get_on(s, addr, timeout)?, peer))
+}
+
 /// Like [`http_get`], from local port `port` (a fixed 5-tuple, so a test that checks how
 /// flows spread is deterministic rather than at the mercy of ephemeral port choice).
 pub fn http_get_from(addr: SocketAddrV4, port: u16, timeout: Duration) -> io::Result<Answer> {
@@ -181,12 +188,36 @@ pub fn download_paced(
 
 /// Sends one datagram to `addr` and waits for the echo.
 pub fn udp_ask(addr: SocketAddrV4, timeout: Duration) -> io::Result<Answer> {
+    udp_ask_peer(addr, timeout).map(|(a, _)| a)
+}
+
+/// Like [`udp_ask`] (an unconnected socket: `sendto`, `recvfrom`), also returning the source
+/// address the echo arrived from.
+pub fn udp_ask_peer(addr: SocketAddrV4, timeout: Duration) -> io::Result<(Answer, SocketAddr)> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
     s.set_read_timeout(Some(timeout))?;
     s.send_to(b"who", addr)?;
     let mut buf = [0u8; 512];
-    let (n, _) = s.recv_from(&mut buf)?;
-    parse_answer(&String::from_utf8_lossy(&buf[..n]))
+    let (n, from) = s.recv_from(&mut buf)?;
+    Ok((parse_answer(&String::from_utf8_lossy(&buf[..n]))?, from))
+}
+
+/// What `xlb-echo ask` prints: the answer and the peer address the client's socket reported.
+#[must_use]
+pub fn format_asked(answer: &Answer, peer: SocketAddr) -> String {
+    format!("pod={} client={} peer={peer}", answer.pod, answer.client)
+}
+
+/// Parses [`format_asked`]'s line.
+pub fn parse_asked(line: &str) -> io::Result<(Answer, SocketAddr)> {
+    let answer = parse_answer(line)?;
+    let peer = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("peer=")?.parse().ok())
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidData, format!("no peer in {line:?}"))
+        })?;
+    Ok((answer, peer))
 }
 
 #[cfg(test)]

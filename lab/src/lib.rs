@@ -17,6 +17,7 @@ use std::{
     fs::File,
     io,
     os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
         Mutex,
@@ -139,27 +140,85 @@ pub fn remove_stale() -> Result<Vec<String>> {
             .split('-')
             .next()
             .and_then(|p| p.parse::<u32>().ok());
-        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        let alive = pid.is_some_and(|p| Path::new(&format!("/proc/{p}")).exists());
         if !alive {
             delete_netns(&ns);
             removed.push(ns);
         }
     }
-    for base in [std::env::temp_dir(), std::path::PathBuf::from(BPFFS)] {
+    // Cgroups hold no files of ours: rmdir, which fails while a process is inside.
+    if let Ok(root) = cgroup2_root()
+        && let Ok(entries) = std::fs::read_dir(&root)
+    {
+        for e in entries.flatten() {
+            if pid_of(&e.file_name().to_string_lossy())
+                .is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists())
+            {
+                let _ = std::fs::remove_dir(e.path());
+            }
+        }
+    }
+    for base in [std::env::temp_dir(), PathBuf::from(BPFFS)] {
         if let Ok(entries) = std::fs::read_dir(&base) {
             for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let pid = name
-                    .strip_prefix(PREFIX)
-                    .and_then(|r| r.split('-').next())
-                    .and_then(|p| p.parse::<u32>().ok());
-                if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                let pid = pid_of(&e.file_name().to_string_lossy());
+                if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
         }
     }
     Ok(removed)
+}
+
+/// The creator's pid in a lab name (`xlb-<pid>-…`).
+fn pid_of(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+/// Where the cgroup v2 hierarchy is mounted (`/sys/fs/cgroup`, or `/sys/fs/cgroup/unified` on
+/// hybrid hosts).
+pub fn cgroup2_root() -> Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").map_err(|source| LabError::Io {
+        what: "reading /proc/self/mounts",
+        source,
+    })?;
+    mounts
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| PathBuf::from(dir))
+        })
+        .ok_or_else(|| LabError::Io {
+            what: "no cgroup v2 hierarchy is mounted (socket-level load balancing needs one)",
+            source: io::ErrorKind::NotFound.into(),
+        })
+}
+
+/// Makes `cmd`'s process join the cgroup (v2) directory `dir` before it runs.
+pub fn in_cgroup(cmd: &mut Command, dir: &Path) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join("cgroup.procs"))
+        .map_err(|source| LabError::Io {
+            what: "opening a lab cgroup's cgroup.procs",
+            source,
+        })?;
+    // SAFETY: the closure runs in the forked child before exec and only calls write(2), which
+    // is async-signal-safe, on a descriptor opened here.
+    unsafe {
+        cmd.pre_exec(move || {
+            // "0" moves the writing process itself.
+            if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) == 1 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
+    }
+    Ok(())
 }
 
 /// Everything live labs of this process created, for the signal handler's cleanup.
@@ -235,6 +294,7 @@ pub struct Lab {
     tag: String,
     namespaces: Mutex<Vec<String>>,
     children: Mutex<Vec<Child>>,
+    cgroups: Mutex<Vec<PathBuf>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -253,7 +313,23 @@ impl Lab {
             tag: format!("{PREFIX}{}-{seq}{tag}", std::process::id()),
             namespaces: Mutex::new(Vec::new()),
             children: Mutex::new(Vec::new()),
+            cgroups: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The cgroup (v2) `name` of this lab, created on first use and removed with the lab: the
+    /// processes put in it (see [`in_cgroup`]) get a node's socket-level load balancing.
+    pub fn cgroup(&self, name: &str) -> Result<PathBuf> {
+        let dir = cgroup2_root()?.join(format!("{}-{name}", self.tag));
+        let mut cgroups = locked(&self.cgroups);
+        if !cgroups.contains(&dir) {
+            std::fs::create_dir(&dir).map_err(|source| LabError::Io {
+                what: "creating a lab cgroup",
+                source,
+            })?;
+            cgroups.push(dir.clone());
+        }
+        Ok(dir)
     }
 
     /// The lab's name prefix (also the name of its files' directory).
@@ -342,6 +418,14 @@ impl Drop for Lab {
         for ns in namespaces.drain(..).rev() {
             delete_netns(&ns);
             live(&LIVE_NAMESPACES).remove(&ns);
+        }
+        for dir in self
+            .cgroups
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .drain(..)
+        {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod map_names {
     pub const STATS: &str = "xlb_stats_v1";
     pub const SERVICE_STATS: &str = "xlb_svc_stats_v1";
     pub const CONFIG: &str = "xlb_config_v1";
+    pub const SOCK_REVNAT: &str = "xlb_sock_revnat_v1";
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -34,6 +35,8 @@ pub mod capacity {
     pub const RING_SLOTS: u32 = 16 * 1024 * 1024;
     pub const CONNTRACK: u32 = 1024 * 1024;
     pub const SNAT: u32 = 256 * 1024;
+    /// Sockets translated by socket-level load balancing whose peer address is read back.
+    pub const SOCK_REVNAT: u32 = 256 * 1024;
 }
 
 /// Ring slots per element of the ring slab map. The kernel stores array elements at an 8-byte
@@ -271,6 +274,28 @@ impl Verdict {
     }
 }
 
+/// Key of the socket reverse-translation map: a socket that socket-level load balancing
+/// pointed at a backend, and that backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockKey {
+    pub cookie: u64,
+    pub backend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the socket reverse-translation map: the frontend the socket asked for, which
+/// `getpeername()` and `recvmsg()` report instead of the backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SockRevNat {
+    pub frontend_addr_be: u32,
+    pub frontend_port_be: u16,
+    pub _pad: u16,
+}
+
 /// Value of the per-CPU stats map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -321,6 +346,12 @@ assert_layout!(Config, 64, 4);
 assert_offset!(Config, snat_timeout_new_s, 48);
 assert_offset!(Config, node_addrs_be, 16);
 assert_layout!(Counter, 16, 8);
+assert_layout!(SockKey, 16, 8);
+assert_offset!(SockKey, backend_addr_be, 8);
+assert_offset!(SockKey, backend_port_be, 12);
+assert_offset!(SockKey, proto, 14);
+assert_layout!(SockRevNat, 8, 4);
+assert_offset!(SockRevNat, frontend_port_be, 4);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -334,4 +365,6 @@ mod pod {
     unsafe impl aya::Pod for super::SnatEntry {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::Counter {}
+    unsafe impl aya::Pod for super::SockKey {}
+    unsafe impl aya::Pod for super::SockRevNat {}
 }

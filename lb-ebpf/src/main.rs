@@ -14,13 +14,14 @@ mod maps;
 mod nat;
 mod parse;
 mod select;
+mod sock;
 mod stats;
 
-use aya_ebpf::macros::{classifier, xdp};
+use aya_ebpf::macros::{cgroup_sock_addr, classifier, xdp};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
-    programs::{TcContext, XdpContext},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::{Scope, Verdict};
 
@@ -253,6 +254,37 @@ fn tc_send(ctx: &TcContext, f: &Flow, src_be: u32, dst_be: u32) -> i32 {
         Lookup::Fail => TC_ACT_OK,
     }
 }
+
+/// Socket-level load balancing (see `sock`): `connect()` of TCP and UDP sockets.
+#[cgroup_sock_addr(connect4)]
+pub fn xlb_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx);
+    SOCK_ALLOW
+}
+
+/// Socket-level load balancing: `sendmsg()` with an address (unconnected UDP).
+#[cgroup_sock_addr(sendmsg4)]
+pub fn xlb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx);
+    SOCK_ALLOW
+}
+
+/// Socket-level load balancing: the source of a received datagram reads as the frontend.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn xlb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx);
+    SOCK_ALLOW
+}
+
+/// Socket-level load balancing: `getpeername()` reads the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn xlb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx);
+    SOCK_ALLOW
+}
+
+/// A cgroup socket-address program's "go on with the call".
+const SOCK_ALLOW: i32 = 1;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

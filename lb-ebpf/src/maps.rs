@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey, RING_LANES, RingChunk,
-    SnatEntry, Verdict, capacity,
+    SnatEntry, SockKey, SockRevNat, Verdict, capacity,
 };
 
 /// Frontends: (address, port, protocol, scope) → the service's Maglev ring region.
@@ -49,3 +49,9 @@ pub static SERVICE_STATS: PerCpuArray<Counter> =
 /// Node configuration (one entry): SNAT address and port range.
 #[map(name = "xlb_config_v1")]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Sockets that socket-level load balancing pointed at a backend → the frontend they asked
+/// for, so the peer address a process reads back is the one it connected to.
+#[map(name = "xlb_sock_revnat_v1")]
+pub static SOCK_REVNAT: LruHashMap<SockKey, SockRevNat> =
+    LruHashMap::with_max_entries(capacity::SOCK_REVNAT, 0);

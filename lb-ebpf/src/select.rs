@@ -18,14 +18,33 @@ const SNAT_TRIES: u32 = 8;
 
 #[inline(always)]
 pub fn frontend(f: &Flow, scope: u8) -> Option<Frontend> {
+    frontend_at(f.dst_be, f.dport_be, f.proto, scope)
+}
+
+/// The frontend at (address, port, protocol) in `scope`.
+#[inline(always)]
+pub fn frontend_at(addr_be: u32, port_be: u16, proto: u8, scope: u8) -> Option<Frontend> {
     let k = FrontendKey {
-        addr_be: f.dst_be,
-        port_be: f.dport_be,
-        proto: f.proto,
+        addr_be,
+        port_be,
+        proto,
         scope,
     };
     // SAFETY: the value is copied out at once.
     unsafe { FRONTENDS.get(k) }.copied()
+}
+
+/// The backend (id and entry) that hash `h` lands on in frontend `fe`'s Maglev ring.
+#[inline(always)]
+pub fn maglev_pick(fe: &Frontend, h: u32) -> Option<(u32, Backend)> {
+    if fe.ring_size == 0 {
+        return None;
+    }
+    let slot = fe
+        .ring_offset
+        .wrapping_add(h.checked_rem(fe.ring_size).unwrap_or(0));
+    let id = ring_slot(slot);
+    backend(id, None).map(|b| (id, b))
 }
 
 #[inline(always)]
@@ -114,15 +133,8 @@ pub enum Hook {
 /// records it in conntrack.
 #[inline(always)]
 pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Forward, Verdict> {
-    if fe.ring_size == 0 {
-        return Err(Verdict::DropNoBackend);
-    }
     let h = flow_hash(f.src_be, f.dst_be, f.sport_be, f.dport_be, f.proto);
-    let slot = fe
-        .ring_offset
-        .wrapping_add(h.checked_rem(fe.ring_size).unwrap_or(0));
-    let id = ring_slot(slot);
-    let b = backend(id, None).ok_or(Verdict::DropNoBackend)?;
+    let (id, b) = maglev_pick(fe, h).ok_or(Verdict::DropNoBackend)?;
     let snat = match hook {
         Hook::Nic if b.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_SNAT_REMOTE != 0 => {
             Some(reserve_snat(f, &b, h, fe.service_id)?)

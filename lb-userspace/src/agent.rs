@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub nics: Vec<String>,
     /// Globs of pod-facing interfaces for TC.
     pub pod_ifaces: Vec<String>,
+    /// Cgroup (v2) whose processes get socket-level load balancing, if any.
+    pub socket_lb_cgroup: Option<PathBuf>,
     /// SNAT source address; `None`: the node's first address.
     pub snat_addr: Option<Ipv4Addr>,
     /// SNAT port range, inclusive.
@@ -378,6 +380,7 @@ struct Attached {
     started: bool,
     nics: Vec<String>,
     pod_ifaces: std::collections::BTreeSet<String>,
+    sock: bool,
 }
 
 impl Attached {
@@ -411,6 +414,11 @@ impl Attached {
         if self.nics.is_empty() {
             return Err(AgentError::NoNic(nics.join(",")));
         }
+        if let Some(cgroup) = &cfg.socket_lb_cgroup {
+            let how = loader::attach_sock_pinned(ebpf, cgroup, &cfg.pin_dir)?;
+            self.sock = true;
+            info!(cgroup = %cgroup.display(), how = ?how, "socket-level load balancing attached");
+        }
         // Subscribe before listing, so no link falls between the two.
         let watcher = netlink::LinkWatcher::new().map_err(AgentError::Netlink)?;
         std::thread::spawn(move || {
@@ -430,7 +438,11 @@ impl Attached {
     }
 
     fn report(&self, metrics: &Metrics) {
-        metrics.set_attached(self.nics.len(), self.pod_ifaces.len());
+        metrics.set_attached(
+            self.nics.len(),
+            self.pod_ifaces.len(),
+            usize::from(self.sock),
+        );
     }
 
     fn on_link(&mut self, ebpf: &mut Ebpf, cfg: &AgentConfig, event: &LinkEvent) {

@@ -11,7 +11,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        SchedClassifier, TcAttachType, Xdp,
+        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpMode,
     },
@@ -29,6 +29,15 @@ pub const PROG_POD: &str = "xlb_pod";
 /// The benchmark floor (an XDP program that only returns `XDP_PASS`). [`load`] leaves it out:
 /// only the benchmark loads it, through [`floor_program`].
 pub const PROG_FLOOR: &str = "xlb_noop";
+/// Socket-level load balancing (cgroup socket-address hooks), loaded only when attached.
+pub const PROGS_SOCK: [&str; 4] = [
+    "xlb_connect4",
+    "xlb_sendmsg4",
+    "xlb_recvmsg4",
+    "xlb_getpeername4",
+];
+/// Pinned links of the socket hooks start with this (interface links with their hook name).
+const SOCK_LINK_PREFIX: &str = "sock-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoaderError {
@@ -46,12 +55,18 @@ pub enum LoaderError {
         #[source]
         source: io::Error,
     },
+    #[error("cgroup {path} (for socket-level load balancing): {source}")]
+    Cgroup {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("pinned link {path}: {message}")]
     Link { path: PathBuf, message: String },
 }
 
 /// Every map of the datapath, by name.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::RINGS,
@@ -60,6 +75,7 @@ pub const MAP_NAMES: [&str; 8] = [
     map_names::STATS,
     map_names::SERVICE_STATS,
     map_names::CONFIG,
+    map_names::SOCK_REVNAT,
 ];
 
 /// Map capacities, chosen at load time.
@@ -247,6 +263,60 @@ pub fn attach_nic_pinned(
     })
 }
 
+/// Attaches the socket-level load-balancing programs to the cgroup (v2) directory `cgroup`,
+/// pinned under `dir`: `connect()`/`sendmsg()` of the cgroup's processes to a frontend go to a
+/// backend. Link attachments let other programs run too, so a previous agent's pinned
+/// ones are taken over by attaching first and then dropping the old link (the new pin is
+/// renamed over the old one): no call goes untranslated in between, and while both run the
+/// second sees a backend's address, which is no frontend, and leaves it.
+pub fn attach_sock_pinned(
+    ebpf: &mut Ebpf,
+    cgroup: &Path,
+    dir: &Path,
+) -> Result<Attachment, LoaderError> {
+    let cgroup_err = |source| LoaderError::Cgroup {
+        path: cgroup.to_owned(),
+        source,
+    };
+    let cg = fs::File::open(cgroup).map_err(cgroup_err)?;
+    let mut replaced = false;
+    for name in PROGS_SOCK {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoaderError::MissingProgram(name))?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| LoaderError::Program(name, e))?;
+        }
+        let id = prog
+            // A link attachment always lets others run too (the kernel takes no flags).
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(|e| LoaderError::Program(name, e))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| LoaderError::Program(name, e))?;
+        let path = pin::links_dir(dir).join(format!("{SOCK_LINK_PREFIX}{name}"));
+        // bpffs names take no dots.
+        let fresh = pin::links_dir(dir).join(format!("{SOCK_LINK_PREFIX}{name}-new"));
+        let _ = fs::remove_file(&fresh);
+        let link = FdLink::try_from(link).map_err(|e| LoaderError::Link {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        pin_new_link(&fresh, link)?;
+        replaced |= path.exists();
+        fs::rename(&fresh, &path).map_err(|source| LoaderError::PinDir {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(if replaced {
+        Attachment::Replaced
+    } else {
+        Attachment::Attached
+    })
+}
+
 /// Attaches the pod program to `iface`'s ingress, pinned under `dir`; takes over a pinned
 /// attachment.
 pub fn attach_pod_pinned(
@@ -311,6 +381,9 @@ pub fn remove_stale_links(dir: &Path) -> Vec<String> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(SOCK_LINK_PREFIX) {
+            continue;
+        }
         let live = name
             .split_once('-')
             .and_then(|(_, rest)| rest.rsplit_once('-'))

@@ -177,6 +177,12 @@ struct AgentArgs {
     /// Glob of pod-facing interfaces to attach TC to (repeatable).
     #[arg(long = "pod-ifaces", default_value = "lxc*")]
     pod_ifaces: Vec<String>,
+    /// Socket-level load balancing for the processes of this cgroup (v2) directory, e.g.
+    /// /sys/fs/cgroup (every process of the node): their connections to a Service from the
+    /// host's network namespace (host-network pods, the kubelet) go to its backends, as
+    /// kube-proxy's OUTPUT rules do. Off when not given.
+    #[arg(long, value_name = "CGROUP_DIR")]
+    socket_lb_cgroup: Option<PathBuf>,
     /// Source address of SNATed flows. Default: the node's first address.
     #[arg(long)]
     snat_addr: Option<Ipv4Addr>,
@@ -231,6 +237,7 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
         node_name: a.node_name,
         nics: a.nics,
         pod_ifaces: a.pod_ifaces,
+        socket_lb_cgroup: a.socket_lb_cgroup,
         snat_addr: a.snat_addr,
         snat_ports: parse_range(&a.snat_ports).context("--snat-ports")?,
         debounce: Duration::from_millis(a.debounce_ms),

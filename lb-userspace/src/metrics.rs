@@ -546,13 +546,12 @@ impl Metrics {
     }
 
     /// Records what the datapath is attached to.
-    pub fn set_attached(&self, xdp: usize, tc: usize) {
-        self.attached
-            .get_or_create(&[("hook", "xdp")])
-            .set(gauge(xdp));
-        self.attached
-            .get_or_create(&[("hook", "tc")])
-            .set(gauge(tc));
+    /// Attached interfaces per hook; `cgroups`: the cgroup with socket-level load balancing
+    /// (0 or 1).
+    pub fn set_attached(&self, xdp: usize, tc: usize, cgroups: usize) {
+        for (hook, n) in [("xdp", xdp), ("tc", tc), ("cgroup", cgroups)] {
+            self.attached.get_or_create(&[("hook", hook)]).set(gauge(n));
+        }
     }
 
     /// Every metric in the Prometheus text format; asks for a walk of the conntrack and SNAT
@@ -691,7 +690,7 @@ mod tests {
         failed.failed_services = 1;
         failed.changed_at = None;
         m.observe_sync(&failed);
-        m.set_attached(1, 3);
+        m.set_attached(1, 3, 0);
         let text = m.encode().expect("encode");
         for (series, expected) in [
             ("xlb_syncs_total", "2"),

@@ -3,7 +3,7 @@
 //! it down, also on failure.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     thread,
     time::{Duration, Instant},
@@ -193,6 +193,47 @@ fn cluster_ip_from_a_pod() {
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
 
+/// `xlb-echo ask <proto> <addr>` run as a process of node `node` itself (its network
+/// namespace and cgroup): the answer and the peer address its socket reported.
+fn ask_from_node(
+    c: &Cluster,
+    node: usize,
+    proto: &str,
+    addr: SocketAddrV4,
+) -> Result<(Answer, SocketAddr), String> {
+    let out = c
+        .node_process(node, echo_bin())
+        .map_err(|e| e.to_string())?
+        .args(["ask", proto, &addr.to_string()])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    echo::parse_asked(String::from_utf8_lossy(&out.stdout).trim()).map_err(|e| e.to_string())
+}
+
+/// Processes of a node itself (host-network pods, the kubelet) reach a ClusterIP as through
+/// kube-proxy: socket-level load balancing points each `connect()` at a backend, every pod
+/// answers, the pods see the node's address, and the socket reports the ClusterIP as its peer.
+#[test]
+fn cluster_ip_from_the_node_itself() {
+    if !privileged("cluster_ip_from_the_node_itself") {
+        return;
+    }
+    let t = tomcat6("host", 3);
+    let cluster_ip = SocketAddrV4::new(CLUSTER_IP, 80);
+    let mut seen = BTreeMap::new();
+    for _ in 0..40 {
+        let (a, peer) = ask_from_node(&t.cluster, 0, "tcp", cluster_ip)
+            .unwrap_or_else(|e| panic!("ClusterIP from the node: {e}"));
+        assert_eq!(peer, SocketAddr::V4(cluster_ip), "getpeername");
+        assert_eq!(ip_of(&a), IpAddr::V4(t.cluster.nodes[0].ip), "{a:?}");
+        *seen.entry(a.pod).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
 fn start_agents(c: &Cluster) {
     for n in 0..c.nodes.len() {
         c.start_agent(n, &xlb_bin(), &[]).expect("agent");
@@ -338,6 +379,15 @@ fn load_balancer_external_ip_udp_multi_port_named_target_port() {
         });
         assert!(a.pod.starts_with("multi-"), "UDP {addr}: {a:?}");
     }
+    // UDP from the node itself (socket-level load balancing of sendto/recvfrom).
+    let (a, from) = ask_from_node(&c, 0, "udp", lb([10, 96, 0, 20], 53))
+        .unwrap_or_else(|e| panic!("UDP ClusterIP from the node: {e}"));
+    assert!(a.pod.starts_with("multi-"), "{a:?}");
+    assert_eq!(
+        from,
+        SocketAddr::V4(lb([10, 96, 0, 20], 53)),
+        "recvfrom source"
+    );
     // UDP from a pod to the ClusterIP.
     let a = eventually("UDP from pod", || {
         c.pods[0]
@@ -810,6 +860,11 @@ fn metrics_and_health_endpoints_report_the_datapath() {
         sample(&page, "xlb_attached_interfaces{hook=\"tc\"}"),
         1,
         "one pod per node"
+    );
+    assert_eq!(
+        sample(&page, "xlb_attached_interfaces{hook=\"cgroup\"}"),
+        1,
+        "socket-level load balancing on the node's cgroup"
     );
     // tomcat6 has ClusterIP and NodePort (one node address) frontends, in two scopes each.
     assert_eq!(sample(&page, "xlb_map_entries{map=\"frontends\"}"), 4);

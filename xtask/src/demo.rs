@@ -7,6 +7,7 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddrV4,
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -46,6 +47,40 @@ impl Tally {
             }
         }
     }
+
+    /// The same request made by a process of node `node` itself (`xlb-echo ask`, in the
+    /// node's network namespace and cgroup, like a host-network pod).
+    fn ask_as_node(&mut self, lab: &Tomcat6, node: usize, echo: &Path, addr: SocketAddrV4) {
+        let url = format!("http://{addr}/");
+        let out = lab
+            .cluster
+            .node_process(node, echo)
+            .map_err(anyhow::Error::from)
+            .and_then(|mut cmd| {
+                Ok(cmd
+                    .args(["ask", "tcp", &addr.to_string()])
+                    .stdin(std::process::Stdio::null())
+                    .output()?)
+            });
+        let answer = out.and_then(|o| {
+            if !o.status.success() {
+                bail!("{}", String::from_utf8_lossy(&o.stderr).trim());
+            }
+            Ok(echo::parse_asked(
+                String::from_utf8_lossy(&o.stdout).trim(),
+            )?)
+        });
+        match answer {
+            Ok((a, _)) => {
+                println!("  {url:<28} {:<26} {}", a.pod, a.client);
+                *self.answered.entry(a.pod).or_default() += 1;
+            }
+            Err(e) => {
+                self.failures += 1;
+                println!("  {url:<28} FAILED: {e}");
+            }
+        }
+    }
 }
 
 pub fn run_demo() -> anyhow::Result<()> {
@@ -67,7 +102,7 @@ pub fn run_demo() -> anyhow::Result<()> {
     ]))?;
     let started = Instant::now();
     let lab = start_lab()?;
-    let tally = make_requests(&lab);
+    let tally = make_requests(&lab, &root().join("target/release/xlb-echo"));
     for i in 0..lab.cluster.pods.len() {
         let name = pod_name(i);
         let n = tally.answered.get(&name).copied().unwrap_or(0);
@@ -134,7 +169,7 @@ fn start_lab() -> anyhow::Result<Tomcat6> {
     Ok(lab)
 }
 
-fn make_requests(lab: &Tomcat6) -> Tally {
+fn make_requests(lab: &Tomcat6, echo: &Path) -> Tally {
     println!("demo: agents programmed; the client (192.168.50.100) now curls every node:\n");
     println!("  {:<28} {:<26} pod saw client", "request", "answered by");
     let mut tally = Tally::default();
@@ -156,6 +191,15 @@ fn make_requests(lab: &Tomcat6) -> Tally {
     );
     for _ in 0..REQUESTS_PER_NODE {
         tally.ask(&from.ns, SocketAddrV4::new(CLUSTER_IP, 80));
+    }
+    let node = &lab.cluster.nodes[0];
+    println!(
+        "\ndemo: from node {} itself (a host-network process, {}), the same ClusterIP\n      \
+         (socket-level load balancing: its connect() goes straight to a pod):\n",
+        node.name, node.ip
+    );
+    for _ in 0..REQUESTS_PER_NODE {
+        tally.ask_as_node(lab, 0, echo, SocketAddrV4::new(CLUSTER_IP, 80));
     }
     println!();
     tally

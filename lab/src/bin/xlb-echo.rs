@@ -3,18 +3,26 @@
 //! address was kept. `GET /bytes/N` streams N bytes of a fixed pattern (large transfers).
 //!
 //! Usage: `xlb-echo <pod-name> <port>...` (TCP and UDP on each port, all addresses).
+//!
+//! `xlb-echo ask tcp|udp <address:port>` is the client side, for tests that need a process
+//! of its own (one in a given cgroup): one request, then `pod=… client=… peer=…` where peer
+//! is the address the socket reported (`getpeername`, or the source of the echo).
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{TcpListener, TcpStream, UdpSocket},
+    net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     process::ExitCode,
     thread,
+    time::Duration,
 };
 
-use lb_lab::echo::pattern_chunk;
+use lb_lab::echo::{self, pattern_chunk};
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let name = args.next();
+    if name.as_deref() == Some("ask") {
+        return ask(args.next().as_deref(), args.next().as_deref());
+    }
     let ports: Vec<u16> = args.filter_map(|p| p.parse().ok()).collect();
     let Some(name) = name.filter(|_| !ports.is_empty()) else {
         eprintln!("usage: xlb-echo <pod-name> <port>...");
@@ -54,6 +62,32 @@ fn main() -> ExitCode {
         let _ = t.join();
     }
     ExitCode::SUCCESS
+}
+
+fn ask(proto: Option<&str>, addr: Option<&str>) -> ExitCode {
+    const TIMEOUT: Duration = Duration::from_secs(5);
+    let Some(addr) = addr.and_then(|a| a.parse::<SocketAddrV4>().ok()) else {
+        eprintln!("usage: xlb-echo ask tcp|udp <address:port>");
+        return ExitCode::FAILURE;
+    };
+    let asked = match proto {
+        Some("tcp") => echo::http_get_peer(addr, TIMEOUT),
+        Some("udp") => echo::udp_ask_peer(addr, TIMEOUT),
+        _ => {
+            eprintln!("usage: xlb-echo ask tcp|udp <address:port>");
+            return ExitCode::FAILURE;
+        }
+    };
+    match asked {
+        Ok((answer, peer)) => {
+            println!("{}", echo::format_asked(&answer, peer));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("xlb-echo: asking {addr}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Serves HTTP/1.1 requests on one connection until the client closes it.
