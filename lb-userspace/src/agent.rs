@@ -1,5 +1,6 @@
-//! The agent: sources fill the shared store; after a quiet period the whole store is
-//! translated (`model`) and the difference programmed (`programmer` → maps); the datapath is
+//! The agent: sources fill the shared store; after a quiet period the store is translated
+//! (`model`, incrementally: only the Services whose objects changed) and the difference
+//! programmed (`programmer` → maps); the datapath is
 //! attached to the node's NICs (XDP) and to pod interfaces (TC), including ones that appear
 //! later. Nothing is programmed before every source has listed everything once, and nothing is
 //! attached before the first full sync is in the maps. Metrics and health are served over HTTP
@@ -21,7 +22,7 @@ use crate::{
     loader::{self, Capacities, LoaderError},
     maps::{AyaMaps, LbMaps as _, MapsError, Op},
     metrics::{DatapathSources, Metrics, MetricsError, SyncReport},
-    model::{self, ModelOptions, NodeInfo},
+    model::{ModelOptions, NodeInfo, Translator},
     netlink::{self, LinkEvent},
     programmer::Programmer,
     source::{kube as kube_source, manifests, shared::SharedStore},
@@ -107,6 +108,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         });
     }
 
+    let mut translator = Translator::new(cfg.model.clone());
     let mut attached = Attached::default();
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
     let mut node: Option<NodeInfo> = None;
@@ -130,7 +132,12 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     write_config(&mut maps, &cfg, &n)?;
                     node = Some(n.clone());
                 }
-                let errors = sync(&store, &n, &cfg, &mut programmer, &mut maps, &metrics);
+                let mut state = SyncState {
+                    translator: &mut translator,
+                    programmer: &mut programmer,
+                    maps: &mut maps,
+                };
+                let errors = sync(&store, &n, &mut state, &metrics);
                 release_free_memory();
                 if !attached.started {
                     programmer.release_inherited();
@@ -214,8 +221,14 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     if adopted.maps.is_empty() {
         info!(pin_dir = %cfg.pin_dir.display(), "fresh datapath maps pinned");
     } else {
-        let adoption =
-            programmer.adopt(&maps.frontends(), &maps.backends(), |o, n| maps.ring(o, n));
+        // A ring that cannot be read is adopted empty: the first sync writes a new one.
+        let ring = |offset, size| {
+            maps.ring(offset, size).unwrap_or_else(|e| {
+                warn!(offset, size, error = %e, "cannot read a pinned ring region");
+                Vec::new()
+            })
+        };
+        let adoption = programmer.adopt(&maps.frontends(), &maps.backends(), ring);
         info!(
             maps = adopted.maps.len(),
             frontends = adoption.frontends,
@@ -306,20 +319,30 @@ fn write_config(maps: &mut AyaMaps, cfg: &AgentConfig, node: &NodeInfo) -> Resul
     Ok(())
 }
 
-/// One sync: the whole store → desired state → the difference, applied in order. Returns the
-/// number of map writes that failed.
+/// What a sync reads and updates besides the store.
+struct SyncState<'a> {
+    translator: &'a mut Translator,
+    programmer: &'a mut Programmer,
+    maps: &'a mut AyaMaps,
+}
+
+/// One sync: the store's changes → desired state (translated again where objects changed) →
+/// the difference, applied in order. Returns the number of map writes that failed.
 fn sync(
     store: &SharedStore,
     node: &NodeInfo,
-    cfg: &AgentConfig,
-    programmer: &mut Programmer,
-    maps: &mut AyaMaps,
+    state: &mut SyncState<'_>,
     metrics: &Metrics,
 ) -> usize {
     let started = Instant::now();
-    let ((desired, source_invalid), changed_at) =
-        store.read_changes(|s, inv| (model::desired(s, node, &cfg.model), inv.to_vec()));
-    let plan = programmer.plan(&desired.state);
+    let SyncState {
+        translator,
+        programmer,
+        maps,
+    } = state;
+    let ((changed, source_invalid), changed_at) =
+        store.read_changes(|s, changes, inv| (translator.update(s, node, changes), inv.to_vec()));
+    let plan = programmer.plan_changes(translator.state(), &changed);
     let mut errors = 0usize;
     for op in &plan.ops {
         if let Err(e) = maps.apply(op) {
@@ -328,23 +351,24 @@ fn sync(
         }
     }
     let programmed_at = Instant::now();
+    let mut invalid = translator.invalid();
+    invalid.extend(source_invalid);
     info!(
         frontends = programmer.frontend_count(),
         backends = programmer.backend_count(),
         ring_slots = programmer.ring_slots_used(),
+        changed_frontends = changed.len(),
         ops = plan.ops.len(),
         failed_services = plan.failed.len(),
-        invalid_objects = desired.invalid.len() + source_invalid.len(),
+        invalid_objects = invalid.len(),
         errors,
         took_ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
         "sync"
     );
-    let mut invalid = desired.invalid;
-    invalid.extend(source_invalid);
     let failed_services: std::collections::BTreeSet<(&str, &str)> = plan
         .failed
         .iter()
-        .map(|(s, _)| (s.namespace.as_str(), s.name.as_str()))
+        .map(|(s, _)| (&*s.namespace, &*s.name))
         .collect();
     metrics.set_services(programmer.services());
     metrics.observe_sync(&SyncReport {

@@ -67,44 +67,19 @@ pub trait LbMaps {
     fn apply(&mut self, op: &Op) -> Result<(), MapsError>;
 }
 
-/// The ring slab, memory-mapped: a region is written with plain stores.
+/// The ring slab (a `BPF_F_MMAPABLE` array): a region is written with plain stores through a
+/// mapping of just the pages it covers, made for that write and removed after it. The kernel
+/// puts every page of such a mapping in place at `mmap`, so a mapping of the whole slab would
+/// count all of it (64 MiB by default) in the agent's RSS for as long as it lived; the slab's
+/// memory belongs to the map, which the datapath keeps whether or not the agent maps it.
 struct RingSlab {
-    _map: MapData,
-    base: NonNull<u32>,
-    len: usize,
+    map: MapData,
     slots: u32,
 }
 
-// SAFETY: the mapping is owned by this value and only written through &mut self.
-unsafe impl Send for RingSlab {}
-
 impl RingSlab {
-    fn new(map: MapData, slots: u32) -> Result<Self, MapsError> {
-        let page = 4096usize;
-        let len = (slots as usize * 4).div_ceil(page) * page;
-        // SAFETY: mapping a BPF_F_MMAPABLE array's fd, shared, for its whole size; the
-        // mapping stays valid while `map` (its fd) lives, and we unmap it in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(MapsError::Mmap(io::Error::last_os_error()));
-        }
-        let base =
-            NonNull::new(ptr.cast::<u32>()).ok_or(MapsError::Mmap(io::Error::other("null")))?;
-        Ok(Self {
-            _map: map,
-            base,
-            len,
-            slots,
-        })
+    fn new(map: MapData, slots: u32) -> Self {
+        Self { map, slots }
     }
 
     fn write(&mut self, offset: u32, slots: &[u32]) -> Result<(), MapsError> {
@@ -115,11 +90,16 @@ impl RingSlab {
                 capacity: self.slots,
             });
         }
-        // SAFETY: bounds checked above; the region is ours (the programmer allocates regions
-        // and never hands one to two frontends with different contents). Volatile stores:
-        // the datapath reads this memory concurrently.
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let window = Window::map(&self.map, offset, slots.len(), true)?;
+        // SAFETY: the window maps exactly slots offset..offset + slots.len() (bounds checked
+        // above); the region is ours (the programmer allocates regions and never hands one to
+        // two frontends with different contents). Volatile stores: the datapath reads this
+        // memory concurrently.
         unsafe {
-            let dst = self.base.as_ptr().add(offset as usize);
+            let dst = window.first;
             for (i, s) in slots.iter().enumerate() {
                 dst.add(i).write_volatile(*s);
             }
@@ -128,19 +108,74 @@ impl RingSlab {
         Ok(())
     }
 
-    fn read(&self, offset: u32, len: u32) -> Vec<u32> {
+    fn read(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapsError> {
         let end = (u64::from(offset) + u64::from(len)).min(u64::from(self.slots));
-        // SAFETY: clamped to the slab.
-        (u64::from(offset)..end)
-            .map(|i| unsafe { self.base.as_ptr().add(i as usize).read_volatile() })
-            .collect()
+        let Some(len) = end.checked_sub(u64::from(offset)).filter(|n| *n > 0) else {
+            return Ok(Vec::new());
+        };
+        let len = len as usize;
+        let window = Window::map(&self.map, offset, len, false)?;
+        // SAFETY: the window maps exactly slots offset..end, which lie in the slab.
+        Ok((0..len)
+            .map(|i| unsafe { window.first.add(i).read_volatile() })
+            .collect())
     }
 }
 
-impl Drop for RingSlab {
+/// The pages of the slab that hold some of its slots, mapped until dropped.
+struct Window {
+    base: NonNull<libc::c_void>,
+    len: usize,
+    /// The first slot asked for.
+    first: *mut u32,
+}
+
+impl Window {
+    /// Maps the pages holding slots `offset..offset + count` (`count` > 0, inside the slab).
+    fn map(map: &MapData, offset: u32, count: usize, write: bool) -> Result<Self, MapsError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| *p > 0)
+            .unwrap_or(4096);
+        let start = offset as usize * 4;
+        let end = start + count * 4;
+        let map_start = start / page * page;
+        let len = (end - map_start).div_ceil(page) * page;
+        let file_offset = libc::off_t::try_from(map_start)
+            .map_err(|_| MapsError::Mmap(io::Error::other("ring offset beyond off_t")))?;
+        let prot = if write {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a shared mapping of pages of a BPF_F_MMAPABLE array's fd, inside the array
+        // (the kernel refuses anything beyond it); Drop unmaps exactly this mapping.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                file_offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MapsError::Mmap(io::Error::last_os_error()));
+        }
+        let base = NonNull::new(ptr).ok_or(MapsError::Mmap(io::Error::other("null")))?;
+        // SAFETY: mmap returns a page-aligned address, and (start - map_start) / 4 slots
+        // (start and map_start are multiples of 4) lie within the first page of the mapping.
+        let first = unsafe { ptr.cast::<u32>().add((start - map_start) / 4) };
+        Ok(Self { base, len, first })
+    }
+}
+
+impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        // SAFETY: unmapping exactly what map() mapped.
+        unsafe { libc::munmap(self.base.as_ptr(), self.len) };
     }
 }
 
@@ -183,7 +218,7 @@ impl AyaMaps {
             .map_err(err(map_names::RINGS))?
             .max_entries();
         let slots = elements * lb_common::RING_LANES;
-        let rings = RingSlab::new(ring_data, slots)?;
+        let rings = RingSlab::new(ring_data, slots);
         Ok(Self {
             frontends,
             frontend_capacity,
@@ -221,9 +256,8 @@ impl AyaMaps {
         self.frontends.iter().filter_map(Result::ok).collect()
     }
 
-    /// Reads a ring region back (inspection, tests).
-    #[must_use]
-    pub fn ring(&self, offset: u32, len: u32) -> Vec<u32> {
+    /// Reads a ring region back (adoption at start).
+    pub fn ring(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapsError> {
         self.rings.read(offset, len)
     }
 }
