@@ -633,16 +633,21 @@ impl Programmer {
                 free: free_frontends,
             });
         }
-        let new_backends: BTreeSet<BackendAddr> = frontends
+        let wanted: BTreeSet<BackendAddr> = frontends
             .iter()
             .flat_map(|(_, s)| s.backends.iter().map(|b| b.addr))
-            .filter(|a| !self.backends.contains_key(a) && !self.draining.contains_key(a))
+            .filter(|a| !self.backends.contains_key(a))
             .collect();
-        // Ids of draining backends can be taken back.
-        let free = self.ids.available() + self.draining.len();
-        if new_backends.len() > free {
+        let returning = wanted
+            .iter()
+            .filter(|a| self.draining.contains_key(a))
+            .count();
+        let new_backends = wanted.len() - returning;
+        // Ids of draining backends can be taken back, except those of backends that return.
+        let free = self.ids.available() + self.draining.len() - returning;
+        if new_backends > free {
             return Err(PlanError::BackendsFull {
-                needed: new_backends.len(),
+                needed: new_backends,
                 free,
             });
         }
@@ -683,12 +688,15 @@ impl Programmer {
         Ok(new_rings)
     }
 
-    /// New backends, and backends whose locality changed.
+    /// New backends, backends back from draining, and backends whose locality changed.
+    /// Returning backends are taken back first, so a new backend never takes the id of one
+    /// that returns in the same service (which would end its established flows).
     fn emit_backends(&mut self, frontends: &[(&FrontendAddr, &FrontendSpec)], out: &mut Buckets) {
         let all: BTreeMap<BackendAddr, &BackendSpec> = frontends
             .iter()
             .flat_map(|(_, s)| s.backends.iter().map(|b| (b.addr, b)))
             .collect();
+        let mut new = Vec::new();
         for (addr, spec) in all {
             match self.backends.get_mut(&addr) {
                 Some(b) if b.local == spec.local => {}
@@ -700,40 +708,44 @@ impl Programmer {
                     });
                 }
                 None => {
-                    if let Some((seq, b)) = self.draining.remove(&addr) {
-                        // Back from draining: same id and generation, so its established
-                        // flows stay valid.
-                        self.drain_order.remove(&seq);
-                        let value = backend_value(&addr, b.generation, spec.local);
-                        out.backends.push(Op::SetBackend { id: b.id, value });
-                        self.backends.insert(
-                            addr,
-                            BackendEntry {
-                                local: spec.local,
-                                ..b
-                            },
-                        );
-                        continue;
-                    }
-                    // check_capacity made sure ids are available (maybe from draining ones).
-                    let Some((id, generation)) =
-                        self.ids.alloc_for(addr).or_else(|| self.reclaim_draining())
-                    else {
+                    let Some((seq, b)) = self.draining.remove(&addr) else {
+                        new.push((addr, spec));
                         continue;
                     };
-                    let entry = BackendEntry {
-                        id,
-                        generation,
-                        local: spec.local,
-                        rings: 0,
-                    };
-                    self.backends.insert(addr, entry);
-                    out.backends.push(Op::SetBackend {
-                        id,
-                        value: backend_value(&addr, generation, spec.local),
-                    });
+                    // Back from draining: same id and generation, so its established flows
+                    // stay valid.
+                    self.drain_order.remove(&seq);
+                    let value = backend_value(&addr, b.generation, spec.local);
+                    out.backends.push(Op::SetBackend { id: b.id, value });
+                    self.backends.insert(
+                        addr,
+                        BackendEntry {
+                            local: spec.local,
+                            ..b
+                        },
+                    );
                 }
             }
+        }
+        for (addr, spec) in new {
+            // check_capacity made sure ids are available (maybe from draining ones); a backend
+            // a previous layout version knew gets its id back.
+            let Some((id, generation)) =
+                self.ids.alloc_for(addr).or_else(|| self.reclaim_draining())
+            else {
+                continue;
+            };
+            let entry = BackendEntry {
+                id,
+                generation,
+                local: spec.local,
+                rings: 0,
+            };
+            self.backends.insert(addr, entry);
+            out.backends.push(Op::SetBackend {
+                id,
+                value: backend_value(&addr, generation, spec.local),
+            });
         }
     }
 
@@ -1172,6 +1184,66 @@ mod tests {
         assert!(
             generation > 3 + (1 << 15),
             "{generation}: an old entry could name it"
+        );
+    }
+
+    /// A backend returning from draining keeps its id even when a new backend of the same
+    /// service needs a draining one's id; and it is no id a new backend can count on.
+    #[test]
+    fn a_returning_backend_keeps_its_id_when_the_pool_is_dry() {
+        // Ids 1 and 2 only.
+        let caps = Capacities {
+            backends: 3,
+            ..caps()
+        };
+        let mut p = Programmer::new(&caps);
+        let mut maps = FakeMaps::default();
+        let f = fe([10, 96, 0, 10], 80, Scope::Internal);
+        let with = |b: Vec<BackendSpec>| state(vec![(f, spec("a", b))]);
+        let id_of = |maps: &FakeMaps, last: u8| {
+            let want = backend_value(&backend(last, false).addr, 0, false).addr_be;
+            maps.backends
+                .iter()
+                .find(|(_, b)| b.addr_be == want)
+                .map(|(id, b)| (*id, b.generation))
+        };
+        apply(
+            &mut p,
+            &mut maps,
+            &with(vec![backend(2, false), backend(3, false)]),
+        );
+        // 2 drains first (the oldest), then 3.
+        apply(&mut p, &mut maps, &with(vec![backend(3, false)]));
+        apply(&mut p, &mut maps, &with(vec![]));
+        assert_eq!(p.draining_count(), 2);
+        let kept = id_of(&maps, 2).expect("backend 2");
+
+        // 2 returns with a new backend 1 (which sorts first): 1 takes 3's id, not 2's.
+        let mut q = p.clone();
+        let mut q_maps = maps.clone();
+        apply(
+            &mut q,
+            &mut q_maps,
+            &with(vec![backend(1, false), backend(2, false)]),
+        );
+        assert_eq!(id_of(&q_maps, 2), Some(kept));
+        assert_eq!(id_of(&q_maps, 3), None);
+        assert!(id_of(&q_maps, 1).is_some());
+
+        // 2 returns with two new backends: only one id is free for them, so the service
+        // fails whole instead of writing a ring with a backend that has no id.
+        let plan = p.plan(&with(vec![
+            backend(1, false),
+            backend(2, false),
+            backend(4, false),
+        ]));
+        assert!(
+            matches!(
+                plan.failed.as_slice(),
+                [(_, PlanError::BackendsFull { needed: 2, free: 1 })]
+            ),
+            "{:?}",
+            plan.failed
         );
     }
 
