@@ -68,18 +68,30 @@ pub trait LbMaps {
 }
 
 /// The ring slab (a `BPF_F_MMAPABLE` array): a region is written with plain stores through a
-/// mapping of just the pages it covers, made for that write and removed after it. The kernel
-/// puts every page of such a mapping in place at `mmap`, so a mapping of the whole slab would
-/// count all of it (64 MiB by default) in the agent's RSS for as long as it lived; the slab's
-/// memory belongs to the map, which the datapath keeps whether or not the agent maps it.
+/// mapping of just the pages around it. The kernel puts every page of such a mapping in place
+/// at `mmap`, so a mapping of the whole slab would count all of it (64 MiB by default) in the
+/// agent's RSS for as long as it lived; the slab's memory belongs to the map, which the
+/// datapath keeps whether or not the agent maps it. One aligned chunk ([`CHUNK_SLOTS`]) stays
+/// mapped between writes, so a sync writing thousands of rings (allocated mostly in order)
+/// maps a few chunks rather than every ring; a region across a chunk boundary gets a mapping
+/// of its own.
 struct RingSlab {
     map: MapData,
     slots: u32,
+    /// The chunk mapped last, kept for the next write.
+    chunk: Option<Window>,
 }
+
+/// Slots per cached chunk: 1 MiB, the most of the slab the agent keeps mapped.
+const CHUNK_SLOTS: usize = 1 << 18;
 
 impl RingSlab {
     fn new(map: MapData, slots: u32) -> Self {
-        Self { map, slots }
+        Self {
+            map,
+            slots,
+            chunk: None,
+        }
     }
 
     fn write(&mut self, offset: u32, slots: &[u32]) -> Result<(), MapsError> {
@@ -93,13 +105,31 @@ impl RingSlab {
         if slots.is_empty() {
             return Ok(());
         }
-        let window = Window::map(&self.map, offset, slots.len(), true)?;
-        // SAFETY: the window maps exactly slots offset..offset + slots.len() (bounds checked
-        // above); the region is ours (the programmer allocates regions and never hands one to
-        // two frontends with different contents). Volatile stores: the datapath reads this
-        // memory concurrently.
+        let (start, count) = (offset as usize, slots.len());
+        let chunk = start / CHUNK_SLOTS;
+        let own;
+        let window = if (start + count - 1) / CHUNK_SLOTS == chunk {
+            let cached = self.chunk.as_ref().is_some_and(|w| w.covers(start, count));
+            if !cached {
+                // Unmap the old chunk before mapping the next one.
+                self.chunk = None;
+                let first = chunk * CHUNK_SLOTS;
+                let last = (first + CHUNK_SLOTS).min(self.slots as usize);
+                self.chunk = Some(Window::map(&self.map, first, last - first, true)?);
+            }
+            self.chunk
+                .as_ref()
+                .ok_or(MapsError::Mmap(io::Error::other("no chunk")))?
+        } else {
+            own = Window::map(&self.map, start, count, true)?;
+            &own
+        };
+        let dst = window.slot(start);
+        // SAFETY: the window maps slots start..start + count (it covers them: bounds checked
+        // above, and by `covers` or by mapping exactly them); the region is ours (the
+        // programmer allocates regions and never hands one to two frontends with different
+        // contents). Volatile stores: the datapath reads this memory concurrently.
         unsafe {
-            let dst = window.first;
             for (i, s) in slots.iter().enumerate() {
                 dst.add(i).write_volatile(*s);
             }
@@ -113,11 +143,12 @@ impl RingSlab {
         let Some(len) = end.checked_sub(u64::from(offset)).filter(|n| *n > 0) else {
             return Ok(Vec::new());
         };
-        let len = len as usize;
-        let window = Window::map(&self.map, offset, len, false)?;
-        // SAFETY: the window maps exactly slots offset..end, which lie in the slab.
+        let (start, len) = (offset as usize, len as usize);
+        let window = Window::map(&self.map, start, len, false)?;
+        let src = window.slot(start);
+        // SAFETY: the window maps exactly slots start..start + len, which lie in the slab.
         Ok((0..len)
-            .map(|i| unsafe { window.first.add(i).read_volatile() })
+            .map(|i| unsafe { src.add(i).read_volatile() })
             .collect())
     }
 }
@@ -125,23 +156,28 @@ impl RingSlab {
 /// The pages of the slab that hold some of its slots, mapped until dropped.
 struct Window {
     base: NonNull<libc::c_void>,
+    /// Bytes mapped (whole pages).
     len: usize,
-    /// The first slot asked for.
-    first: *mut u32,
+    /// The slot at `base`.
+    first_slot: usize,
 }
 
+// SAFETY: the mapping is owned by this value (unmapped once, in Drop) and written only through
+// the `&mut RingSlab` that owns it.
+unsafe impl Send for Window {}
+
 impl Window {
-    /// Maps the pages holding slots `offset..offset + count` (`count` > 0, inside the slab).
-    fn map(map: &MapData, offset: u32, count: usize, write: bool) -> Result<Self, MapsError> {
+    /// Maps the pages holding slots `start..start + count` (`count` > 0, inside the slab).
+    fn map(map: &MapData, start: usize, count: usize, write: bool) -> Result<Self, MapsError> {
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
             .ok()
             .filter(|p| *p > 0)
             .unwrap_or(4096);
-        let start = offset as usize * 4;
-        let end = start + count * 4;
-        let map_start = start / page * page;
-        let len = (end - map_start).div_ceil(page) * page;
+        let start_byte = start * 4;
+        let end_byte = start_byte + count * 4;
+        let map_start = start_byte / page * page;
+        let len = (end_byte - map_start).div_ceil(page) * page;
         let file_offset = libc::off_t::try_from(map_start)
             .map_err(|_| MapsError::Mmap(io::Error::other("ring offset beyond off_t")))?;
         let prot = if write {
@@ -165,10 +201,26 @@ impl Window {
             return Err(MapsError::Mmap(io::Error::last_os_error()));
         }
         let base = NonNull::new(ptr).ok_or(MapsError::Mmap(io::Error::other("null")))?;
-        // SAFETY: mmap returns a page-aligned address, and (start - map_start) / 4 slots
-        // (start and map_start are multiples of 4) lie within the first page of the mapping.
-        let first = unsafe { ptr.cast::<u32>().add((start - map_start) / 4) };
-        Ok(Self { base, len, first })
+        Ok(Self {
+            base,
+            len,
+            // A page holds a whole number of slots.
+            first_slot: map_start / 4,
+        })
+    }
+
+    /// Whether slots `start..start + count` lie in this window.
+    fn covers(&self, start: usize, count: usize) -> bool {
+        start >= self.first_slot && start + count <= self.first_slot + self.len / 4
+    }
+
+    /// The address of slot `start`, which the caller made sure the window covers.
+    fn slot(&self, start: usize) -> *mut u32 {
+        // Wrapping: computing the address is safe; dereferencing it is the caller's part.
+        self.base
+            .as_ptr()
+            .cast::<u32>()
+            .wrapping_add(start - self.first_slot)
     }
 }
 
