@@ -109,6 +109,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     }
 
     let mut translator = Translator::new(cfg.model.clone());
+    let mut published_services = None;
+    let mut last_trim = Instant::now();
     let mut attached = Attached::default();
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
     let mut node: Option<NodeInfo> = None;
@@ -136,9 +138,16 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     translator: &mut translator,
                     programmer: &mut programmer,
                     maps: &mut maps,
+                    published_services: &mut published_services,
                 };
-                let errors = sync(&store, &n, &mut state, &metrics);
-                release_free_memory();
+                let Synced { errors, ops } = sync(&store, &n, &mut state, &metrics);
+                // Big syncs leave big temporaries (plans, a re-read store); a sync of one
+                // change leaves little, and trimming a heap of 10,000 Services' state costs
+                // milliseconds even when there is nothing to give back.
+                if ops >= TRIM_AFTER_OPS || last_trim.elapsed() >= TRIM_INTERVAL {
+                    release_free_memory();
+                    last_trim = Instant::now();
+                }
                 if !attached.started {
                     programmer.release_inherited();
                     // Just before the swap, the flows the old programs made since the load;
@@ -324,21 +333,37 @@ struct SyncState<'a> {
     translator: &'a mut Translator,
     programmer: &'a mut Programmer,
     maps: &'a mut AyaMaps,
+    /// The [`Programmer::services_generation`] last given to the metrics.
+    published_services: &'a mut Option<u64>,
 }
 
+/// What a sync did.
+struct Synced {
+    /// Map writes that failed.
+    errors: usize,
+    /// Map writes planned.
+    ops: usize,
+}
+
+/// A sync with at least this many map writes hands freed memory back to the kernel, and so
+/// does the first sync this long after the last time it was done.
+const TRIM_AFTER_OPS: usize = 1000;
+const TRIM_INTERVAL: Duration = Duration::from_secs(10);
+
 /// One sync: the store's changes → desired state (translated again where objects changed) →
-/// the difference, applied in order. Returns the number of map writes that failed.
+/// the difference, applied in order.
 fn sync(
     store: &SharedStore,
     node: &NodeInfo,
     state: &mut SyncState<'_>,
     metrics: &Metrics,
-) -> usize {
+) -> Synced {
     let started = Instant::now();
     let SyncState {
         translator,
         programmer,
         maps,
+        published_services,
     } = state;
     let ((changed, source_invalid), changed_at) =
         store.read_changes(|s, changes, inv| (translator.update(s, node, changes), inv.to_vec()));
@@ -370,7 +395,11 @@ fn sync(
         .iter()
         .map(|(s, _)| (&*s.namespace, &*s.name))
         .collect();
-    metrics.set_services(programmer.services());
+    // Listing the services costs O(services): only when they changed.
+    if **published_services != Some(programmer.services_generation()) {
+        metrics.set_services(programmer.services());
+        **published_services = Some(programmer.services_generation());
+    }
     metrics.observe_sync(&SyncReport {
         took: started.elapsed(),
         changed_at,
@@ -382,7 +411,10 @@ fn sync(
         backends: programmer.backend_count(),
         ring_slots: programmer.ring_slots_used(),
     });
-    errors
+    Synced {
+        errors,
+        ops: plan.ops.len(),
+    }
 }
 
 /// Hands memory freed since the last sync back to the kernel. Reading a large manifest or

@@ -259,6 +259,9 @@ pub struct Programmer {
     service_ids: HashMap<ServicePortRef, ServiceEntry>,
     free_service_ids: Vec<u32>,
     next_service_id: u32,
+    /// Bumped whenever a service id is given or freed: [`Programmer::services`] is O(services),
+    /// so a caller that keeps its result asks again only when this moved.
+    services_generation: u64,
     /// Services that failed in the last plan, with the frontends they wanted: retried by
     /// every plan until they fit.
     failed: BTreeMap<ServicePortRef, Vec<FrontendAddr>>,
@@ -306,6 +309,7 @@ impl Programmer {
             service_ids: HashMap::new(),
             free_service_ids: Vec::new(),
             next_service_id: 1,
+            services_generation: 0,
             failed: BTreeMap::new(),
             stale: BTreeSet::new(),
             maybe_dead: BTreeSet::new(),
@@ -427,6 +431,12 @@ impl Programmer {
         self.slab.free = free;
         self.needs_full = true;
         adoption
+    }
+
+    /// Changes whenever [`Programmer::services`] may give another result.
+    #[must_use]
+    pub fn services_generation(&self) -> u64 {
+        self.services_generation
     }
 
     /// Service ports and the ids the datapath counts them under.
@@ -940,6 +950,7 @@ impl Programmer {
         });
         self.service_ids
             .insert(service.clone(), ServiceEntry { id, frontends: 0 });
+        self.services_generation += 1;
         id
     }
 
@@ -966,6 +977,7 @@ impl Programmer {
         };
         for s in dead {
             if let Some(entry) = self.service_ids.remove(&s) {
+                self.services_generation += 1;
                 self.free_service_ids.push(entry.id);
             }
         }
@@ -1245,6 +1257,42 @@ mod tests {
             "{:?}",
             plan.failed
         );
+    }
+
+    /// The generation moves exactly when the list of services (and their ids) may change.
+    #[test]
+    fn services_generation_moves_with_the_service_list() {
+        let mut p = Programmer::new(&caps());
+        let mut maps = FakeMaps::default();
+        let (f, g) = (
+            fe([10, 96, 0, 10], 80, Scope::Internal),
+            fe([10, 96, 0, 11], 80, Scope::Internal),
+        );
+        let one = state(vec![(f, spec("a", vec![backend(1, false)]))]);
+        apply(&mut p, &mut maps, &one);
+        let first = p.services_generation();
+        // Other backends for the same service: same list.
+        apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(f, spec("a", vec![backend(2, false)]))]),
+        );
+        assert_eq!(p.services_generation(), first);
+        // A second service, then the first one gone: the list changed each time.
+        let both = state(vec![
+            (f, spec("a", vec![backend(2, false)])),
+            (g, spec("b", vec![backend(2, false)])),
+        ]);
+        apply(&mut p, &mut maps, &both);
+        let second = p.services_generation();
+        assert_ne!(second, first);
+        apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(g, spec("b", vec![backend(2, false)]))]),
+        );
+        assert_ne!(p.services_generation(), second);
+        assert_eq!(p.services().len(), 1);
     }
 
     #[test]
