@@ -144,7 +144,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 // Big syncs leave big temporaries (plans, a re-read store); a sync of one
                 // change leaves little, and trimming a heap of 10,000 Services' state costs
                 // milliseconds even when there is nothing to give back.
-                if ops >= TRIM_AFTER_OPS || last_trim.elapsed() >= TRIM_INTERVAL {
+                if ops >= TRIM_AFTER_OPS
+                    || !attached.started
+                    || last_trim.elapsed() >= TRIM_INTERVAL
+                {
                     release_free_memory();
                     last_trim = Instant::now();
                 }
@@ -346,7 +349,7 @@ struct Synced {
 }
 
 /// A sync with at least this many map writes hands freed memory back to the kernel, and so
-/// does the first sync this long after the last time it was done.
+/// do the first sync and the first one this long after the last time it was done.
 const TRIM_AFTER_OPS: usize = 1000;
 const TRIM_INTERVAL: Duration = Duration::from_secs(10);
 
