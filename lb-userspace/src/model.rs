@@ -244,16 +244,12 @@ impl Translator {
         node: &NodeInfo,
         changes: &Changes,
     ) -> BTreeSet<FrontendAddr> {
-        let everything;
-        let changes = if self.node.as_ref() == Some(node) {
-            changes
-        } else {
-            self.node = Some(node.clone());
-            everything = self.everything(store);
-            &everything
-        };
         let opts = self.opts.clone();
         let ctx = Context::new(node, &opts);
+        if self.node.as_ref() != Some(node) {
+            self.node = Some(node.clone());
+            return self.rebuild(&ctx, store);
+        }
 
         let mut dirty: BTreeSet<ObjectKey> = changes.services.clone();
         for key in &changes.endpoint_slices {
@@ -412,25 +408,72 @@ impl Translator {
         self.ipv6_slices_ignored
     }
 
-    /// Every key in the store or in the cached results: a translation from scratch.
-    fn everything(&self, store: &Store) -> Changes {
-        let keys = |stored: Vec<&ObjectKey>, cached: Vec<&ObjectKey>| -> BTreeSet<ObjectKey> {
-            stored.into_iter().chain(cached).cloned().collect()
-        };
-        Changes {
-            services: keys(
-                store.services().map(|(k, _)| k).collect(),
-                self.claims
-                    .keys()
-                    .chain(self.refused_services.keys())
-                    .collect(),
-            ),
-            endpoint_slices: keys(
-                store.endpoint_slices().map(|(k, _)| k).collect(),
-                self.slices.keys().collect(),
-            ),
-            nodes: BTreeSet::new(),
+    /// Translates the whole store from scratch, the way [`desired`] does, and builds the
+    /// indexes that later updates read: the first update, and any update for another node.
+    /// Returns the frontends whose spec differs from the previous result.
+    fn rebuild(&mut self, ctx: &Context<'_>, store: &Store) -> BTreeSet<FrontendAddr> {
+        let before = std::mem::take(&mut self.state);
+        self.slices.clear();
+        self.slices_by_service.clear();
+        self.refused_slices.clear();
+        self.ipv6_slices_ignored = 0;
+        self.claims.clear();
+        self.claimants.clear();
+        self.refused_services.clear();
+
+        let mut valid: HashMap<ObjectKey, Vec<ValidSlice<'_>>> = HashMap::new();
+        // The store iterates in key order: each Service's slice keys come sorted.
+        for (key, slice) in store.endpoint_slices() {
+            let entry = match classify_slice(key, slice, ctx.opts) {
+                SliceClass::Ignored => continue,
+                SliceClass::Ipv6 => {
+                    self.ipv6_slices_ignored += 1;
+                    SliceEntry::Ipv6
+                }
+                SliceClass::Refused(invalid) => {
+                    self.refused_slices.insert(key.clone(), invalid);
+                    SliceEntry::Refused
+                }
+                SliceClass::Valid(service, slice) => {
+                    self.slices_by_service
+                        .entry(service.clone())
+                        .or_default()
+                        .push(key.clone());
+                    valid.entry(service.clone()).or_default().push(slice);
+                    SliceEntry::Valid(service)
+                }
+            };
+            self.slices.insert(key.clone(), entry);
         }
+        // Services in key order, so each frontend's claimants come sorted and the first
+        // claimant takes it, as in `desired`.
+        for (key, service) in store.services() {
+            let slices = valid.get(key).map(Vec::as_slice).unwrap_or_default();
+            let translation = translate_service(ctx, key, service, slices);
+            let mut refusals = translation.refusals;
+            let mut claimed: Vec<FrontendAddr> = Vec::new();
+            for claim in translation.claims {
+                let at = claim.at(Scope::External);
+                if !claimed.contains(&at) {
+                    claimed.push(at);
+                    self.claimants.entry(at).or_default().push(key.clone());
+                }
+                if let Some(owner) = self.state.frontends.get(&at) {
+                    refusals.push(conflict(&claim, owner));
+                    continue;
+                }
+                let at_internal = claim.at(Scope::Internal);
+                self.state.frontends.insert(at, claim.external);
+                self.state.frontends.insert(at_internal, claim.internal);
+            }
+            if !claimed.is_empty() {
+                self.claims.insert(key.clone(), claimed);
+            }
+            if !refusals.is_empty() {
+                self.refused_services.insert(key.clone(), refusals);
+            }
+        }
+        differing(&before.frontends, &self.state.frontends)
     }
 
     /// Re-reads one slice; the Services it belonged to and belongs to now become dirty.
@@ -496,6 +539,46 @@ impl Translator {
             .collect();
         translate_service(ctx, key, service, &slices)
     }
+}
+
+/// The keys whose values differ between two maps (in one only, or in both with other values).
+fn differing<K: Ord + Copy, V: PartialEq>(
+    before: &BTreeMap<K, V>,
+    after: &BTreeMap<K, V>,
+) -> BTreeSet<K> {
+    let mut out = BTreeSet::new();
+    let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.insert(**k);
+                old.next();
+            }
+            (None, Some((k, _))) => {
+                out.insert(**k);
+                new.next();
+            }
+            (Some((ko, vo)), Some((kn, vn))) => match ko.cmp(kn) {
+                std::cmp::Ordering::Less => {
+                    out.insert(**ko);
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.insert(**kn);
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if vo != vn {
+                        out.insert(**ko);
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+        }
+    }
+    out
 }
 
 /// The node and options a translation is for.
