@@ -2,9 +2,9 @@
 //! programmed maps, and what it costs in memory.
 //!
 //! - Full sync: from an empty store to all maps written for 10,000 Services × 10 endpoints
-//!   (store → `model::desired` → `Programmer::plan` → apply), into in-memory fake maps and
-//!   into the kernel's maps of a datapath loaded with default capacities. Also at 1k, 2.5k
-//!   and 5k Services for the curve.
+//!   (objects into the store → `Translator::update` → `Programmer::plan_changes` → apply, the
+//!   agent's path), into in-memory fake maps and into the kernel's maps of a datapath loaded
+//!   with default capacities. Also at 1k, 2.5k and 5k Services for the curve.
 //! - Change → programmed: with the 10k loaded in real maps, 1,000 EndpointSlice changes (one
 //!   endpoint of one Service replaced), each timed from the store update through desired
 //!   state, plan and map writes — the agent's sync path without its debounce.
@@ -18,15 +18,16 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 use lb_lab::cluster::Cluster;
 use lb_userspace::{
-    invalid::Invalid,
     loader::{self, Capacities},
     maps::{AyaMaps, FakeMaps, LbMaps},
-    model::{self, ModelOptions, NodeInfo},
+    model::{ModelOptions, NodeInfo, Translator},
     programmer::Programmer,
-    source::manifests,
     store::Store,
 };
 use serde_json::{Value, json};
@@ -78,12 +79,30 @@ impl Plan {
 #[must_use]
 pub fn manifest(n: usize) -> String {
     let mut out = String::with_capacity(n * 1500);
+    let objects = objects_json(n);
+    let _ = writeln!(out, "---\n{}", objects.node);
+    for (service, slice) in objects.services.iter().zip(&objects.slices) {
+        let _ = writeln!(out, "---\n{service}");
+        let _ = writeln!(out, "---\n{slice}");
+    }
+    out
+}
+
+/// The objects of [`manifest`].
+struct Objects<T> {
+    node: T,
+    services: Vec<T>,
+    slices: Vec<T>,
+}
+
+fn objects_json(n: usize) -> Objects<Value> {
     let node = json!({
         "apiVersion": "v1", "kind": "Node",
         "metadata": {"name": NODE},
         "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.11"}]},
     });
-    let _ = writeln!(out, "---\n{node}");
+    let mut services = Vec::with_capacity(n);
+    let mut slices = Vec::with_capacity(n);
     for i in 0..n {
         let cluster_ip =
             std::net::Ipv4Addr::from(u32::from_be_bytes([10, 96, 0, 0]) + 16 + i as u32);
@@ -101,11 +120,14 @@ pub fn manifest(n: usize) -> String {
                 "ports": [port],
             },
         });
-        let _ = writeln!(out, "---\n{svc}");
-        let slice = slice_json(i, 0);
-        let _ = writeln!(out, "---\n{slice}");
+        services.push(svc);
+        slices.push(slice_json(i, 0));
     }
-    out
+    Objects {
+        node,
+        services,
+        slices,
+    }
 }
 
 /// Endpoint address `j` of Service `i` in generation `generation` (a change moves one
@@ -166,37 +188,64 @@ impl SyncTimes {
     }
 }
 
-/// From an empty store to all maps written: `objects` put in a fresh store, desired state,
-/// plan, writes.
+/// The objects of `n` Services, typed as a source delivers them (not timed).
+struct TypedObjects {
+    node: Node,
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+}
+
+fn objects(n: usize) -> anyhow::Result<TypedObjects> {
+    let json = objects_json(n);
+    Ok(TypedObjects {
+        node: serde_json::from_value(json.node)?,
+        services: json
+            .services
+            .into_iter()
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()?,
+        slices: json
+            .slices
+            .into_iter()
+            .map(serde_json::from_value)
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+/// What a full sync leaves: the store and the translator that read it.
+struct Synced {
+    store: Store,
+    translator: Translator,
+}
+
+/// From an empty store to all maps written, the agent's way: `objects` put in a fresh store
+/// (each converted to its compact form), the translator's first update, the plan of what it
+/// reports changed (everything), the writes.
 fn full_sync(
-    objects: &Store,
+    objects: &TypedObjects,
     programmer: &mut Programmer,
     maps: &mut impl LbMaps,
-) -> anyhow::Result<(Store, SyncTimes)> {
-    let opts = ModelOptions::default();
+) -> anyhow::Result<(Synced, SyncTimes)> {
     let t = Instant::now();
     let mut store = Store::new();
-    for (_, o) in objects.nodes() {
+    store.apply(objects.node.clone())?;
+    for o in &objects.services {
         store.apply(o.clone())?;
     }
-    for (_, o) in objects.services() {
-        store.apply(o.clone())?;
-    }
-    for (_, o) in objects.endpoint_slices() {
+    for o in &objects.slices {
         store.apply(o.clone())?;
     }
     let t_store = t.elapsed().as_secs_f64();
     let node = NodeInfo::from_store(&store, NODE).context("the node is missing")?;
     let t = Instant::now();
-    let desired = model::desired(&store, &node, &opts);
+    let mut translator = Translator::new(ModelOptions::default());
+    let changes = store.take_changes();
+    let frontends = translator.update(&store, &node, &changes);
     let t_model = t.elapsed().as_secs_f64();
-    ensure!(
-        desired.invalid.is_empty(),
-        "invalid objects: {:?}",
-        desired.invalid.first()
-    );
+    let invalid = translator.invalid();
+    ensure!(invalid.is_empty(), "invalid objects: {:?}", invalid.first());
     let t = Instant::now();
-    let plan = programmer.plan(&desired.state);
+    let plan = programmer.plan_changes(translator.state(), &frontends);
     let t_plan = t.elapsed().as_secs_f64();
     if let Some((s, e)) = plan.failed.first() {
         bail!("{} services failed to program; {s}: {e}", plan.failed.len());
@@ -207,7 +256,7 @@ fn full_sync(
     }
     let t_apply = t.elapsed().as_secs_f64();
     Ok((
-        store,
+        Synced { store, translator },
         SyncTimes {
             store: t_store,
             model: t_model,
@@ -216,19 +265,6 @@ fn full_sync(
             ops: plan.ops.len(),
         },
     ))
-}
-
-/// The objects of `n` Services, parsed once (not timed).
-fn objects(n: usize) -> anyhow::Result<Store> {
-    let mut store = Store::new();
-    let mut invalid: Vec<Invalid> = Vec::new();
-    manifests::load_str(&manifest(n), "generated", &mut store, &mut invalid);
-    ensure!(
-        invalid.is_empty(),
-        "generated manifest refused: {:?}",
-        invalid.first()
-    );
-    Ok(store)
 }
 
 pub struct CurvePoint {
@@ -299,9 +335,9 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 
 /// The median run (by total) of `reps` full syncs.
 fn median_sync(
-    objects: &Store,
+    objects: &TypedObjects,
     reps: usize,
-    mut run: impl FnMut(&Store) -> anyhow::Result<SyncTimes>,
+    mut run: impl FnMut(&TypedObjects) -> anyhow::Result<SyncTimes>,
 ) -> anyhow::Result<SyncTimes> {
     let mut runs = Vec::new();
     for _ in 0..reps.max(1) {
@@ -333,9 +369,9 @@ pub fn run_bench(plan: Plan, xlb: Option<&Path>) -> anyhow::Result<Results> {
             let mut maps = AyaMaps::new(&mut ebpf)?;
             load_seconds = t.elapsed().as_secs_f64();
             let mut p = Programmer::new(&caps);
-            let (store, times) = full_sync(o, &mut p, &mut maps)?;
+            let (synced, times) = full_sync(o, &mut p, &mut maps)?;
             if n == plan.services {
-                kept = Some((ebpf, maps, p, store));
+                kept = Some((ebpf, maps, p, synced));
             }
             Ok(times)
         })?;
@@ -345,11 +381,11 @@ pub fn run_bench(plan: Plan, xlb: Option<&Path>) -> anyhow::Result<Results> {
             real,
         });
     }
-    let (_ebpf, mut maps, mut programmer, mut store) =
+    let (_ebpf, mut maps, mut programmer, mut synced) =
         kept.context("the largest setup was not kept")?;
     eprintln!("control-plane: {} EndpointSlice changes", plan.changes);
     let (changes_ms, ops, change_phases_ms) =
-        changes(plan, &mut store, &mut programmer, &mut maps)?;
+        changes(plan, &mut synced, &mut programmer, &mut maps)?;
     let rss = if plan.rss {
         let xlb = xlb.context("the agent RSS needs the xlb binary")?;
         eprintln!("control-plane: agent RSS with {} services", plan.services);
@@ -377,12 +413,12 @@ pub fn run_bench(plan: Plan, xlb: Option<&Path>) -> anyhow::Result<Results> {
 /// write. Returns milliseconds and ops per change.
 fn changes(
     plan: Plan,
-    store: &mut Store,
+    synced: &mut Synced,
     programmer: &mut Programmer,
     maps: &mut AyaMaps,
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>, [f64; 3])> {
+    let Synced { store, translator } = synced;
     let node = NodeInfo::from_store(store, NODE).context("the node is missing")?;
-    let opts = ModelOptions::default();
     let mut times = Vec::with_capacity(plan.changes);
     let mut op_counts = Vec::with_capacity(plan.changes);
     let mut phases = [0.0f64; 3];
@@ -392,9 +428,10 @@ fn changes(
         let slice: EndpointSlice = serde_json::from_value(slice_json(i, c + 1))?;
         let t = Instant::now();
         store.apply(slice)?;
-        let desired = model::desired(store, &node, &opts);
+        let changes = store.take_changes();
+        let frontends = translator.update(store, &node, &changes);
         let t_model = t.elapsed().as_secs_f64();
-        let p = programmer.plan(&desired.state);
+        let p = programmer.plan_changes(translator.state(), &frontends);
         let t_plan = t.elapsed().as_secs_f64();
         for op in &p.ops {
             maps.apply(op)?;
@@ -485,7 +522,7 @@ pub fn table(r: &Results, machine: &Machine, quick: bool) -> String {
     );
     let _ = writeln!(
         o,
-        "method     full sync = objects into an empty store, model::desired, Programmer::plan,\n           \
+        "method     full sync = objects into an empty store, Translator::update, Programmer::plan_changes,\n           \
          every op applied; fake = in-memory maps, real = the kernel's maps of a datapath\n           \
          loaded with default capacities (load itself: {:.2} s, not counted); median of {} run(s)",
         r.load_seconds, r.plan.reps
@@ -608,19 +645,28 @@ pub fn json(r: &Results, machine: &Machine, quick: bool) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use lb_userspace::{loader::Capacities, maps::FakeMaps, programmer::Programmer};
+    use lb_userspace::{
+        loader::Capacities, maps::FakeMaps, programmer::Programmer, source::manifests, store::Store,
+    };
 
-    use super::{full_sync, objects};
+    use super::{full_sync, manifest, objects};
 
     #[test]
     fn generated_services_program_whole() {
         let objs = objects(40).expect("objects");
         let mut p = Programmer::new(&Capacities::small());
         let mut maps = FakeMaps::default();
-        let (_, times) = full_sync(&objs, &mut p, &mut maps).expect("sync");
+        let (synced, times) = full_sync(&objs, &mut p, &mut maps).expect("sync");
         // 40 ClusterIPs + 10 NodePorts, each in two scopes; 400 backends.
         assert_eq!(p.frontend_count(), 100);
         assert_eq!(p.backend_count(), 400);
         assert!(times.ops > 400);
+
+        // The agent reads the same objects from the manifest text.
+        let mut store = Store::new();
+        let mut invalid = Vec::new();
+        manifests::load_str(&manifest(40), "generated", &mut store, &mut invalid);
+        assert!(invalid.is_empty(), "{invalid:?}");
+        assert_eq!(store, synced.store);
     }
 }

@@ -87,8 +87,8 @@ pub fn measured_backends() -> Vec<SocketAddrV4> {
 fn service(name: String) -> ServicePortRef {
     ServicePortRef {
         namespace: "bench".into(),
-        name,
-        port_name: String::new(),
+        name: name.into(),
+        port_name: "".into(),
     }
 }
 

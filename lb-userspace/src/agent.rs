@@ -1,5 +1,6 @@
-//! The agent: sources fill the shared store; after a quiet period the whole store is
-//! translated (`model`) and the difference programmed (`programmer` → maps); the datapath is
+//! The agent: sources fill the shared store; after a quiet period the store is translated
+//! (`model`, incrementally: only the Services whose objects changed) and the difference
+//! programmed (`programmer` → maps); the datapath is
 //! attached to the node's NICs (XDP) and to pod interfaces (TC), including ones that appear
 //! later. Nothing is programmed before every source has listed everything once, and nothing is
 //! attached before the first full sync is in the maps. Metrics and health are served over HTTP
@@ -21,7 +22,7 @@ use crate::{
     loader::{self, Capacities, LoaderError},
     maps::{AyaMaps, LbMaps as _, MapsError, Op},
     metrics::{DatapathSources, Metrics, MetricsError, SyncReport},
-    model::{self, ModelOptions, NodeInfo},
+    model::{ModelOptions, NodeInfo, Translator},
     netlink::{self, LinkEvent},
     programmer::Programmer,
     source::{kube as kube_source, manifests, shared::SharedStore},
@@ -109,6 +110,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         });
     }
 
+    let mut translator = Translator::new(cfg.model.clone());
+    let mut published_services = None;
+    let mut last_trim = Instant::now();
     let mut attached = Attached::default();
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
     let mut node: Option<NodeInfo> = None;
@@ -132,8 +136,23 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     write_config(&mut maps, &cfg, &n)?;
                     node = Some(n.clone());
                 }
-                let errors = sync(&store, &n, &cfg, &mut programmer, &mut maps, &metrics);
-                release_free_memory();
+                let mut state = SyncState {
+                    translator: &mut translator,
+                    programmer: &mut programmer,
+                    maps: &mut maps,
+                    published_services: &mut published_services,
+                };
+                let Synced { errors, ops } = sync(&store, &n, &mut state, &metrics);
+                // Big syncs leave big temporaries (plans, a re-read store); a sync of one
+                // change leaves little, and trimming a heap of 10,000 Services' state costs
+                // milliseconds even when there is nothing to give back.
+                if ops >= TRIM_AFTER_OPS
+                    || !attached.started
+                    || last_trim.elapsed() >= TRIM_INTERVAL
+                {
+                    release_free_memory();
+                    last_trim = Instant::now();
+                }
                 if !attached.started {
                     programmer.release_inherited();
                     // Just before the swap, the flows the old programs made since the load;
@@ -216,8 +235,14 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     if adopted.maps.is_empty() {
         info!(pin_dir = %cfg.pin_dir.display(), "fresh datapath maps pinned");
     } else {
-        let adoption =
-            programmer.adopt(&maps.frontends(), &maps.backends(), |o, n| maps.ring(o, n));
+        // A ring that cannot be read is adopted empty: the first sync writes a new one.
+        let ring = |offset, size| {
+            maps.ring(offset, size).unwrap_or_else(|e| {
+                warn!(offset, size, error = %e, "cannot read a pinned ring region");
+                Vec::new()
+            })
+        };
+        let adoption = programmer.adopt(&maps.frontends(), &maps.backends(), ring);
         info!(
             maps = adopted.maps.len(),
             frontends = adoption.frontends,
@@ -308,20 +333,46 @@ fn write_config(maps: &mut AyaMaps, cfg: &AgentConfig, node: &NodeInfo) -> Resul
     Ok(())
 }
 
-/// One sync: the whole store → desired state → the difference, applied in order. Returns the
-/// number of map writes that failed.
+/// What a sync reads and updates besides the store.
+struct SyncState<'a> {
+    translator: &'a mut Translator,
+    programmer: &'a mut Programmer,
+    maps: &'a mut AyaMaps,
+    /// The [`Programmer::services_generation`] last given to the metrics.
+    published_services: &'a mut Option<u64>,
+}
+
+/// What a sync did.
+struct Synced {
+    /// Map writes that failed.
+    errors: usize,
+    /// Map writes planned.
+    ops: usize,
+}
+
+/// A sync with at least this many map writes hands freed memory back to the kernel, and so
+/// do the first sync and the first one this long after the last time it was done.
+const TRIM_AFTER_OPS: usize = 1000;
+const TRIM_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One sync: the store's changes → desired state (translated again where objects changed) →
+/// the difference, applied in order.
 fn sync(
     store: &SharedStore,
     node: &NodeInfo,
-    cfg: &AgentConfig,
-    programmer: &mut Programmer,
-    maps: &mut AyaMaps,
+    state: &mut SyncState<'_>,
     metrics: &Metrics,
-) -> usize {
+) -> Synced {
     let started = Instant::now();
-    let ((desired, source_invalid), changed_at) =
-        store.read_changes(|s, inv| (model::desired(s, node, &cfg.model), inv.to_vec()));
-    let plan = programmer.plan(&desired.state);
+    let SyncState {
+        translator,
+        programmer,
+        maps,
+        published_services,
+    } = state;
+    let ((changed, source_invalid), changed_at) =
+        store.read_changes(|s, changes, inv| (translator.update(s, node, changes), inv.to_vec()));
+    let plan = programmer.plan_changes(translator.state(), &changed);
     let mut errors = 0usize;
     for op in &plan.ops {
         if let Err(e) = maps.apply(op) {
@@ -330,25 +381,30 @@ fn sync(
         }
     }
     let programmed_at = Instant::now();
+    let mut invalid = translator.invalid();
+    invalid.extend(source_invalid);
     info!(
         frontends = programmer.frontend_count(),
         backends = programmer.backend_count(),
         ring_slots = programmer.ring_slots_used(),
+        changed_frontends = changed.len(),
         ops = plan.ops.len(),
         failed_services = plan.failed.len(),
-        invalid_objects = desired.invalid.len() + source_invalid.len(),
+        invalid_objects = invalid.len(),
         errors,
         took_ms = format!("{:.2}", started.elapsed().as_secs_f64() * 1e3),
         "sync"
     );
-    let mut invalid = desired.invalid;
-    invalid.extend(source_invalid);
     let failed_services: std::collections::BTreeSet<(&str, &str)> = plan
         .failed
         .iter()
-        .map(|(s, _)| (s.namespace.as_str(), s.name.as_str()))
+        .map(|(s, _)| (&*s.namespace, &*s.name))
         .collect();
-    metrics.set_services(programmer.services());
+    // Listing the services costs O(services): only when they changed.
+    if **published_services != Some(programmer.services_generation()) {
+        metrics.set_services(programmer.services());
+        **published_services = Some(programmer.services_generation());
+    }
     metrics.observe_sync(&SyncReport {
         took: started.elapsed(),
         changed_at,
@@ -360,7 +416,10 @@ fn sync(
         backends: programmer.backend_count(),
         ring_slots: programmer.ring_slots_used(),
     });
-    errors
+    Synced {
+        errors,
+        ops: plan.ops.len(),
+    }
 }
 
 /// Hands memory freed since the last sync back to the kernel. Reading a large manifest or

@@ -85,6 +85,9 @@ fn fnv1a(seed: u64, bytes: &[u8]) -> u64 {
     h
 }
 
+/// A slot no backend has claimed yet.
+const EMPTY: usize = usize::MAX;
+
 /// Builds a table of size `m` (prime, ≥ number of backends) over `backends`, each given as
 /// (identity bytes, value to store), in a canonical order (callers sort by identity, so every
 /// node computes the same table for the same set). Returns the value stored in every slot.
@@ -93,8 +96,14 @@ pub fn populate<T: Copy>(backends: &[(&[u8], T)], m: u32) -> Vec<T> {
     let Some(&(_, first)) = backends.first() else {
         return Vec::new();
     };
+    if m == 0 {
+        return Vec::new();
+    }
     let m64 = u64::from(m);
-    let perms: Vec<(u64, u64)> = backends
+    // Each backend's next preferred slot and its skip, kept reduced modulo m: the sequence
+    // (offset + j·skip) mod m of the paper without a division per probe (this loop is most
+    // of a full sync's planning time).
+    let mut cursors: Vec<(u64, u64)> = backends
         .iter()
         .map(|(id, _)| {
             let offset = fnv1a(0x6d61_676c_6576_3031, id) % m64;
@@ -102,30 +111,35 @@ pub fn populate<T: Copy>(backends: &[(&[u8], T)], m: u32) -> Vec<T> {
             (offset, skip)
         })
         .collect();
-    let mut next = vec![0u64; backends.len()];
-    let mut slots: Vec<Option<T>> = vec![None; m as usize];
+    // 0 < skip <= m and slot < m, so one subtraction reduces their sum.
+    let advance = |slot: u64, skip: u64| {
+        let next = slot + skip;
+        if next >= m64 { next - m64 } else { next }
+    };
+    let mut owner = vec![EMPTY; m as usize];
     let mut filled = 0u64;
     'fill: loop {
-        for (i, &(offset, skip)) in perms.iter().enumerate() {
-            let mut c = (offset + next[i] * skip) % m64;
-            while slots[c as usize].is_some() {
-                next[i] += 1;
-                c = (offset + next[i] * skip) % m64;
+        for (i, (slot, skip)) in cursors.iter_mut().enumerate() {
+            while owner[*slot as usize] != EMPTY {
+                *slot = advance(*slot, *skip);
             }
-            slots[c as usize] = Some(backends[i].1);
-            next[i] += 1;
+            owner[*slot as usize] = i;
+            *slot = advance(*slot, *skip);
             filled += 1;
             if filled == m64 {
                 break 'fill;
             }
         }
     }
-    slots.into_iter().map(|s| s.unwrap_or(first)).collect()
+    owner
+        .into_iter()
+        .map(|i| backends.get(i).map_or(first, |b| b.1))
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{is_prime, populate, table_size};
+    use super::{fnv1a, is_prime, populate, table_size};
 
     fn names(n: usize) -> Vec<String> {
         (0..n)
@@ -217,6 +231,62 @@ mod tests {
                     "n={n}: {moved} of {m} slots moved, bound {bound:.0}"
                 );
                 assert!(a.iter().all(|s| *s != all[removed].as_str()));
+            }
+        }
+    }
+
+    /// The paper's procedure, computed directly: `populate` must give exactly these tables
+    /// (nodes and restarted agents compute the same rings).
+    fn populate_reference<T: Copy>(backends: &[(&[u8], T)], m: u32) -> Vec<T> {
+        let Some(&(_, first)) = backends.first() else {
+            return Vec::new();
+        };
+        let m64 = u64::from(m);
+        let perms: Vec<(u64, u64)> = backends
+            .iter()
+            .map(|(id, _)| {
+                let offset = fnv1a(0x6d61_676c_6576_3031, id) % m64;
+                let skip = fnv1a(0x736b_6970_7665_3031, id) % (m64 - 1).max(1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0u64; backends.len()];
+        let mut slots: Vec<Option<T>> = vec![None; m as usize];
+        let mut filled = 0u64;
+        'fill: loop {
+            for (i, &(offset, skip)) in perms.iter().enumerate() {
+                let mut c = (offset + next[i] * skip) % m64;
+                while slots[c as usize].is_some() {
+                    next[i] += 1;
+                    c = (offset + next[i] * skip) % m64;
+                }
+                slots[c as usize] = Some(backends[i].1);
+                next[i] += 1;
+                filled += 1;
+                if filled == m64 {
+                    break 'fill;
+                }
+            }
+        }
+        slots.into_iter().map(|s| s.unwrap_or(first)).collect()
+    }
+
+    #[test]
+    fn populate_equals_the_direct_computation() {
+        for n in [1, 2, 3, 7, 10, 33, 100] {
+            let names = names(n);
+            let input: Vec<(&[u8], usize)> = names
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.as_bytes(), i))
+                .collect();
+            let sizes = [table_size(n, None, 1 << 24).expect("size"), 1, 2, 499];
+            for m in sizes.into_iter().filter(|m| *m as usize >= n) {
+                assert_eq!(
+                    populate(&input, m),
+                    populate_reference(&input, m),
+                    "n={n} m={m}"
+                );
             }
         }
     }

@@ -67,44 +67,31 @@ pub trait LbMaps {
     fn apply(&mut self, op: &Op) -> Result<(), MapsError>;
 }
 
-/// The ring slab, memory-mapped: a region is written with plain stores.
+/// The ring slab (a `BPF_F_MMAPABLE` array): a region is written with plain stores through a
+/// mapping of just the pages around it. The kernel puts every page of such a mapping in place
+/// at `mmap`, so a mapping of the whole slab would count all of it (64 MiB by default) in the
+/// agent's RSS for as long as it lived; the slab's memory belongs to the map, which the
+/// datapath keeps whether or not the agent maps it. One aligned chunk ([`CHUNK_SLOTS`]) stays
+/// mapped between writes, so a sync writing thousands of rings (allocated mostly in order)
+/// maps a few chunks rather than every ring; a region across a chunk boundary gets a mapping
+/// of its own.
 struct RingSlab {
-    _map: MapData,
-    base: NonNull<u32>,
-    len: usize,
+    map: MapData,
     slots: u32,
+    /// The chunk mapped last, kept for the next write.
+    chunk: Option<Window>,
 }
 
-// SAFETY: the mapping is owned by this value and only written through &mut self.
-unsafe impl Send for RingSlab {}
+/// Slots per cached chunk: 1 MiB, the most of the slab the agent keeps mapped.
+const CHUNK_SLOTS: usize = 1 << 18;
 
 impl RingSlab {
-    fn new(map: MapData, slots: u32) -> Result<Self, MapsError> {
-        let page = 4096usize;
-        let len = (slots as usize * 4).div_ceil(page) * page;
-        // SAFETY: mapping a BPF_F_MMAPABLE array's fd, shared, for its whole size; the
-        // mapping stays valid while `map` (its fd) lives, and we unmap it in Drop.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(MapsError::Mmap(io::Error::last_os_error()));
-        }
-        let base =
-            NonNull::new(ptr.cast::<u32>()).ok_or(MapsError::Mmap(io::Error::other("null")))?;
-        Ok(Self {
-            _map: map,
-            base,
-            len,
+    fn new(map: MapData, slots: u32) -> Self {
+        Self {
+            map,
             slots,
-        })
+            chunk: None,
+        }
     }
 
     fn write(&mut self, offset: u32, slots: &[u32]) -> Result<(), MapsError> {
@@ -115,11 +102,34 @@ impl RingSlab {
                 capacity: self.slots,
             });
         }
-        // SAFETY: bounds checked above; the region is ours (the programmer allocates regions
-        // and never hands one to two frontends with different contents). Volatile stores:
-        // the datapath reads this memory concurrently.
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let (start, count) = (offset as usize, slots.len());
+        let chunk = start / CHUNK_SLOTS;
+        let own;
+        let window = if (start + count - 1) / CHUNK_SLOTS == chunk {
+            let cached = self.chunk.as_ref().is_some_and(|w| w.covers(start, count));
+            if !cached {
+                // Unmap the old chunk before mapping the next one.
+                self.chunk = None;
+                let first = chunk * CHUNK_SLOTS;
+                let last = (first + CHUNK_SLOTS).min(self.slots as usize);
+                self.chunk = Some(Window::map(&self.map, first, last - first, true)?);
+            }
+            self.chunk
+                .as_ref()
+                .ok_or(MapsError::Mmap(io::Error::other("no chunk")))?
+        } else {
+            own = Window::map(&self.map, start, count, true)?;
+            &own
+        };
+        let dst = window.slot(start);
+        // SAFETY: the window maps slots start..start + count (it covers them: bounds checked
+        // above, and by `covers` or by mapping exactly them); the region is ours (the
+        // programmer allocates regions and never hands one to two frontends with different
+        // contents). Volatile stores: the datapath reads this memory concurrently.
         unsafe {
-            let dst = self.base.as_ptr().add(offset as usize);
             for (i, s) in slots.iter().enumerate() {
                 dst.add(i).write_volatile(*s);
             }
@@ -128,19 +138,96 @@ impl RingSlab {
         Ok(())
     }
 
-    fn read(&self, offset: u32, len: u32) -> Vec<u32> {
+    fn read(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapsError> {
         let end = (u64::from(offset) + u64::from(len)).min(u64::from(self.slots));
-        // SAFETY: clamped to the slab.
-        (u64::from(offset)..end)
-            .map(|i| unsafe { self.base.as_ptr().add(i as usize).read_volatile() })
-            .collect()
+        let Some(len) = end.checked_sub(u64::from(offset)).filter(|n| *n > 0) else {
+            return Ok(Vec::new());
+        };
+        let (start, len) = (offset as usize, len as usize);
+        let window = Window::map(&self.map, start, len, false)?;
+        let src = window.slot(start);
+        // SAFETY: the window maps exactly slots start..start + len, which lie in the slab.
+        Ok((0..len)
+            .map(|i| unsafe { src.add(i).read_volatile() })
+            .collect())
     }
 }
 
-impl Drop for RingSlab {
+/// The pages of the slab that hold some of its slots, mapped until dropped.
+struct Window {
+    base: NonNull<libc::c_void>,
+    /// Bytes mapped (whole pages).
+    len: usize,
+    /// The slot at `base`.
+    first_slot: usize,
+}
+
+// SAFETY: the mapping is owned by this value (unmapped once, in Drop) and written only through
+// the `&mut RingSlab` that owns it.
+unsafe impl Send for Window {}
+
+impl Window {
+    /// Maps the pages holding slots `start..start + count` (`count` > 0, inside the slab).
+    fn map(map: &MapData, start: usize, count: usize, write: bool) -> Result<Self, MapsError> {
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| *p > 0)
+            .unwrap_or(4096);
+        let start_byte = start * 4;
+        let end_byte = start_byte + count * 4;
+        let map_start = start_byte / page * page;
+        let len = (end_byte - map_start).div_ceil(page) * page;
+        let file_offset = libc::off_t::try_from(map_start)
+            .map_err(|_| MapsError::Mmap(io::Error::other("ring offset beyond off_t")))?;
+        let prot = if write {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a shared mapping of pages of a BPF_F_MMAPABLE array's fd, inside the array
+        // (the kernel refuses anything beyond it); Drop unmaps exactly this mapping.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                file_offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(MapsError::Mmap(io::Error::last_os_error()));
+        }
+        let base = NonNull::new(ptr).ok_or(MapsError::Mmap(io::Error::other("null")))?;
+        Ok(Self {
+            base,
+            len,
+            // A page holds a whole number of slots.
+            first_slot: map_start / 4,
+        })
+    }
+
+    /// Whether slots `start..start + count` lie in this window.
+    fn covers(&self, start: usize, count: usize) -> bool {
+        start >= self.first_slot && start + count <= self.first_slot + self.len / 4
+    }
+
+    /// The address of slot `start`, which the caller made sure the window covers.
+    fn slot(&self, start: usize) -> *mut u32 {
+        // Wrapping: computing the address is safe; dereferencing it is the caller's part.
+        self.base
+            .as_ptr()
+            .cast::<u32>()
+            .wrapping_add(start - self.first_slot)
+    }
+}
+
+impl Drop for Window {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        // SAFETY: unmapping exactly what map() mapped.
+        unsafe { libc::munmap(self.base.as_ptr(), self.len) };
     }
 }
 
@@ -183,7 +270,7 @@ impl AyaMaps {
             .map_err(err(map_names::RINGS))?
             .max_entries();
         let slots = elements * lb_common::RING_LANES;
-        let rings = RingSlab::new(ring_data, slots)?;
+        let rings = RingSlab::new(ring_data, slots);
         Ok(Self {
             frontends,
             frontend_capacity,
@@ -221,9 +308,8 @@ impl AyaMaps {
         self.frontends.iter().filter_map(Result::ok).collect()
     }
 
-    /// Reads a ring region back (inspection, tests).
-    #[must_use]
-    pub fn ring(&self, offset: u32, len: u32) -> Vec<u32> {
+    /// Reads a ring region back (adoption at start).
+    pub fn ring(&self, offset: u32, len: u32) -> Result<Vec<u32>, MapsError> {
         self.rings.read(offset, len)
     }
 }

@@ -56,34 +56,25 @@
 //! Not modelled yet: session affinity, `loadBalancerSourceRanges`, topology-aware routing
 //! (hints, `trafficDistribution`), health check node ports.
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, BTreeSet, HashMap, btree_map::Entry},
     net::{IpAddr, Ipv4Addr},
     str::FromStr,
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Node, Service, ServicePort},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
-};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 pub use crate::invalid::{Invalid, reason};
+pub use crate::store::compact::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
 use crate::{
     state::{
         BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, Proto,
         Scope, ServicePortRef,
     },
-    store::{ObjectKey, Store},
+    store::{
+        Changes, ObjectKey, Store, StoredEndpointSlice, StoredNode, StoredService,
+        compact::{IpText, Labels, StoredServicePort},
+    },
 };
-
-/// Label of an EndpointSlice naming its Service.
-pub const LABEL_SERVICE_NAME: &str = "kubernetes.io/service-name";
-/// Label of headless Services' EndpointSlices; kube-proxy never programs such objects.
-pub const LABEL_HEADLESS: &str = "service.kubernetes.io/headless";
-/// Label handing an object to an alternative service proxy.
-pub const LABEL_SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 
 /// How `desired` reads the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,31 +109,32 @@ impl NodeInfo {
     /// The node's name and its `InternalIP` and `ExternalIP` IPv4 addresses, in the Node's order,
     /// without duplicates.
     #[must_use]
-    pub fn from_node(node: &Node) -> Self {
-        let name = node.metadata.name.clone().unwrap_or_default();
+    pub fn from_node(name: &str, node: &StoredNode) -> Self {
         let mut addresses = Vec::new();
-        let listed = node.status.as_ref().and_then(|s| s.addresses.as_deref());
-        for address in listed.unwrap_or_default() {
-            if address.type_ != "InternalIP" && address.type_ != "ExternalIP" {
+        for (type_, address) in &node.addresses {
+            if type_ != "InternalIP" && type_ != "ExternalIP" {
                 continue;
             }
-            match IpAddr::from_str(&address.address) {
+            match IpAddr::from_str(address) {
                 Ok(IpAddr::V4(ip)) if !addresses.contains(&ip) => addresses.push(ip),
                 Ok(_) => {}
                 Err(_) => tracing::warn!(
                     node = name,
-                    address = address.address,
+                    address = &**address,
                     "ignoring a node address that does not parse"
                 ),
             }
         }
-        Self { name, addresses }
+        Self {
+            name: name.to_owned(),
+            addresses,
+        }
     }
 
     /// [`NodeInfo::from_node`] of the Node called `name` in `store`.
     #[must_use]
     pub fn from_store(store: &Store, name: &str) -> Option<Self> {
-        store.node(name).map(Self::from_node)
+        store.node(name).map(|node| Self::from_node(name, node))
     }
 }
 
@@ -157,24 +149,505 @@ pub struct Desired {
 }
 
 /// The desired datapath state of `node` for the objects in `store`. See the module doc.
+///
+/// Services are translated in key order and a frontend goes to the first Service that claims
+/// it; [`Translator`] keeps the same result up to date from changes.
 #[must_use]
 pub fn desired(store: &Store, node: &NodeInfo, opts: &ModelOptions) -> Desired {
-    let mut model = Model {
-        node,
-        node_addresses: dedup(node.addresses.iter().copied()),
-        out: Desired::default(),
-    };
-    let slices = model.slices_by_service(store, opts);
-    for (key, service) in store.services() {
-        let Some(service) = model.service(key, service, opts) else {
-            continue;
-        };
-        let slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
-        for port in &service.ports {
-            model.add_port(&service, port, slices);
+    let ctx = Context::new(node, opts);
+    let mut out = Desired::default();
+    let mut slices: BTreeMap<ObjectKey, Vec<ValidSlice<'_>>> = BTreeMap::new();
+    for (key, slice) in store.endpoint_slices() {
+        match classify_slice(key, slice, opts) {
+            SliceClass::Ignored => {}
+            SliceClass::Ipv6 => out.ipv6_slices_ignored += 1,
+            SliceClass::Refused(invalid) => out.invalid.push(invalid),
+            SliceClass::Valid(service, valid) => slices.entry(service).or_default().push(valid),
         }
     }
-    model.out
+    for (key, service) in store.services() {
+        let slices = slices.get(key).map(Vec::as_slice).unwrap_or_default();
+        let translation = translate_service(&ctx, key, service, slices);
+        out.invalid.extend(translation.refusals);
+        for claim in translation.claims {
+            if let Some(owner) = out.state.frontends.get(&claim.at(Scope::External)) {
+                out.invalid.push(conflict(&claim, owner));
+                continue;
+            }
+            let (at_external, at_internal) = (claim.at(Scope::External), claim.at(Scope::Internal));
+            out.state.frontends.insert(at_external, claim.external);
+            out.state.frontends.insert(at_internal, claim.internal);
+        }
+    }
+    out
+}
+
+/// [`desired`], kept up to date incrementally. The result of a Service depends only on that
+/// Service, its EndpointSlices and the node; so the translator remembers which Service each
+/// slice belongs to and which frontends each Service claims, and [`Translator::update`]
+/// translates again only the Services whose object or slices changed. Two Services claiming
+/// one frontend are resolved as [`desired`] does (the first in namespace/name order keeps it)
+/// by translating again every claimant of each frontend whose claims changed. A new node (or
+/// the first update) translates everything. After every update, [`Translator::desired`]
+/// equals [`desired`] of the same store, node and options.
+#[derive(Clone, Debug)]
+pub struct Translator {
+    opts: ModelOptions,
+    /// The node of the cached results; None before the first update.
+    node: Option<NodeInfo>,
+    /// The Service (key) of every valid IPv4 slice, and what became of the others.
+    slices: HashMap<ObjectKey, SliceEntry>,
+    /// The valid IPv4 slices of each Service key, sorted.
+    slices_by_service: HashMap<ObjectKey, Vec<ObjectKey>>,
+    refused_slices: BTreeMap<ObjectKey, Invalid>,
+    ipv6_slices_ignored: usize,
+    /// The frontends each Service claims (External-scope addresses, each once, in claim order).
+    claims: HashMap<ObjectKey, Vec<FrontendAddr>>,
+    /// The Services claiming each frontend (External-scope address), sorted: the first owns it.
+    claimants: HashMap<FrontendAddr, Vec<ObjectKey>>,
+    /// Refusals of each Service that has any (its own, then its lost frontends), in key order.
+    refused_services: BTreeMap<ObjectKey, Vec<Invalid>>,
+    state: DesiredState,
+}
+
+#[derive(Clone, Debug)]
+enum SliceEntry {
+    Ipv6,
+    Refused,
+    Valid(ObjectKey),
+}
+
+impl Translator {
+    #[must_use]
+    pub fn new(opts: ModelOptions) -> Self {
+        Self {
+            opts,
+            node: None,
+            slices: HashMap::new(),
+            slices_by_service: HashMap::new(),
+            refused_slices: BTreeMap::new(),
+            ipv6_slices_ignored: 0,
+            claims: HashMap::new(),
+            claimants: HashMap::new(),
+            refused_services: BTreeMap::new(),
+            state: DesiredState::default(),
+        }
+    }
+
+    /// Brings the result up to date with `store`, whose objects changed since the previous
+    /// update only where `changes` says (the first update, and any update for another node,
+    /// read the whole store). Returns every frontend (both scopes) whose spec differs from the
+    /// previous result: added, changed or removed.
+    pub fn update(
+        &mut self,
+        store: &Store,
+        node: &NodeInfo,
+        changes: &Changes,
+    ) -> BTreeSet<FrontendAddr> {
+        let opts = self.opts.clone();
+        let ctx = Context::new(node, &opts);
+        if self.node.as_ref() != Some(node) {
+            self.node = Some(node.clone());
+            return self.rebuild(&ctx, store);
+        }
+
+        let mut dirty: BTreeSet<ObjectKey> = changes.services.clone();
+        for key in &changes.endpoint_slices {
+            self.update_slice(store, key, &mut dirty);
+        }
+        let mut fresh: BTreeMap<ObjectKey, Translation> = BTreeMap::new();
+        let mut touched: BTreeSet<FrontendAddr> = BTreeSet::new();
+        for key in dirty {
+            let translation = self.retranslate(&ctx, store, &key, &mut touched);
+            fresh.insert(key, translation);
+        }
+        // Who owns a touched frontend can change for any of its claimants: translate those too
+        // (their claims are unchanged; their specs and refusals are needed).
+        let others: BTreeSet<ObjectKey> = touched
+            .iter()
+            .filter_map(|at| self.claimants.get(at))
+            .flatten()
+            .filter(|k| !fresh.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in others {
+            let translation = self.translate(&ctx, store, &key);
+            fresh.insert(key, translation);
+        }
+        let differ = self.resolve(&touched, &fresh);
+        self.record_refusals(fresh);
+        differ
+    }
+
+    /// Translates the Service `key` again and records its claims in place of the old ones;
+    /// every frontend it claimed before or claims now is `touched`.
+    fn retranslate(
+        &mut self,
+        ctx: &Context<'_>,
+        store: &Store,
+        key: &ObjectKey,
+        touched: &mut BTreeSet<FrontendAddr>,
+    ) -> Translation {
+        for at in self.claims.remove(key).unwrap_or_default() {
+            if let Some(claimants) = self.claimants.get_mut(&at) {
+                claimants.retain(|k| k != key);
+                if claimants.is_empty() {
+                    self.claimants.remove(&at);
+                }
+            }
+            touched.insert(at);
+        }
+        let translation = self.translate(ctx, store, key);
+        let mut claimed: Vec<FrontendAddr> = Vec::new();
+        for claim in &translation.claims {
+            let at = claim.at(Scope::External);
+            if !claimed.contains(&at) {
+                claimed.push(at);
+                let claimants = self.claimants.entry(at).or_default();
+                if let Err(i) = claimants.binary_search(key) {
+                    claimants.insert(i, key.clone());
+                }
+                touched.insert(at);
+            }
+        }
+        if !claimed.is_empty() {
+            self.claims.insert(key.clone(), claimed);
+        }
+        translation
+    }
+
+    /// Gives each touched frontend to its first claimant's first claim of it (`fresh` holds
+    /// every claimant's translation). Returns the frontends whose spec changed.
+    fn resolve(
+        &mut self,
+        touched: &BTreeSet<FrontendAddr>,
+        fresh: &BTreeMap<ObjectKey, Translation>,
+    ) -> BTreeSet<FrontendAddr> {
+        let mut differ = BTreeSet::new();
+        for at in touched {
+            let winner = self.claimants.get(at).and_then(|c| c.first());
+            let claim = winner.and_then(|w| {
+                fresh
+                    .get(w)?
+                    .claims
+                    .iter()
+                    .find(|c| c.at(Scope::External) == *at)
+            });
+            let specs = claim.map(|c| (c.external.clone(), c.internal.clone()));
+            let (external, internal) = specs.unzip();
+            for (scope, spec) in [(Scope::External, external), (Scope::Internal, internal)] {
+                let at = FrontendAddr { scope, ..*at };
+                if self.state.frontends.get(&at) == spec.as_ref() {
+                    continue;
+                }
+                differ.insert(at);
+                match spec {
+                    Some(spec) => self.state.frontends.insert(at, spec),
+                    None => self.state.frontends.remove(&at),
+                };
+            }
+        }
+        differ
+    }
+
+    /// The refusals of every Service translated: its own, then the frontends it lost.
+    fn record_refusals(&mut self, fresh: BTreeMap<ObjectKey, Translation>) {
+        for (key, translation) in fresh {
+            let mut refusals = translation.refusals;
+            let mut seen: Vec<FrontendAddr> = Vec::new();
+            for claim in &translation.claims {
+                let at = claim.at(Scope::External);
+                let first = !seen.contains(&at);
+                seen.push(at);
+                let owner = self.claimants.get(&at).and_then(|c| c.first());
+                if first && owner == Some(&key) {
+                    continue;
+                }
+                if let Some(spec) = self.state.frontends.get(&at) {
+                    refusals.push(conflict(claim, spec));
+                }
+            }
+            if refusals.is_empty() {
+                self.refused_services.remove(&key);
+            } else {
+                self.refused_services.insert(key, refusals);
+            }
+        }
+    }
+
+    /// The current result: state, refusals (slices first, then Services, each in key order,
+    /// as [`desired`] meets them) and the IPv6 slice count.
+    #[must_use]
+    pub fn desired(&self) -> Desired {
+        Desired {
+            state: self.state.clone(),
+            invalid: self.invalid(),
+            ipv6_slices_ignored: self.ipv6_slices_ignored,
+        }
+    }
+
+    /// The current desired state.
+    #[must_use]
+    pub fn state(&self) -> &DesiredState {
+        &self.state
+    }
+
+    /// The objects (or parts of objects) currently refused, in [`desired`]'s order.
+    #[must_use]
+    pub fn invalid(&self) -> Vec<Invalid> {
+        self.refused_slices
+            .values()
+            .chain(self.refused_services.values().flatten())
+            .cloned()
+            .collect()
+    }
+
+    /// EndpointSlices of address type IPv6 in the store.
+    #[must_use]
+    pub fn ipv6_slices_ignored(&self) -> usize {
+        self.ipv6_slices_ignored
+    }
+
+    /// Translates the whole store from scratch, the way [`desired`] does, and builds the
+    /// indexes that later updates read: the first update, and any update for another node.
+    /// Returns the frontends whose spec differs from the previous result.
+    fn rebuild(&mut self, ctx: &Context<'_>, store: &Store) -> BTreeSet<FrontendAddr> {
+        let before = std::mem::take(&mut self.state);
+        self.slices.clear();
+        self.slices_by_service.clear();
+        self.refused_slices.clear();
+        self.ipv6_slices_ignored = 0;
+        self.claims.clear();
+        self.claimants.clear();
+        self.refused_services.clear();
+
+        let mut valid: HashMap<ObjectKey, Vec<ValidSlice<'_>>> = HashMap::new();
+        // The store iterates in key order: each Service's slice keys come sorted.
+        for (key, slice) in store.endpoint_slices() {
+            let entry = match classify_slice(key, slice, ctx.opts) {
+                SliceClass::Ignored => continue,
+                SliceClass::Ipv6 => {
+                    self.ipv6_slices_ignored += 1;
+                    SliceEntry::Ipv6
+                }
+                SliceClass::Refused(invalid) => {
+                    self.refused_slices.insert(key.clone(), invalid);
+                    SliceEntry::Refused
+                }
+                SliceClass::Valid(service, slice) => {
+                    self.slices_by_service
+                        .entry(service.clone())
+                        .or_default()
+                        .push(key.clone());
+                    valid.entry(service.clone()).or_default().push(slice);
+                    SliceEntry::Valid(service)
+                }
+            };
+            self.slices.insert(key.clone(), entry);
+        }
+        // Services in key order, so each frontend's claimants come sorted and the first
+        // claimant takes it, as in `desired`.
+        for (key, service) in store.services() {
+            let slices = valid.get(key).map(Vec::as_slice).unwrap_or_default();
+            let translation = translate_service(ctx, key, service, slices);
+            let mut refusals = translation.refusals;
+            let mut claimed: Vec<FrontendAddr> = Vec::new();
+            for claim in translation.claims {
+                let at = claim.at(Scope::External);
+                if !claimed.contains(&at) {
+                    claimed.push(at);
+                    self.claimants.entry(at).or_default().push(key.clone());
+                }
+                if let Some(owner) = self.state.frontends.get(&at) {
+                    refusals.push(conflict(&claim, owner));
+                    continue;
+                }
+                let at_internal = claim.at(Scope::Internal);
+                self.state.frontends.insert(at, claim.external);
+                self.state.frontends.insert(at_internal, claim.internal);
+            }
+            if !claimed.is_empty() {
+                self.claims.insert(key.clone(), claimed);
+            }
+            if !refusals.is_empty() {
+                self.refused_services.insert(key.clone(), refusals);
+            }
+        }
+        differing(&before.frontends, &self.state.frontends)
+    }
+
+    /// Re-reads one slice; the Services it belonged to and belongs to now become dirty.
+    fn update_slice(&mut self, store: &Store, key: &ObjectKey, dirty: &mut BTreeSet<ObjectKey>) {
+        match self.slices.remove(key) {
+            Some(SliceEntry::Valid(service)) => {
+                if let Some(slices) = self.slices_by_service.get_mut(&service) {
+                    slices.retain(|k| k != key);
+                    if slices.is_empty() {
+                        self.slices_by_service.remove(&service);
+                    }
+                }
+                dirty.insert(service);
+            }
+            Some(SliceEntry::Ipv6) => self.ipv6_slices_ignored -= 1,
+            Some(SliceEntry::Refused) => {
+                self.refused_slices.remove(key);
+            }
+            None => {}
+        }
+        let Some(slice) = store.endpoint_slice(key) else {
+            return;
+        };
+        let entry = match classify_slice(key, slice, &self.opts) {
+            SliceClass::Ignored => return,
+            SliceClass::Ipv6 => {
+                self.ipv6_slices_ignored += 1;
+                SliceEntry::Ipv6
+            }
+            SliceClass::Refused(invalid) => {
+                self.refused_slices.insert(key.clone(), invalid);
+                SliceEntry::Refused
+            }
+            SliceClass::Valid(service, _) => {
+                let slices = self.slices_by_service.entry(service.clone()).or_default();
+                if let Err(i) = slices.binary_search(key) {
+                    slices.insert(i, key.clone());
+                }
+                dirty.insert(service.clone());
+                SliceEntry::Valid(service)
+            }
+        };
+        self.slices.insert(key.clone(), entry);
+    }
+
+    /// The translation of the Service `key` as the store holds it now (nothing if it is gone).
+    fn translate(&self, ctx: &Context<'_>, store: &Store, key: &ObjectKey) -> Translation {
+        let Some(service) = store.service(key) else {
+            return Translation::default();
+        };
+        let slices: Vec<ValidSlice<'_>> = self
+            .slices_by_service
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice_key| {
+                let slice = store.endpoint_slice(slice_key)?;
+                match classify_slice(slice_key, slice, ctx.opts) {
+                    SliceClass::Valid(_, valid) => Some(valid),
+                    _ => None,
+                }
+            })
+            .collect();
+        translate_service(ctx, key, service, &slices)
+    }
+}
+
+/// The keys whose values differ between two maps (in one only, or in both with other values).
+fn differing<K: Ord + Copy, V: PartialEq>(
+    before: &BTreeMap<K, V>,
+    after: &BTreeMap<K, V>,
+) -> BTreeSet<K> {
+    let mut out = BTreeSet::new();
+    let (mut old, mut new) = (before.iter().peekable(), after.iter().peekable());
+    loop {
+        match (old.peek(), new.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.insert(**k);
+                old.next();
+            }
+            (None, Some((k, _))) => {
+                out.insert(**k);
+                new.next();
+            }
+            (Some((ko, vo)), Some((kn, vn))) => match ko.cmp(kn) {
+                std::cmp::Ordering::Less => {
+                    out.insert(**ko);
+                    old.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.insert(**kn);
+                    new.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if vo != vn {
+                        out.insert(**ko);
+                    }
+                    old.next();
+                    new.next();
+                }
+            },
+        }
+    }
+    out
+}
+
+/// The node and options a translation is for.
+struct Context<'a> {
+    node: &'a NodeInfo,
+    node_addresses: Vec<Ipv4Addr>,
+    opts: &'a ModelOptions,
+}
+
+impl<'a> Context<'a> {
+    fn new(node: &'a NodeInfo, opts: &'a ModelOptions) -> Self {
+        Self {
+            node,
+            node_addresses: dedup(node.addresses.iter().copied()),
+            opts,
+        }
+    }
+}
+
+/// What one Service asks for: the refusals of the Service itself and its frontends in the
+/// order it claims them (which decides conflicts within the Service).
+#[derive(Default)]
+struct Translation {
+    refusals: Vec<Invalid>,
+    claims: Vec<Claim>,
+}
+
+/// One frontend a Service port claims, in both scopes.
+struct Claim {
+    addr: Ipv4Addr,
+    port: u16,
+    proto: Proto,
+    external: FrontendSpec,
+    internal: FrontendSpec,
+}
+
+impl Claim {
+    fn at(&self, scope: Scope) -> FrontendAddr {
+        FrontendAddr {
+            addr: self.addr,
+            port: self.port,
+            proto: self.proto,
+            scope,
+        }
+    }
+}
+
+/// The refusal of a frontend that `owner` already has.
+fn conflict(claim: &Claim, owner: &FrontendSpec) -> Invalid {
+    let detail = format!(
+        "{kind:?} frontend {addr}:{port}/{proto} of port '{port_name}' is already \
+         {owner_kind:?} of {owner_service}",
+        kind = claim.external.kind,
+        addr = claim.addr,
+        port = claim.port,
+        proto = claim.proto,
+        port_name = claim.external.service.port_name,
+        owner_kind = owner.kind,
+        owner_service = owner.service,
+    );
+    let key = ObjectKey::new(
+        &*claim.external.service.namespace,
+        &*claim.external.service.name,
+    );
+    refuse(
+        "Service",
+        &key,
+        Refusal::new(reason::FRONTEND_CONFLICT, detail),
+    )
 }
 
 /// Why an object (or port) is refused.
@@ -189,6 +662,24 @@ impl Refusal {
             reason,
             detail: detail.into(),
         }
+    }
+}
+
+/// The record of a refusal, logged once as it is made.
+fn refuse(kind: &'static str, key: &ObjectKey, refusal: Refusal) -> Invalid {
+    tracing::warn!(
+        kind,
+        object = %key,
+        reason = refusal.reason,
+        detail = refusal.detail,
+        "skipping invalid object"
+    );
+    Invalid {
+        kind,
+        namespace: key.namespace.clone(),
+        name: key.name.clone(),
+        reason: refusal.reason,
+        detail: refusal.detail,
     }
 }
 
@@ -249,223 +740,164 @@ struct Endpoint {
     terminating: bool,
 }
 
-struct Model<'n> {
-    node: &'n NodeInfo,
-    node_addresses: Vec<Ipv4Addr>,
-    out: Desired,
+/// What an EndpointSlice is to the model.
+enum SliceClass<'a> {
+    /// Not ours, without a service-name label, or of an address type other than IPv4/IPv6.
+    Ignored,
+    Ipv6,
+    Refused(Invalid),
+    /// A valid IPv4 slice of the Service with this key.
+    Valid(ObjectKey, ValidSlice<'a>),
 }
 
-impl Model<'_> {
-    fn refuse(&mut self, kind: &'static str, key: &ObjectKey, refusal: Refusal) {
-        tracing::warn!(
-            kind,
-            object = %key,
-            reason = refusal.reason,
-            detail = refusal.detail,
-            "skipping invalid object"
-        );
-        self.out.invalid.push(Invalid {
-            kind,
-            namespace: key.namespace.clone(),
-            name: key.name.clone(),
-            reason: refusal.reason,
-            detail: refusal.detail,
-        });
+fn classify_slice<'s>(
+    key: &ObjectKey,
+    slice: &'s StoredEndpointSlice,
+    opts: &ModelOptions,
+) -> SliceClass<'s> {
+    if let Some(why) = not_ours(&slice.labels, opts) {
+        tracing::debug!(slice = %key, why, "ignoring EndpointSlice");
+        return SliceClass::Ignored;
     }
-
-    /// Valid IPv4 EndpointSlices grouped by the key of their Service.
-    fn slices_by_service<'s>(
-        &mut self,
-        store: &'s Store,
-        opts: &ModelOptions,
-    ) -> BTreeMap<ObjectKey, Vec<ValidSlice<'s>>> {
-        let mut by_service: BTreeMap<ObjectKey, Vec<ValidSlice<'s>>> = BTreeMap::new();
-        for (key, slice) in store.endpoint_slices() {
-            if let Some(why) = not_ours(&slice.metadata, opts) {
-                tracing::debug!(slice = %key, why, "ignoring EndpointSlice");
-                continue;
-            }
-            let service = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(LABEL_SERVICE_NAME));
-            let Some(service) = service else {
-                tracing::debug!(slice = %key, "ignoring EndpointSlice without a service-name label");
-                continue;
-            };
-            match slice.address_type.as_str() {
-                "IPv4" => {}
-                "IPv6" => {
-                    self.out.ipv6_slices_ignored += 1;
-                    continue;
-                }
-                other => {
-                    tracing::debug!(slice = %key, address_type = other, "ignoring EndpointSlice");
-                    continue;
-                }
-            }
-            match parse_slice(slice, opts) {
-                Ok(valid) => by_service
-                    .entry(ObjectKey::new(key.namespace.clone(), service.clone()))
-                    .or_default()
-                    .push(valid),
-                Err(refusal) => self.refuse("EndpointSlice", key, refusal),
-            }
+    let Some(service) = slice.labels.service_name.as_deref() else {
+        tracing::debug!(slice = %key, "ignoring EndpointSlice without a service-name label");
+        return SliceClass::Ignored;
+    };
+    match &*slice.address_type {
+        "IPv4" => {}
+        "IPv6" => return SliceClass::Ipv6,
+        other => {
+            tracing::debug!(slice = %key, address_type = other, "ignoring EndpointSlice");
+            return SliceClass::Ignored;
         }
-        by_service
     }
+    match parse_slice(slice, opts) {
+        Ok(valid) => SliceClass::Valid(ObjectKey::new(key.namespace.clone(), service), valid),
+        Err(refusal) => SliceClass::Refused(refuse("EndpointSlice", key, refusal)),
+    }
+}
 
-    /// The Service validated, or None when it is not programmed (refused or not ours).
-    fn service<'s>(
-        &mut self,
-        key: &'s ObjectKey,
-        service: &'s Service,
-        opts: &ModelOptions,
-    ) -> Option<ValidService<'s>> {
-        if let Some(why) = not_ours(&service.metadata, opts) {
+/// The translation of one Service with its valid slices (in slice key order).
+fn translate_service(
+    ctx: &Context<'_>,
+    key: &ObjectKey,
+    service: &StoredService,
+    slices: &[ValidSlice<'_>],
+) -> Translation {
+    let mut out = Translation::default();
+    if let Some(why) = not_ours(&service.labels, ctx.opts) {
+        tracing::debug!(service = %key, why, "not programming Service");
+        return out;
+    }
+    let valid = match parse_service(key, service) {
+        Ok(Parsed::Program(valid, unsupported)) => {
+            out.refusals = unsupported
+                .into_iter()
+                .map(|refusal| refuse("Service", key, refusal))
+                .collect();
+            valid
+        }
+        Ok(Parsed::Skip(why)) => {
             tracing::debug!(service = %key, why, "not programming Service");
-            return None;
+            return out;
         }
-        let (valid, unsupported) = match parse_service(key, service) {
-            Ok(Parsed::Program(valid, unsupported)) => (valid, unsupported),
-            Ok(Parsed::Skip(why)) => {
-                tracing::debug!(service = %key, why, "not programming Service");
-                return None;
-            }
-            Err(refusal) => {
-                self.refuse("Service", key, refusal);
-                return None;
-            }
-        };
-        for refusal in unsupported {
-            self.refuse("Service", key, refusal);
+        Err(refusal) => {
+            out.refusals.push(refuse("Service", key, refusal));
+            return out;
         }
-        Some(valid)
+    };
+    for port in &valid.ports {
+        add_port(ctx, &valid, port, slices, &mut out.claims);
     }
+    out
+}
 
-    /// Every frontend of one service port.
-    fn add_port(
-        &mut self,
-        service: &ValidService<'_>,
-        port: &ValidPort<'_>,
-        slices: &[ValidSlice<'_>],
-    ) {
-        let endpoints = merge_endpoints(slices, port, service.publish_not_ready, &self.node.name);
-        let cluster = select(&endpoints, false);
-        let local = select(&endpoints, true);
-        let service_ref = ServicePortRef {
-            namespace: service.key.namespace.clone(),
-            name: service.key.name.clone(),
-            port_name: port.name.to_owned(),
-        };
-        let spec = |kind, backends: &[BackendSpec], snat_remote| FrontendSpec {
-            service: service_ref.clone(),
-            kind,
-            backends: backends.to_vec(),
-            snat_remote,
-        };
-
-        // kube-proxy applies internalTrafficPolicy to all cluster-IP traffic, whatever its source.
-        let to_cluster_ip = if service.internal_local {
-            &local
-        } else {
-            &cluster
-        };
-        self.add_frontend(
-            service.cluster_ip,
-            port.port,
-            port.proto,
-            spec(FrontendKind::ClusterIp, to_cluster_ip, true),
-            spec(FrontendKind::ClusterIp, to_cluster_ip, true),
-        );
-
-        // NodePort, LoadBalancer and ExternalIp share the external policy.
-        let mut external = Vec::new();
-        if let Some(node_port) = port
-            .node_port
-            .filter(|_| service.type_ != ServiceType::ClusterIp)
-        {
-            for &addr in &self.node_addresses {
-                external.push((addr, node_port, FrontendKind::NodePort));
-            }
-        }
-        for &addr in &service.external_ips {
-            external.push((addr, port.port, FrontendKind::ExternalIp));
-        }
-        if service.type_ == ServiceType::LoadBalancer {
-            for &addr in &service.ingress_ips {
-                external.push((addr, port.port, FrontendKind::LoadBalancer));
-            }
-        }
-        let (from_nic, snat) = if service.external_local {
-            (&local, false)
-        } else {
-            (&cluster, true)
-        };
-        for (addr, frontend_port, kind) in external {
-            self.add_frontend(
-                addr,
-                frontend_port,
-                port.proto,
-                spec(kind, from_nic, snat),
-                spec(kind, &cluster, true),
-            );
-        }
-    }
-
-    /// Adds one frontend in both scopes, unless another service port already has it.
-    fn add_frontend(
-        &mut self,
-        addr: Ipv4Addr,
-        port: u16,
-        proto: Proto,
-        external: FrontendSpec,
-        internal: FrontendSpec,
-    ) {
-        let at = |scope| FrontendAddr {
+/// Every frontend of one service port, in claim order: the cluster IP, then the node ports,
+/// external IPs and load balancer IPs.
+fn add_port(
+    ctx: &Context<'_>,
+    service: &ValidService<'_>,
+    port: &ValidPort<'_>,
+    slices: &[ValidSlice<'_>],
+    claims: &mut Vec<Claim>,
+) {
+    let endpoints = merge_endpoints(slices, port, service.publish_not_ready, &ctx.node.name);
+    let cluster = select(&endpoints, false);
+    let local = select(&endpoints, true);
+    let service_ref = ServicePortRef {
+        namespace: service.key.namespace.as_str().into(),
+        name: service.key.name.as_str().into(),
+        port_name: port.name.into(),
+    };
+    let spec = |kind, backends: &[BackendSpec], snat_remote| FrontendSpec {
+        service: service_ref.clone(),
+        kind,
+        backends: backends.to_vec(),
+        snat_remote,
+    };
+    let mut claim = |addr, frontend_port, external, internal| {
+        claims.push(Claim {
             addr,
-            port,
-            proto,
-            scope,
-        };
-        // Both scopes are always added together, so the External entry decides for both.
-        if let Some(owner) = self.out.state.frontends.get(&at(Scope::External)) {
-            let detail = format!(
-                "{kind:?} frontend {addr}:{port}/{proto} of port '{port_name}' is already \
-                 {owner_kind:?} of {owner_service}",
-                kind = external.kind,
-                port_name = external.service.port_name,
-                owner_kind = owner.kind,
-                owner_service = owner.service,
-            );
-            let key = ObjectKey::new(
-                external.service.namespace.clone(),
-                external.service.name.clone(),
-            );
-            self.refuse(
-                "Service",
-                &key,
-                Refusal::new(reason::FRONTEND_CONFLICT, detail),
-            );
-            return;
+            port: frontend_port,
+            proto: port.proto,
+            external,
+            internal,
+        });
+    };
+
+    // kube-proxy applies internalTrafficPolicy to all cluster-IP traffic, whatever its source.
+    let to_cluster_ip = if service.internal_local {
+        &local
+    } else {
+        &cluster
+    };
+    claim(
+        service.cluster_ip,
+        port.port,
+        spec(FrontendKind::ClusterIp, to_cluster_ip, true),
+        spec(FrontendKind::ClusterIp, to_cluster_ip, true),
+    );
+
+    // NodePort, LoadBalancer and ExternalIp share the external policy.
+    let mut external = Vec::new();
+    if let Some(node_port) = port
+        .node_port
+        .filter(|_| service.type_ != ServiceType::ClusterIp)
+    {
+        for &addr in &ctx.node_addresses {
+            external.push((addr, node_port, FrontendKind::NodePort));
         }
-        for (scope, spec) in [(Scope::External, external), (Scope::Internal, internal)] {
-            if let Entry::Vacant(entry) = self.out.state.frontends.entry(at(scope)) {
-                entry.insert(spec);
-            }
+    }
+    for &addr in &service.external_ips {
+        external.push((addr, port.port, FrontendKind::ExternalIp));
+    }
+    if service.type_ == ServiceType::LoadBalancer {
+        for &addr in &service.ingress_ips {
+            external.push((addr, port.port, FrontendKind::LoadBalancer));
         }
+    }
+    let (from_nic, snat) = if service.external_local {
+        (&local, false)
+    } else {
+        (&cluster, true)
+    };
+    for (addr, frontend_port, kind) in external {
+        claim(
+            addr,
+            frontend_port,
+            spec(kind, from_nic, snat),
+            spec(kind, &cluster, true),
+        );
     }
 }
 
 /// Why an object belongs to someone else (kube-proxy's informer label selector), if it does.
-fn not_ours(meta: &ObjectMeta, opts: &ModelOptions) -> Option<&'static str> {
-    let labels = meta.labels.as_ref()?;
-    if labels.contains_key(LABEL_HEADLESS) {
+fn not_ours(labels: &Labels, opts: &ModelOptions) -> Option<&'static str> {
+    if labels.headless {
         return Some("labelled headless");
     }
-    match labels.get(LABEL_SERVICE_PROXY_NAME) {
-        Some(name) if opts.service_proxy_name.as_ref() != Some(name) => {
+    match labels.service_proxy_name.as_deref() {
+        Some(name) if opts.service_proxy_name.as_deref() != Some(name) => {
             Some("labelled for another service proxy")
         }
         _ => None,
@@ -479,7 +911,10 @@ enum Parsed<'a> {
     Skip(&'static str),
 }
 
-fn parse_service<'a>(key: &'a ObjectKey, service: &'a Service) -> Result<Parsed<'a>, Refusal> {
+fn parse_service<'a>(
+    key: &'a ObjectKey,
+    service: &'a StoredService,
+) -> Result<Parsed<'a>, Refusal> {
     let Some(spec) = service.spec.as_ref() else {
         return Err(Refusal::new(reason::MISSING_CLUSTER_IP, "no spec"));
     };
@@ -492,14 +927,13 @@ fn parse_service<'a>(key: &'a ObjectKey, service: &'a Service) -> Result<Parsed<
     };
 
     // spec.clusterIPs is authoritative when set; spec.clusterIP is its first element.
-    let cluster_ips: Vec<&str> = match spec.cluster_ips.as_deref() {
-        Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-        _ => spec
-            .cluster_ip
-            .as_deref()
-            .filter(|ip| !ip.is_empty())
-            .into_iter()
-            .collect(),
+    let cluster_ips: Vec<&IpText> = if spec.cluster_ips.is_empty() {
+        spec.cluster_ip
+            .iter()
+            .filter(|ip| !matches!(ip, IpText::Other(text) if text.is_empty()))
+            .collect()
+    } else {
+        spec.cluster_ips.iter().collect()
     };
     match cluster_ips.first() {
         None => {
@@ -508,10 +942,12 @@ fn parse_service<'a>(key: &'a ObjectKey, service: &'a Service) -> Result<Parsed<
                 "no spec.clusterIP",
             ));
         }
-        Some(&"None") => return Ok(Parsed::Skip("headless (clusterIP None)")),
+        Some(IpText::Other(text)) if &**text == "None" => {
+            return Ok(Parsed::Skip("headless (clusterIP None)"));
+        }
         Some(_) => {}
     }
-    let Some(cluster_ip) = first_ipv4(&cluster_ips, "clusterIP")? else {
+    let Some(cluster_ip) = first_ipv4(cluster_ips, "clusterIP")? else {
         return Ok(Parsed::Skip("no IPv4 cluster IP"));
     };
 
@@ -523,33 +959,27 @@ fn parse_service<'a>(key: &'a ObjectKey, service: &'a Service) -> Result<Parsed<
         spec.internal_traffic_policy.as_deref(),
         "internalTrafficPolicy",
     )?;
-    let external_ips = ipv4s(
-        spec.external_ips.as_deref().unwrap_or_default(),
-        "externalIP",
-    )?;
+    let external_ips = ipv4s(&spec.external_ips, "externalIP")?;
 
     let mut ingress = Vec::new();
     if type_ == ServiceType::LoadBalancer {
-        let status = service
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref());
-        for entry in status
-            .and_then(|lb| lb.ingress.as_deref())
-            .unwrap_or_default()
-        {
-            let Some(ip) = entry.ip.as_deref().filter(|ip| !ip.is_empty()) else {
+        for entry in &service.ingress {
+            let Some(ip) = entry
+                .ip
+                .as_ref()
+                .filter(|ip| !matches!(ip, IpText::Other(text) if text.is_empty()))
+            else {
                 continue; // hostname-only ingress: nothing to capture
             };
             // ipMode Proxy: the load balancer proxies, so traffic must really go to it.
             if matches!(entry.ip_mode.as_deref(), None | Some("VIP")) {
-                ingress.push(ip.to_owned());
+                ingress.push(ip.clone());
             }
         }
     }
     let ingress_ips = ipv4s(&ingress, "load balancer ingress IP")?;
 
-    let (ports, unsupported) = parse_service_ports(spec.ports.as_deref().unwrap_or_default())?;
+    let (ports, unsupported) = parse_service_ports(&spec.ports)?;
     Ok(Parsed::Program(
         ValidService {
             key,
@@ -567,7 +997,7 @@ fn parse_service<'a>(key: &'a ObjectKey, service: &'a Service) -> Result<Parsed<
 }
 
 fn parse_service_ports(
-    ports: &[ServicePort],
+    ports: &[StoredServicePort],
 ) -> Result<(Vec<ValidPort<'_>>, Vec<Refusal>), Refusal> {
     let mut valid = Vec::new();
     let mut unsupported = Vec::new();
@@ -623,10 +1053,10 @@ fn parse_service_ports(
 }
 
 fn parse_slice<'a>(
-    slice: &'a EndpointSlice,
+    slice: &'a StoredEndpointSlice,
     opts: &ModelOptions,
 ) -> Result<ValidSlice<'a>, Refusal> {
-    let listed = slice.endpoints.as_deref().unwrap_or_default();
+    let listed = &slice.endpoints;
     if listed.len() > opts.max_endpoints_per_slice {
         let detail = format!(
             "{} endpoints, more than the maximum of {}",
@@ -636,7 +1066,7 @@ fn parse_slice<'a>(
         return Err(Refusal::new(reason::TOO_MANY_ENDPOINTS, detail));
     }
     let mut ports: Vec<SlicePort<'a>> = Vec::new();
-    for p in slice.ports.as_deref().unwrap_or_default() {
+    for p in &slice.ports {
         let name = p.name.as_deref().unwrap_or_default();
         let protocol = p.protocol.as_deref().unwrap_or("TCP");
         // No port number means "all ports", which no service port can use.
@@ -659,23 +1089,20 @@ fn parse_slice<'a>(
     }
     let mut endpoints = Vec::with_capacity(listed.len());
     for endpoint in listed {
-        let first = endpoint.addresses.first().map(String::as_str);
-        let addr = first
-            .and_then(|a| Ipv4Addr::from_str(a).ok())
-            .ok_or_else(|| {
-                let detail = match first {
-                    Some(a) => format!("endpoint address {a:?} is not IPv4"),
-                    None => "endpoint without addresses".to_owned(),
-                };
-                Refusal::new(reason::BAD_IP, detail)
-            })?;
-        let conditions = endpoint.conditions.as_ref();
+        let addr = match &endpoint.address {
+            Some(IpText::V4(addr)) => *addr,
+            Some(IpText::Other(a)) => {
+                let detail = format!("endpoint address {a:?} is not IPv4");
+                return Err(Refusal::new(reason::BAD_IP, detail));
+            }
+            None => return Err(Refusal::new(reason::BAD_IP, "endpoint without addresses")),
+        };
         endpoints.push(SliceEndpoint {
             addr,
             node_name: endpoint.node_name.as_deref(),
-            ready: conditions.and_then(|c| c.ready).unwrap_or(true),
-            serving: conditions.and_then(|c| c.serving).unwrap_or(true),
-            terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+            ready: endpoint.ready.unwrap_or(true),
+            serving: endpoint.serving.unwrap_or(true),
+            terminating: endpoint.terminating.unwrap_or(false),
         });
     }
     Ok(ValidSlice { ports, endpoints })
@@ -767,31 +1194,35 @@ fn port_number(n: i32) -> Option<u16> {
 }
 
 /// The first IPv4 address of `ips`; every entry must parse.
-fn first_ipv4(ips: &[&str], field: &str) -> Result<Option<Ipv4Addr>, Refusal> {
+fn first_ipv4(ips: Vec<&IpText>, field: &str) -> Result<Option<Ipv4Addr>, Refusal> {
     let mut first = None;
     for ip in ips {
-        match IpAddr::from_str(ip) {
-            Ok(IpAddr::V4(v4)) => {
-                first.get_or_insert(v4);
-            }
-            Ok(IpAddr::V6(_)) => {}
-            Err(_) => return Err(Refusal::new(reason::BAD_IP, format!("{field} {ip:?}"))),
+        if let Some(v4) = ipv4(ip, field)? {
+            first.get_or_insert(v4);
         }
     }
     Ok(first)
 }
 
 /// The IPv4 addresses of `ips` without duplicates; every entry must parse.
-fn ipv4s(ips: &[String], field: &str) -> Result<Vec<Ipv4Addr>, Refusal> {
+fn ipv4s(ips: &[IpText], field: &str) -> Result<Vec<Ipv4Addr>, Refusal> {
     let mut v4 = Vec::new();
     for ip in ips {
-        match IpAddr::from_str(ip) {
-            Ok(IpAddr::V4(addr)) => v4.push(addr),
-            Ok(IpAddr::V6(_)) => {}
-            Err(_) => return Err(Refusal::new(reason::BAD_IP, format!("{field} {ip:?}"))),
-        }
+        v4.extend(ipv4(ip, field)?);
     }
     Ok(dedup(v4))
+}
+
+/// The address if it is IPv4, None if it is IPv6, a refusal if it is neither.
+fn ipv4(ip: &IpText, field: &str) -> Result<Option<Ipv4Addr>, Refusal> {
+    match ip {
+        IpText::V4(v4) => Ok(Some(*v4)),
+        IpText::Other(text) => match IpAddr::from_str(text) {
+            Ok(IpAddr::V4(v4)) => Ok(Some(v4)),
+            Ok(IpAddr::V6(_)) => Ok(None),
+            Err(_) => Err(Refusal::new(reason::BAD_IP, format!("{field} {text:?}"))),
+        },
+    }
 }
 
 /// `items` without repeats, first occurrence kept.
@@ -809,32 +1240,137 @@ fn dedup(items: impl IntoIterator<Item = Ipv4Addr>) -> Vec<Ipv4Addr> {
 mod tests {
     use std::path::Path;
 
+    use k8s_openapi::api::{
+        core::v1::{Node, Service},
+        discovery::v1::EndpointSlice,
+    };
     use serde::Deserialize as _;
 
     use super::*;
-    use crate::source::manifests;
+    use crate::{source::manifests, store::StoredKind as _};
 
     /// The objects of a YAML manifest, put in a store.
     fn store(yaml: &str) -> Store {
         let mut store = Store::new();
-        for document in serde_yaml::Deserializer::from_str(yaml) {
-            let value = serde_yaml::Value::deserialize(document).expect("test YAML parses");
-            let kind = value.get("kind").and_then(serde_yaml::Value::as_str);
-            let applied = match kind.unwrap_or_default() {
-                "Service" => store
-                    .apply(serde_yaml::from_value::<Service>(value).expect("Service"))
-                    .map(drop),
-                "EndpointSlice" => store
-                    .apply(serde_yaml::from_value::<EndpointSlice>(value).expect("EndpointSlice"))
-                    .map(drop),
-                "Node" => store
-                    .apply(serde_yaml::from_value::<Node>(value).expect("Node"))
-                    .map(drop),
-                other => panic!("test YAML holds a {other:?}"),
+        for object in objects(yaml) {
+            object.apply(&mut store);
+        }
+        store
+    }
+
+    /// One object of a test manifest.
+    #[derive(Clone, Debug)]
+    enum Object {
+        Service(Box<Service>),
+        EndpointSlice(Box<EndpointSlice>),
+        Node(Box<Node>),
+    }
+
+    impl Object {
+        fn apply(self, store: &mut Store) {
+            let applied = match self {
+                Self::Service(o) => store.apply(*o).map(drop),
+                Self::EndpointSlice(o) => store.apply(*o).map(drop),
+                Self::Node(o) => store.apply(*o).map(drop),
             };
             applied.expect("test objects are named");
         }
-        store
+
+        fn delete(&self, store: &mut Store) {
+            match self {
+                Self::Service(o) => drop(store.delete::<Service>(&o.key().expect("named"))),
+                Self::EndpointSlice(o) => {
+                    drop(store.delete::<EndpointSlice>(&o.key().expect("named")));
+                }
+                Self::Node(o) => drop(store.delete::<Node>(&o.key().expect("named"))),
+            }
+        }
+    }
+
+    /// The objects of a YAML manifest, in order.
+    fn objects(yaml: &str) -> Vec<Object> {
+        serde_yaml::Deserializer::from_str(yaml)
+            .map(|document| {
+                let value = serde_yaml::Value::deserialize(document).expect("test YAML parses");
+                let kind = value.get("kind").and_then(serde_yaml::Value::as_str);
+                match kind.unwrap_or_default() {
+                    "Service" => Object::Service(serde_yaml::from_value(value).expect("Service")),
+                    "EndpointSlice" => {
+                        Object::EndpointSlice(serde_yaml::from_value(value).expect("EndpointSlice"))
+                    }
+                    "Node" => Object::Node(serde_yaml::from_value(value).expect("Node")),
+                    other => panic!("test YAML holds a {other:?}"),
+                }
+            })
+            .collect()
+    }
+
+    /// Builds the manifest's store object by object, then empties it again, updating a
+    /// [`Translator`] after each step: at every step its result must be [`desired`]'s and the
+    /// frontends it reports changed exactly those that changed.
+    fn incremental_matches_full(
+        yaml: &str,
+        node: &NodeInfo,
+        opts: &ModelOptions,
+    ) -> Result<(), String> {
+        let objects = objects(yaml);
+        let mut store = Store::new();
+        let mut translator = Translator::new(opts.clone());
+        let mut before = DesiredState::default();
+        let steps = objects
+            .iter()
+            .map(|o| (true, o))
+            .chain(objects.iter().map(|o| (false, o)));
+        for (step, (add, object)) in steps.enumerate() {
+            if add {
+                object.clone().apply(&mut store);
+            } else {
+                object.delete(&mut store);
+            }
+            let changes = store.take_changes();
+            let frontends = translator.update(&store, node, &changes);
+            check_translator(&translator, &store, node, opts, &before, &frontends)
+                .map_err(|e| format!("step {step}: {e}"))?;
+            before = translator.state().clone();
+        }
+        Ok(())
+    }
+
+    /// The translator's result equals [`desired`], and `changed` names exactly the frontends
+    /// that differ from `before`.
+    fn check_translator(
+        translator: &Translator,
+        store: &Store,
+        node: &NodeInfo,
+        opts: &ModelOptions,
+        before: &DesiredState,
+        changed: &BTreeSet<FrontendAddr>,
+    ) -> Result<(), String> {
+        let full = desired(store, node, opts);
+        let incremental = translator.desired();
+        if incremental != full {
+            return Err(format!(
+                "the translator differs from desired():\n  incremental {:#?}\n  \
+                 full {:#?}\n  invalid {:#?}\n  vs {:#?}",
+                render(&incremental.state),
+                render(&full.state),
+                incremental.invalid,
+                full.invalid
+            ));
+        }
+        let differ: BTreeSet<FrontendAddr> = before
+            .frontends
+            .keys()
+            .chain(full.state.frontends.keys())
+            .filter(|a| before.frontends.get(a) != full.state.frontends.get(a))
+            .copied()
+            .collect();
+        if *changed != differ {
+            return Err(format!(
+                "changed frontends {changed:?}, but these differ: {differ:?}"
+            ));
+        }
+        Ok(())
     }
 
     /// One line per frontend, e.g. `ext 10.96.0.1:80/TCP ClusterIp default/web snat
@@ -1826,6 +2362,9 @@ spec:
                 got.ipv6_slices_ignored, case.ipv6_slices_ignored
             ));
         }
+        if let Err(e) = incremental_matches_full(&case.yaml, &node, &opts) {
+            problems.push(format!("incremental: {e}"));
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -1934,5 +2473,309 @@ status:
         };
         let opts = ModelOptions::default();
         assert_eq!(desired(&store, &node, &opts), desired(&store, &node, &opts));
+    }
+
+    /// xorshift64*: deterministic randomness for the property test.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn chance(&mut self, one_in: usize) -> bool {
+            self.below(one_in) == 0
+        }
+
+        fn pick<T: Clone>(&mut self, items: &[T]) -> T {
+            items[self.below(items.len())].clone()
+        }
+
+        /// Each item with probability 1/`one_in`.
+        fn some<T: Clone>(&mut self, items: &[T], one_in: usize) -> Vec<T> {
+            items
+                .iter()
+                .filter(|_| self.chance(one_in))
+                .cloned()
+                .collect()
+        }
+    }
+
+    const NAMESPACES: [&str; 2] = ["a", "b"];
+    const SERVICES: [&str; 5] = ["s0", "s1", "s2", "s3", "s4"];
+    const SLICES: [&str; 6] = ["e0", "e1", "e2", "e3", "e4", "e5"];
+
+    /// Labels drawn so that some objects are not ours.
+    fn random_labels(rng: &mut Rng, labels: &mut serde_json::Map<String, serde_json::Value>) {
+        match rng.below(14) {
+            0 => drop(labels.insert(LABEL_HEADLESS.into(), "".into())),
+            1 => drop(labels.insert(LABEL_SERVICE_PROXY_NAME.into(), "other".into())),
+            2 => drop(labels.insert(LABEL_SERVICE_PROXY_NAME.into(), "xlb".into())),
+            _ => {}
+        }
+    }
+
+    /// A Service from small pools of names, addresses and ports, so that Services often
+    /// claim the same frontends and some are refused.
+    fn random_service(rng: &mut Rng) -> Service {
+        use serde_json::json;
+        let mut labels = serde_json::Map::new();
+        random_labels(rng, &mut labels);
+        let type_ = if rng.chance(30) {
+            Some(rng.pick(&["ExternalName", "Magic"]))
+        } else {
+            rng.pick(&[
+                None,
+                Some("ClusterIP"),
+                Some("NodePort"),
+                Some("NodePort"),
+                Some("LoadBalancer"),
+            ])
+        };
+        let mut spec = json!({});
+        if let Some(t) = type_ {
+            spec["type"] = t.into();
+        }
+        let cluster_ip = if rng.chance(20) {
+            rng.pick(&["None", "", "10.96.0.300", "fd00::1"])
+        } else {
+            rng.pick(&["10.96.0.1", "10.96.0.2", "10.96.0.3"])
+        };
+        spec["clusterIP"] = cluster_ip.into();
+        if rng.chance(8) {
+            spec["clusterIPs"] = json!(["fd00::1", rng.pick(&["10.96.0.2", "10.96.0.3"])]);
+        }
+        if rng.chance(3) {
+            let pool = ["10.96.0.1", "198.51.100.1", "198.51.100.2", "192.168.50.11"];
+            let mut ips = rng.some(&pool, 3);
+            if rng.chance(40) {
+                ips.push("198.51.100.x");
+            }
+            spec["externalIPs"] = json!(ips);
+        }
+        for field in ["externalTrafficPolicy", "internalTrafficPolicy"] {
+            if let Some(p) = rng.pick(&[None, None, Some("Cluster"), Some("Local"), Some("Local")])
+            {
+                spec[field] = p.into();
+            }
+        }
+        if rng.chance(60) {
+            spec["externalTrafficPolicy"] = "Sideways".into();
+        }
+        if rng.chance(5) {
+            spec["publishNotReadyAddresses"] = true.into();
+        }
+        let mut ports = Vec::new();
+        for _ in 0..=rng.below(2) {
+            let mut port = json!({
+                "port": rng.pick(&[80, 80, 81, 53]),
+                "targetPort": rng.pick(&[json!(8080), json!("http")]),
+            });
+            if rng.chance(40) {
+                port[rng.pick(&["port", "targetPort"])] = 0.into();
+            }
+            if let Some(name) = rng.pick(&[None, Some("http"), Some("dns")]) {
+                port["name"] = name.into();
+            }
+            if let Some(p) = rng.pick(&[None, Some("TCP"), Some("UDP")]) {
+                port["protocol"] = p.into();
+            }
+            if rng.chance(20) {
+                port["protocol"] = "SCTP".into();
+            }
+            if let Some(n) = rng.pick(&[None, Some(30000), Some(30001), Some(80)]) {
+                port["nodePort"] = n.into();
+            }
+            if rng.chance(40) {
+                port["nodePort"] = 70000.into();
+            }
+            ports.push(port);
+        }
+        spec["ports"] = ports.into();
+        let mut service = json!({
+            "metadata": {
+                "namespace": rng.pick(&NAMESPACES),
+                "name": rng.pick(&SERVICES),
+                "labels": labels,
+            },
+        });
+        if !rng.chance(25) {
+            service["spec"] = spec;
+        }
+        if rng.chance(2) {
+            let ingress: Vec<serde_json::Value> = (0..rng.below(3))
+                .map(|_| {
+                    let mut i = json!({"ip": rng.pick(&["198.51.100.1", "203.0.113.5", "", "x"])});
+                    if let Some(mode) = rng.pick(&[None, Some("VIP"), Some("Proxy")]) {
+                        i["ipMode"] = mode.into();
+                    }
+                    i
+                })
+                .collect();
+            service["status"] = json!({"loadBalancer": {"ingress": ingress}});
+        }
+        serde_json::from_value(service).expect("a Service")
+    }
+
+    fn random_slice(rng: &mut Rng) -> EndpointSlice {
+        use serde_json::json;
+        let mut labels = serde_json::Map::new();
+        if !rng.chance(8) {
+            labels.insert(LABEL_SERVICE_NAME.into(), rng.pick(&SERVICES).into());
+        }
+        random_labels(rng, &mut labels);
+        let ports: Vec<serde_json::Value> = (0..=rng.below(2))
+            .map(|_| {
+                let mut port = json!({"protocol": rng.pick(&["TCP", "TCP", "UDP"])});
+                if let Some(name) = rng.pick(&[None, Some("http"), Some("dns")]) {
+                    port["name"] = name.into();
+                }
+                if let Some(n) = rng.pick(&[Some(8080), Some(8080), Some(53), None]) {
+                    port["port"] = n.into();
+                }
+                if rng.chance(40) {
+                    port["port"] = 70000.into();
+                }
+                port
+            })
+            .collect();
+        let endpoints: Vec<serde_json::Value> = (0..rng.below(5))
+            .map(|_| {
+                let address = if rng.chance(30) {
+                    "10.244.1.x".to_owned()
+                } else {
+                    format!("10.244.1.{}", 1 + rng.below(6))
+                };
+                let mut e = json!({"addresses": [address]});
+                if rng.chance(40) {
+                    e["addresses"] = json!([]);
+                }
+                if let Some(node) = rng.pick(&[None, Some("node-1"), Some("node-2")]) {
+                    e["nodeName"] = node.into();
+                }
+                let mut conditions = serde_json::Map::new();
+                for c in ["ready", "serving", "terminating"] {
+                    if let Some(v) = rng.pick(&[None, Some(true), Some(false)]) {
+                        conditions.insert(c.into(), v.into());
+                    }
+                }
+                e["conditions"] = conditions.into();
+                e
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {
+                "namespace": rng.pick(&NAMESPACES),
+                "name": rng.pick(&SLICES),
+                "labels": labels,
+            },
+            "addressType": rng.pick(&["IPv4", "IPv4", "IPv4", "IPv4", "IPv6", "FQDN"]),
+            "ports": ports,
+            "endpoints": endpoints,
+        }))
+        .expect("an EndpointSlice")
+    }
+
+    fn random_node(rng: &mut Rng) -> NodeInfo {
+        let addresses = rng.pick(&[
+            vec![Ipv4Addr::new(192, 168, 50, 11)],
+            vec![
+                Ipv4Addr::new(192, 168, 50, 11),
+                Ipv4Addr::new(203, 0, 113, 5),
+            ],
+            vec![],
+        ]);
+        NodeInfo {
+            name: rng.pick(&["node-1", "node-1", "node-2"]).to_owned(),
+            addresses,
+        }
+    }
+
+    fn random_key(rng: &mut Rng, names: &[&str]) -> ObjectKey {
+        ObjectKey::new(rng.pick(&NAMESPACES), rng.pick(names))
+    }
+
+    /// Random sequences of store changes (objects applied and deleted one by one, re-lists,
+    /// whole-store replacements, a new node), with the translator updated after some of them:
+    /// after every update its result equals [`desired`] of the store, the frontends it reports
+    /// changed are exactly those that changed, and programming its changes incrementally gives
+    /// the same writes as a full plan of [`desired`].
+    #[test]
+    fn incremental_translation_equals_full_translation() {
+        use crate::{loader::Capacities, programmer::Programmer};
+        let caps = Capacities {
+            frontends: 16,
+            ..Capacities::small()
+        };
+        let mut rng = Rng(0x0123_4567_89ab_cdef);
+        for run in 0..24 {
+            let opts = if run % 3 == 2 {
+                ModelOptions {
+                    service_proxy_name: Some("xlb".to_owned()),
+                    max_endpoints_per_slice: 3,
+                }
+            } else {
+                ModelOptions::default()
+            };
+            let mut node = random_node(&mut rng);
+            let mut store = Store::new();
+            let mut translator = Translator::new(opts.clone());
+            let mut before = DesiredState::default();
+            let mut full_programmer = Programmer::new(&caps);
+            let mut programmer = Programmer::new(&caps);
+            for step in 0..150 {
+                match rng.below(100) {
+                    0..35 => drop(store.apply(random_service(&mut rng)).expect("named")),
+                    35..70 => drop(store.apply(random_slice(&mut rng)).expect("named")),
+                    70..80 => drop(store.delete::<Service>(&random_key(&mut rng, &SERVICES))),
+                    80..90 => {
+                        drop(store.delete::<EndpointSlice>(&random_key(&mut rng, &SLICES)));
+                    }
+                    90..93 => {
+                        let services: Vec<Service> = (0..rng.below(8))
+                            .map(|_| random_service(&mut rng))
+                            .collect();
+                        store.replace_all(services).expect("named");
+                    }
+                    93..96 => {
+                        let slices: Vec<EndpointSlice> =
+                            (0..rng.below(8)).map(|_| random_slice(&mut rng)).collect();
+                        store.replace_all(slices).expect("named");
+                    }
+                    96..98 => {
+                        let mut fresh = Store::new();
+                        for _ in 0..rng.below(8) {
+                            fresh.apply(random_service(&mut rng)).expect("named");
+                            fresh.apply(random_slice(&mut rng)).expect("named");
+                        }
+                        store.assign(fresh);
+                    }
+                    _ => node = random_node(&mut rng),
+                }
+                if rng.chance(3) {
+                    continue; // let changes pile up
+                }
+                let changes = store.take_changes();
+                let frontends = translator.update(&store, &node, &changes);
+                check_translator(&translator, &store, &node, &opts, &before, &frontends)
+                    .unwrap_or_else(|e| panic!("run {run} step {step}: {e}"));
+                before = translator.state().clone();
+
+                let full_plan = full_programmer.plan(&desired(&store, &node, &opts).state);
+                let plan = programmer.plan_changes(translator.state(), &frontends);
+                assert_eq!(plan.ops, full_plan.ops, "run {run} step {step}: plan");
+                assert_eq!(
+                    plan.failed, full_plan.failed,
+                    "run {run} step {step}: failed"
+                );
+            }
+        }
     }
 }

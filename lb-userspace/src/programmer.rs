@@ -90,6 +90,13 @@ struct RingEntry {
 }
 
 #[derive(Clone, Debug)]
+struct ServiceEntry {
+    id: u32,
+    /// Programmed frontends of the service.
+    frontends: u32,
+}
+
+#[derive(Clone, Debug)]
 struct Programmed {
     value: Frontend,
     ring: Vec<BackendAddr>,
@@ -248,9 +255,35 @@ pub struct Programmer {
     rings: HashMap<Vec<BackendAddr>, RingEntry>,
     slab: Slab,
     frontends: BTreeMap<FrontendAddr, Programmed>,
-    service_ids: HashMap<ServicePortRef, u32>,
+    /// Each service port's id and number of programmed frontends.
+    service_ids: HashMap<ServicePortRef, ServiceEntry>,
     free_service_ids: Vec<u32>,
     next_service_id: u32,
+    /// Bumped whenever a service id is given or freed: [`Programmer::services`] is O(services),
+    /// so a caller that keeps its result asks again only when this moved.
+    services_generation: u64,
+    /// Services that failed in the last plan, with the frontends they wanted: retried by
+    /// every plan until they fit.
+    failed: BTreeMap<ServicePortRef, Vec<FrontendAddr>>,
+    /// Programmed frontends that the last plan's desired state did not have (their service
+    /// failed, or they were adopted): removal candidates of the next incremental plan.
+    stale: BTreeSet<FrontendAddr>,
+    /// Backends whose last ring went during this plan.
+    maybe_dead: BTreeSet<BackendAddr>,
+    /// Services whose programmed frontend count fell to zero during this plan.
+    maybe_unused: BTreeSet<ServicePortRef>,
+    /// Adopted frontends belong to no known service yet: the next plan must be a full one.
+    needs_full: bool,
+}
+
+/// What a plan looks at.
+#[derive(Clone, Copy)]
+enum Scan<'a> {
+    /// Every desired and programmed frontend, every backend and service id.
+    All,
+    /// The frontends whose desired spec may differ from the previous plan's, plus what that
+    /// plan left pending (failed services, stale frontends).
+    Changed(&'a BTreeSet<FrontendAddr>),
 }
 
 #[derive(Default)]
@@ -276,6 +309,12 @@ impl Programmer {
             service_ids: HashMap::new(),
             free_service_ids: Vec::new(),
             next_service_id: 1,
+            services_generation: 0,
+            failed: BTreeMap::new(),
+            stale: BTreeSet::new(),
+            maybe_dead: BTreeSet::new(),
+            maybe_unused: BTreeSet::new(),
+            needs_full: false,
         }
     }
 
@@ -347,10 +386,11 @@ impl Programmer {
             }
             self.next_service_id = self.next_service_id.max(value.service_id + 1);
             let service = ServicePortRef {
-                namespace: String::new(),
-                name: format!("(adopted service {})", value.service_id),
-                port_name: String::new(),
+                namespace: "".into(),
+                name: format!("(adopted service {})", value.service_id).into(),
+                port_name: "".into(),
             };
+            self.stale.insert(addr);
             self.frontends.insert(
                 addr,
                 Programmed {
@@ -389,7 +429,14 @@ impl Programmer {
             free.insert(cursor, capacity - cursor);
         }
         self.slab.free = free;
+        self.needs_full = true;
         adoption
+    }
+
+    /// Changes whenever [`Programmer::services`] may give another result.
+    #[must_use]
+    pub fn services_generation(&self) -> u64 {
+        self.services_generation
     }
 
     /// Service ports and the ids the datapath counts them under.
@@ -397,7 +444,7 @@ impl Programmer {
     pub fn services(&self) -> Vec<(String, u32)> {
         self.service_ids
             .iter()
-            .map(|(s, id)| (s.to_string(), *id))
+            .map(|(s, e)| (s.to_string(), e.id))
             .collect()
     }
 
@@ -420,56 +467,98 @@ impl Programmer {
     }
 
     /// The writes that turn what is programmed into `desired`. The programmer assumes they
-    /// will all be applied, in order.
+    /// will all be applied, in order. Looks at every frontend; [`Programmer::plan_changes`]
+    /// gives the same writes looking only at what changed.
     pub fn plan(&mut self, desired: &DesiredState) -> Plan {
+        self.plan_scan(desired, Scan::All)
+    }
+
+    /// [`Programmer::plan`] for a `desired` state that differs from the one of the previous
+    /// plan at most at the frontends in `changed`: it gives the same writes, but visits only
+    /// those frontends (and those of services that failed before), so its cost follows the
+    /// change, not the number of services. The first plan after [`Programmer::adopt`] is a
+    /// full one.
+    pub fn plan_changes(
+        &mut self,
+        desired: &DesiredState,
+        changed: &BTreeSet<FrontendAddr>,
+    ) -> Plan {
+        if self.needs_full {
+            return self.plan(desired);
+        }
+        self.plan_scan(desired, Scan::Changed(changed))
+    }
+
+    fn plan_scan(&mut self, desired: &DesiredState, scan: Scan<'_>) -> Plan {
         // Whatever the previous plan freed has now been unreachable for a whole sync.
         for (off, size) in std::mem::take(&mut self.slab.quarantine) {
             self.slab.release(off, size);
         }
         let quarantined = std::mem::take(&mut self.ids.quarantine);
         self.ids.free.extend(quarantined);
+        self.needs_full = false;
 
-        let mut by_service: BTreeMap<&ServicePortRef, Vec<(&FrontendAddr, &FrontendSpec)>> =
-            BTreeMap::new();
-        for (addr, spec) in &desired.frontends {
-            by_service
-                .entry(&spec.service)
-                .or_default()
-                .push((addr, spec));
-        }
+        let by_service = self.services_to_plan(desired, scan);
         let mut plan = Plan::default();
         let mut out = Buckets::default();
+        let mut failed = BTreeMap::new();
         for (service, frontends) in &by_service {
             if let Err(e) = self.plan_service(service, frontends, &mut out) {
                 warn!(service = %service, error = %e, "service not programmed");
                 plan.failed.push(((*service).clone(), e));
+                let wanted = frontends.iter().map(|(a, _)| **a).collect();
+                failed.insert((*service).clone(), wanted);
             }
         }
+        self.failed = failed;
         // Frontends no longer desired; a failed service keeps what it had.
-        let failed: BTreeSet<&ServicePortRef> = plan.failed.iter().map(|(s, _)| s).collect();
-        let removed: Vec<FrontendAddr> = self
-            .frontends
-            .iter()
-            .filter(|(k, p)| !desired.frontends.contains_key(k) && !failed.contains(&p.service))
-            .map(|(k, _)| *k)
-            .collect();
+        let candidates: Vec<FrontendAddr> = match scan {
+            Scan::All => self.frontends.keys().copied().collect(),
+            Scan::Changed(changed) => {
+                let stale = std::mem::take(&mut self.stale);
+                changed.union(&stale).copied().collect()
+            }
+        };
+        self.stale.clear();
         let mut removals = Vec::new();
-        for key in removed {
+        for key in candidates {
+            let Some(p) = self.frontends.get(&key) else {
+                continue;
+            };
+            if desired.frontends.contains_key(&key) {
+                continue;
+            }
+            if self.failed.contains_key(&p.service) {
+                self.stale.insert(key);
+                continue;
+            }
             if let Some(p) = self.frontends.remove(&key) {
                 removals.push(Op::RemoveFrontend {
                     key: frontend_key(&key),
                 });
+                self.count_frontend(&p.service, false);
                 self.unref_ring(&p.ring);
             }
         }
-        // Backends that no live ring uses any more.
+        // Backends that no live ring uses any more, in address order.
+        let maybe_dead = std::mem::take(&mut self.maybe_dead);
+        let dead: Vec<BackendAddr> = match scan {
+            Scan::All => {
+                let mut dead: Vec<BackendAddr> = self
+                    .backends
+                    .iter()
+                    .filter(|(_, b)| b.rings == 0)
+                    .map(|(a, _)| *a)
+                    .collect();
+                dead.sort_unstable();
+                dead
+            }
+            Scan::Changed(_) => maybe_dead
+                .into_iter()
+                .filter(|a| self.backends.get(a).is_some_and(|b| b.rings == 0))
+                .collect(),
+        };
         let mut clears = Vec::new();
-        let dead: Vec<BackendAddr> = self
-            .backends
-            .iter()
-            .filter(|(_, b)| b.rings == 0)
-            .map(|(a, _)| *a)
-            .collect();
         for addr in dead {
             if let Some(b) = self.backends.remove(&addr) {
                 let mut value = backend_value(&addr, b.generation, b.local);
@@ -480,13 +569,47 @@ impl Programmer {
                 self.draining.insert(addr, (self.drain_seq, b));
             }
         }
-        self.release_unused_service_ids();
+        self.release_unused_service_ids(scan);
         plan.ops = out.backends;
         plan.ops.append(&mut out.rings);
         plan.ops.append(&mut out.frontends);
         plan.ops.append(&mut removals);
         plan.ops.append(&mut clears);
         plan
+    }
+
+    /// The services a plan visits, each with its desired frontends in address order: all of
+    /// them, or those of the changed frontends and those that failed before.
+    fn services_to_plan<'d>(
+        &self,
+        desired: &'d DesiredState,
+        scan: Scan<'_>,
+    ) -> BTreeMap<&'d ServicePortRef, Vec<(&'d FrontendAddr, &'d FrontendSpec)>> {
+        let mut by_service: BTreeMap<&ServicePortRef, Vec<(&FrontendAddr, &FrontendSpec)>> =
+            BTreeMap::new();
+        let Scan::Changed(changed) = scan else {
+            for (addr, spec) in &desired.frontends {
+                by_service
+                    .entry(&spec.service)
+                    .or_default()
+                    .push((addr, spec));
+            }
+            return by_service;
+        };
+        // Planning is per frontend: a service's unchanged frontends are programmed already
+        // and would add no write, no allocation and no capacity need, so the changed ones
+        // and those a failed service still wants are all there is to plan.
+        let mut addrs: BTreeSet<&FrontendAddr> = changed.iter().collect();
+        addrs.extend(self.failed.values().flatten());
+        for addr in addrs {
+            if let Some((addr, spec)) = desired.frontends.get_key_value(addr) {
+                by_service
+                    .entry(&spec.service)
+                    .or_default()
+                    .push((addr, spec));
+            }
+        }
+        by_service
     }
 
     fn plan_service(
@@ -520,16 +643,21 @@ impl Programmer {
                 free: free_frontends,
             });
         }
-        let new_backends: BTreeSet<BackendAddr> = frontends
+        let wanted: BTreeSet<BackendAddr> = frontends
             .iter()
             .flat_map(|(_, s)| s.backends.iter().map(|b| b.addr))
-            .filter(|a| !self.backends.contains_key(a) && !self.draining.contains_key(a))
+            .filter(|a| !self.backends.contains_key(a))
             .collect();
-        // Ids of draining backends can be taken back.
-        let free = self.ids.available() + self.draining.len();
-        if new_backends.len() > free {
+        let returning = wanted
+            .iter()
+            .filter(|a| self.draining.contains_key(a))
+            .count();
+        let new_backends = wanted.len() - returning;
+        // Ids of draining backends can be taken back, except those of backends that return.
+        let free = self.ids.available() + self.draining.len() - returning;
+        if new_backends > free {
             return Err(PlanError::BackendsFull {
-                needed: new_backends.len(),
+                needed: new_backends,
                 free,
             });
         }
@@ -570,12 +698,15 @@ impl Programmer {
         Ok(new_rings)
     }
 
-    /// New backends, and backends whose locality changed.
+    /// New backends, backends back from draining, and backends whose locality changed.
+    /// Returning backends are taken back first, so a new backend never takes the id of one
+    /// that returns in the same service (which would end its established flows).
     fn emit_backends(&mut self, frontends: &[(&FrontendAddr, &FrontendSpec)], out: &mut Buckets) {
         let all: BTreeMap<BackendAddr, &BackendSpec> = frontends
             .iter()
             .flat_map(|(_, s)| s.backends.iter().map(|b| (b.addr, b)))
             .collect();
+        let mut new = Vec::new();
         for (addr, spec) in all {
             match self.backends.get_mut(&addr) {
                 Some(b) if b.local == spec.local => {}
@@ -587,40 +718,44 @@ impl Programmer {
                     });
                 }
                 None => {
-                    if let Some((seq, b)) = self.draining.remove(&addr) {
-                        // Back from draining: same id and generation, so its established
-                        // flows stay valid.
-                        self.drain_order.remove(&seq);
-                        let value = backend_value(&addr, b.generation, spec.local);
-                        out.backends.push(Op::SetBackend { id: b.id, value });
-                        self.backends.insert(
-                            addr,
-                            BackendEntry {
-                                local: spec.local,
-                                ..b
-                            },
-                        );
-                        continue;
-                    }
-                    // check_capacity made sure ids are available (maybe from draining ones).
-                    let Some((id, generation)) =
-                        self.ids.alloc_for(addr).or_else(|| self.reclaim_draining())
-                    else {
+                    let Some((seq, b)) = self.draining.remove(&addr) else {
+                        new.push((addr, spec));
                         continue;
                     };
-                    let entry = BackendEntry {
-                        id,
-                        generation,
-                        local: spec.local,
-                        rings: 0,
-                    };
-                    self.backends.insert(addr, entry);
-                    out.backends.push(Op::SetBackend {
-                        id,
-                        value: backend_value(&addr, generation, spec.local),
-                    });
+                    // Back from draining: same id and generation, so its established flows
+                    // stay valid.
+                    self.drain_order.remove(&seq);
+                    let value = backend_value(&addr, b.generation, spec.local);
+                    out.backends.push(Op::SetBackend { id: b.id, value });
+                    self.backends.insert(
+                        addr,
+                        BackendEntry {
+                            local: spec.local,
+                            ..b
+                        },
+                    );
                 }
             }
+        }
+        for (addr, spec) in new {
+            // check_capacity made sure ids are available (maybe from draining ones); a backend
+            // a previous layout version knew gets its id back.
+            let Some((id, generation)) =
+                self.ids.alloc_for(addr).or_else(|| self.reclaim_draining())
+            else {
+                continue;
+            };
+            let entry = BackendEntry {
+                id,
+                generation,
+                local: spec.local,
+                rings: 0,
+            };
+            self.backends.insert(addr, entry);
+            out.backends.push(Op::SetBackend {
+                id,
+                value: backend_value(&addr, generation, spec.local),
+            });
         }
     }
 
@@ -697,8 +832,10 @@ impl Programmer {
                 service: service.clone(),
             };
             if let Some(old) = self.frontends.insert(**addr, programmed) {
+                self.count_frontend(&old.service, false);
                 self.unref_ring(&old.ring);
             }
+            self.count_frontend(service, true);
         }
     }
 
@@ -779,34 +916,69 @@ impl Programmer {
             for a in ring {
                 if let Some(b) = self.backends.get_mut(a) {
                     b.rings = b.rings.saturating_sub(1);
+                    if b.rings == 0 {
+                        self.maybe_dead.insert(*a);
+                    }
                 }
             }
         }
     }
 
+    /// One more (`added`) or one less frontend programmed for `service`.
+    fn count_frontend(&mut self, service: &ServicePortRef, added: bool) {
+        // Adopted frontends belong to services without an id.
+        let Some(entry) = self.service_ids.get_mut(service) else {
+            return;
+        };
+        if added {
+            entry.frontends += 1;
+        } else {
+            entry.frontends = entry.frontends.saturating_sub(1);
+            if entry.frontends == 0 {
+                self.maybe_unused.insert(service.clone());
+            }
+        }
+    }
+
     fn service_id(&mut self, service: &ServicePortRef) -> u32 {
-        if let Some(id) = self.service_ids.get(service) {
-            return *id;
+        if let Some(entry) = self.service_ids.get(service) {
+            return entry.id;
         }
         let id = self.free_service_ids.pop().unwrap_or_else(|| {
             self.next_service_id += 1;
             self.next_service_id - 1
         });
-        self.service_ids.insert(service.clone(), id);
+        self.service_ids
+            .insert(service.clone(), ServiceEntry { id, frontends: 0 });
+        self.services_generation += 1;
         id
     }
 
-    fn release_unused_service_ids(&mut self) {
-        let live: BTreeSet<&ServicePortRef> = self.frontends.values().map(|p| &p.service).collect();
-        let dead: Vec<ServicePortRef> = self
-            .service_ids
-            .keys()
-            .filter(|s| !live.contains(s))
-            .cloned()
-            .collect();
+    /// Frees the ids of services without programmed frontends, in service order.
+    fn release_unused_service_ids(&mut self, scan: Scan<'_>) {
+        let maybe_unused = std::mem::take(&mut self.maybe_unused);
+        let dead: Vec<ServicePortRef> = match scan {
+            Scan::All => {
+                let live: BTreeSet<&ServicePortRef> =
+                    self.frontends.values().map(|p| &p.service).collect();
+                let mut dead: Vec<ServicePortRef> = self
+                    .service_ids
+                    .keys()
+                    .filter(|s| !live.contains(s))
+                    .cloned()
+                    .collect();
+                dead.sort_unstable();
+                dead
+            }
+            Scan::Changed(_) => maybe_unused
+                .into_iter()
+                .filter(|s| self.service_ids.get(s).is_some_and(|e| e.frontends == 0))
+                .collect(),
+        };
         for s in dead {
-            if let Some(id) = self.service_ids.remove(&s) {
-                self.free_service_ids.push(id);
+            if let Some(entry) = self.service_ids.remove(&s) {
+                self.services_generation += 1;
+                self.free_service_ids.push(entry.id);
             }
         }
     }
@@ -814,7 +986,10 @@ impl Programmer {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, net::Ipv4Addr};
+    use std::{
+        collections::{BTreeMap, BTreeSet},
+        net::Ipv4Addr,
+    };
 
     use super::{PlanError, Programmer, backend_value, frontend_key};
     use crate::{
@@ -840,7 +1015,7 @@ mod tests {
         ServicePortRef {
             namespace: "default".into(),
             name: name.into(),
-            port_name: String::new(),
+            port_name: "".into(),
         }
     }
 
@@ -1022,6 +1197,102 @@ mod tests {
             generation > 3 + (1 << 15),
             "{generation}: an old entry could name it"
         );
+    }
+
+    /// A backend returning from draining keeps its id even when a new backend of the same
+    /// service needs a draining one's id; and it is no id a new backend can count on.
+    #[test]
+    fn a_returning_backend_keeps_its_id_when_the_pool_is_dry() {
+        // Ids 1 and 2 only.
+        let caps = Capacities {
+            backends: 3,
+            ..caps()
+        };
+        let mut p = Programmer::new(&caps);
+        let mut maps = FakeMaps::default();
+        let f = fe([10, 96, 0, 10], 80, Scope::Internal);
+        let with = |b: Vec<BackendSpec>| state(vec![(f, spec("a", b))]);
+        let id_of = |maps: &FakeMaps, last: u8| {
+            let want = backend_value(&backend(last, false).addr, 0, false).addr_be;
+            maps.backends
+                .iter()
+                .find(|(_, b)| b.addr_be == want)
+                .map(|(id, b)| (*id, b.generation))
+        };
+        apply(
+            &mut p,
+            &mut maps,
+            &with(vec![backend(2, false), backend(3, false)]),
+        );
+        // 2 drains first (the oldest), then 3.
+        apply(&mut p, &mut maps, &with(vec![backend(3, false)]));
+        apply(&mut p, &mut maps, &with(vec![]));
+        assert_eq!(p.draining_count(), 2);
+        let kept = id_of(&maps, 2).expect("backend 2");
+
+        // 2 returns with a new backend 1 (which sorts first): 1 takes 3's id, not 2's.
+        let mut q = p.clone();
+        let mut q_maps = maps.clone();
+        apply(
+            &mut q,
+            &mut q_maps,
+            &with(vec![backend(1, false), backend(2, false)]),
+        );
+        assert_eq!(id_of(&q_maps, 2), Some(kept));
+        assert_eq!(id_of(&q_maps, 3), None);
+        assert!(id_of(&q_maps, 1).is_some());
+
+        // 2 returns with two new backends: only one id is free for them, so the service
+        // fails whole instead of writing a ring with a backend that has no id.
+        let plan = p.plan(&with(vec![
+            backend(1, false),
+            backend(2, false),
+            backend(4, false),
+        ]));
+        assert!(
+            matches!(
+                plan.failed.as_slice(),
+                [(_, PlanError::BackendsFull { needed: 2, free: 1 })]
+            ),
+            "{:?}",
+            plan.failed
+        );
+    }
+
+    /// The generation moves exactly when the list of services (and their ids) may change.
+    #[test]
+    fn services_generation_moves_with_the_service_list() {
+        let mut p = Programmer::new(&caps());
+        let mut maps = FakeMaps::default();
+        let (f, g) = (
+            fe([10, 96, 0, 10], 80, Scope::Internal),
+            fe([10, 96, 0, 11], 80, Scope::Internal),
+        );
+        let one = state(vec![(f, spec("a", vec![backend(1, false)]))]);
+        apply(&mut p, &mut maps, &one);
+        let first = p.services_generation();
+        // Other backends for the same service: same list.
+        apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(f, spec("a", vec![backend(2, false)]))]),
+        );
+        assert_eq!(p.services_generation(), first);
+        // A second service, then the first one gone: the list changed each time.
+        let both = state(vec![
+            (f, spec("a", vec![backend(2, false)])),
+            (g, spec("b", vec![backend(2, false)])),
+        ]);
+        apply(&mut p, &mut maps, &both);
+        let second = p.services_generation();
+        assert_ne!(second, first);
+        apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(g, spec("b", vec![backend(2, false)]))]),
+        );
+        assert_ne!(p.services_generation(), second);
+        assert_eq!(p.services().len(), 1);
     }
 
     #[test]
@@ -1233,54 +1504,171 @@ mod tests {
     }
 
     /// After every single op, every frontend resolves only to a backend of the old or the new
-    /// desired state (or drops, if it has no backend in either).
+    /// desired state (or drops, if it has no backend in either); with full plans and with
+    /// incremental ones.
     #[test]
     fn every_intermediate_state_resolves_to_old_or_new_backends() {
-        let mut rng = Rng(0x5eed_1234_abcd_ef01);
-        let mut p = Programmer::new(&Capacities {
-            ring_slots: 20_000,
-            ..caps()
-        });
-        let mut maps = FakeMaps::default();
-        let mut old = DesiredState::default();
-        for round in 0..300 {
-            let new = random_state(&mut rng);
-            let plan = p.plan(&new);
-            assert!(plan.failed.is_empty(), "round {round}: {:?}", plan.failed);
-            for (i, op) in plan.ops.iter().enumerate() {
-                maps.apply(op).expect("apply");
-                for (key, value) in &maps.frontends {
-                    let allowed: Vec<u32> = [&old, &new]
+        for incremental in [false, true] {
+            let mut rng = Rng(0x5eed_1234_abcd_ef01);
+            let mut p = Programmer::new(&Capacities {
+                ring_slots: 20_000,
+                ..caps()
+            });
+            let mut maps = FakeMaps::default();
+            let mut old = DesiredState::default();
+            for round in 0..300 {
+                let new = random_state(&mut rng);
+                let plan = if incremental {
+                    p.plan_changes(&new, &changed(&old, &new))
+                } else {
+                    p.plan(&new)
+                };
+                assert!(plan.failed.is_empty(), "round {round}: {:?}", plan.failed);
+                for (i, op) in plan.ops.iter().enumerate() {
+                    maps.apply(op).expect("apply");
+                    check_resolution(&maps, &old, &new).unwrap_or_else(|e| {
+                        panic!("incremental {incremental} round {round} op {i}: {e}")
+                    });
+                }
+                // Final state: exactly the desired frontends.
+                let want: Vec<_> = new.frontends.keys().map(frontend_key).collect();
+                let have: Vec<_> = maps.frontends.keys().copied().collect();
+                let mut want_sorted = want.clone();
+                want_sorted.sort();
+                assert_eq!(have, want_sorted, "round {round}");
+                old = new;
+            }
+        }
+    }
+
+    /// Every frontend of `maps` resolves only to a backend that `old` or `new` gives it, or
+    /// drops for want of a ring.
+    fn check_resolution(
+        maps: &FakeMaps,
+        old: &DesiredState,
+        new: &DesiredState,
+    ) -> Result<(), String> {
+        for (key, value) in &maps.frontends {
+            let allowed: Vec<u32> = [old, new]
+                .iter()
+                .filter_map(|d| d.frontends.iter().find(|(a, _)| frontend_key(a) == *key))
+                .flat_map(|(_, s)| {
+                    s.backends
                         .iter()
-                        .filter_map(|d| d.frontends.iter().find(|(a, _)| frontend_key(a) == *key))
-                        .flat_map(|(_, s)| {
-                            s.backends
-                                .iter()
-                                .map(|b| backend_value(&b.addr, 0, false).addr_be)
-                        })
-                        .collect();
-                    for sport in 0..24u16 {
-                        let got = maps.resolve(key, 0x0a00_0001 + u32::from(sport), sport.to_be());
-                        match got {
-                            Some(b) => assert!(
-                                allowed.contains(&b.addr_be),
-                                "round {round} op {i}: frontend {key:?} resolved to a foreign backend"
-                            ),
-                            None => assert!(
-                                value.ring_size == 0,
-                                "round {round} op {i}: frontend {key:?} with a ring resolved to nothing"
-                            ),
-                        }
+                        .map(|b| backend_value(&b.addr, 0, false).addr_be)
+                })
+                .collect();
+            for sport in 0..24u16 {
+                match maps.resolve(key, 0x0a00_0001 + u32::from(sport), sport.to_be()) {
+                    Some(b) if !allowed.contains(&b.addr_be) => {
+                        return Err(format!("frontend {key:?} resolved to a foreign backend"));
                     }
+                    None if value.ring_size != 0 => {
+                        return Err(format!("frontend {key:?} with a ring resolved to nothing"));
+                    }
+                    _ => {}
                 }
             }
-            // Final state: exactly the desired frontends.
-            let want: Vec<_> = new.frontends.keys().map(frontend_key).collect();
-            let have: Vec<_> = maps.frontends.keys().copied().collect();
-            let mut want_sorted = want.clone();
-            want_sorted.sort();
-            assert_eq!(have, want_sorted, "round {round}");
-            old = new;
         }
+        Ok(())
+    }
+
+    /// The frontends whose spec differs between two states.
+    fn changed(old: &DesiredState, new: &DesiredState) -> BTreeSet<FrontendAddr> {
+        old.frontends
+            .keys()
+            .chain(new.frontends.keys())
+            .filter(|a| old.frontends.get(a) != new.frontends.get(a))
+            .copied()
+            .collect()
+    }
+
+    /// Frontends on 8 addresses × 2 ports, each of one of 5 services (frontends move between
+    /// services), over 12 backends.
+    fn random_mixed_state(rng: &mut Rng) -> DesiredState {
+        let mut frontends = BTreeMap::new();
+        for host in 0..8u8 {
+            for port in [80, 81] {
+                for scope in [Scope::Internal, Scope::External] {
+                    if rng.below(3) == 0 {
+                        continue;
+                    }
+                    let mut backends: Vec<BackendSpec> = (0..rng.below(5))
+                        .map(|_| backend(rng.below(12) as u8 + 1, rng.below(4) == 0))
+                        .collect();
+                    backends.sort_by_key(|b| b.addr);
+                    backends.dedup_by_key(|b| b.addr);
+                    let mut spec = spec(&format!("s{}", rng.below(5)), backends);
+                    spec.snat_remote = rng.below(2) == 0;
+                    frontends.insert(fe([10, 96, 0, host], port, scope), spec);
+                }
+            }
+        }
+        DesiredState { frontends }
+    }
+
+    /// A programmer restarted on `maps`: what the agent does with pinned maps.
+    fn restarted(maps: &FakeMaps, caps: &Capacities) -> Programmer {
+        let mut p = Programmer::new(caps);
+        let frontends: Vec<_> = maps.frontends.iter().map(|(k, v)| (*k, *v)).collect();
+        let backends: Vec<_> = maps.backends.iter().map(|(k, v)| (*k, *v)).collect();
+        p.adopt(&frontends, &backends, |off, size| {
+            (off..off + size)
+                .filter_map(|i| maps.rings.get(&i).copied())
+                .collect()
+        });
+        p
+    }
+
+    /// Incremental plans, given only the frontends that changed, write exactly what full plans
+    /// write, so the maps end in the same state: with room for everything, with services
+    /// failing for want of frontends, backend ids or ring slots, and across restarts that adopt
+    /// the maps.
+    #[test]
+    fn incremental_plans_equal_full_plans() {
+        let roomy = Capacities {
+            ring_slots: 40_000,
+            ..caps()
+        };
+        let tight = Capacities {
+            frontends: 20,
+            backends: 10,
+            ring_slots: 3000,
+            ..caps()
+        };
+        let mut rng = Rng(0x0dd_ba11_cafe_f00d);
+        let mut failures = 0;
+        for caps in [roomy, tight] {
+            let (mut full, mut full_maps) = (Programmer::new(&caps), FakeMaps::default());
+            let (mut inc, mut inc_maps) = (Programmer::new(&caps), FakeMaps::default());
+            let mut old = DesiredState::default();
+            for round in 0..400 {
+                if round % 97 == 96 {
+                    full = restarted(&full_maps, &caps);
+                    inc = restarted(&inc_maps, &caps);
+                }
+                let new = random_mixed_state(&mut rng);
+                let full_plan = full.plan(&new);
+                let plan = inc.plan_changes(&new, &changed(&old, &new));
+                assert_eq!(plan.ops, full_plan.ops, "round {round}");
+                assert_eq!(plan.failed, full_plan.failed, "round {round}");
+                failures += plan.failed.len();
+                for op in &full_plan.ops {
+                    full_maps.apply(op).expect("apply");
+                }
+                for op in &plan.ops {
+                    inc_maps.apply(op).expect("apply");
+                }
+                assert_eq!(inc_maps.frontends, full_maps.frontends, "round {round}");
+                assert_eq!(inc_maps.backends, full_maps.backends, "round {round}");
+                assert_eq!(inc_maps.rings, full_maps.rings, "round {round}");
+                assert_eq!(inc.services().len(), full.services().len(), "round {round}");
+                old = new;
+            }
+        }
+        assert!(
+            failures > 0,
+            "the tight capacities never made a service fail"
+        );
     }
 }

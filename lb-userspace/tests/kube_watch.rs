@@ -413,7 +413,7 @@ struct Snapshot {
 fn final_picture(store: &Store, invalid: &[lb_userspace::invalid::Invalid]) -> bool {
     let endpoints = store
         .endpoint_slices()
-        .map(|(k, s)| (k.to_string(), s.endpoints.as_ref().map_or(0, Vec::len)))
+        .map(|(k, s)| (k.to_string(), s.endpoints.len()))
         .collect::<Vec<_>>();
     let mut refused: Vec<String> = invalid
         .iter()

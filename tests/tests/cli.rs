@@ -134,7 +134,7 @@ fn tomcat6() -> DesiredState {
                     service: ServicePortRef {
                         namespace: "default".into(),
                         name: "tomcat6".into(),
-                        port_name: String::new(),
+                        port_name: "".into(),
                     },
                     kind,
                     backends: backends.clone(),

@@ -63,7 +63,7 @@ fn tomcat6(pods: &[Ipv4Addr], etp_local: bool) -> DesiredState {
         let service = ServicePortRef {
             namespace: "default".into(),
             name: "tomcat6".into(),
-            port_name: proto.to_string(),
+            port_name: proto.to_string().into(),
         };
         for scope in [Scope::External, Scope::Internal] {
             for (addr, port, kind) in [

@@ -118,7 +118,7 @@ fn tomcat6(pods: &[Ipv4Addr], etp_local: bool) -> Fake {
                 service: ServicePortRef {
                     namespace: "default".into(),
                     name: "tomcat6".into(),
-                    port_name: String::new(),
+                    port_name: "".into(),
                 },
                 kind: FrontendKind::NodePort,
                 backends: all

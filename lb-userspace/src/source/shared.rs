@@ -4,7 +4,8 @@
 //! Readiness: the agent programs nothing before every registered source finished its first
 //! full listing, so a restart never programs a partial picture. The store also remembers when
 //! the oldest change not yet taken by a sync happened: the start of kube-proxy's "network
-//! programming" latency.
+//! programming" latency, and hands the keys of the objects changed since the previous sync
+//! ([`Changes`]) to the sync that reads them.
 use std::{
     collections::BTreeMap,
     sync::{Mutex, MutexGuard, PoisonError},
@@ -13,7 +14,10 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::{invalid::Invalid, store::Store};
+use crate::{
+    invalid::Invalid,
+    store::{Changes, Store},
+};
 
 #[derive(Default)]
 struct Inner {
@@ -85,12 +89,13 @@ impl SharedStore {
     }
 
     /// Replaces the whole store (a source that re-reads everything, like manifest files),
-    /// with the objects it could not parse, and marks the source synced.
+    /// with the objects it could not parse, and marks the source synced. Only the objects that
+    /// differ count as changed.
     pub fn replace(&self, source: &'static str, store: Store, invalid: Vec<Invalid>) {
         {
             let mut inner = self.lock();
             inner.changed_since.get_or_insert_with(Instant::now);
-            inner.store = store;
+            inner.store.assign(store);
             inner.invalid.insert(source, invalid);
             inner.synced.insert(source, true);
         }
@@ -120,14 +125,18 @@ impl SharedStore {
         f(&inner.store, &invalid)
     }
 
-    /// Like [`SharedStore::read`], and takes the time of the oldest change since the previous
-    /// call (`None`: nothing changed since), under the same lock: whatever `f` reads includes
-    /// every change up to that time.
-    pub fn read_changes<R>(&self, f: impl FnOnce(&Store, &[Invalid]) -> R) -> (R, Option<Instant>) {
+    /// Like [`SharedStore::read`], and takes the keys of the objects changed since the previous
+    /// call and the time of the oldest change (`None`: nothing changed since), under the same
+    /// lock: whatever `f` reads includes every change up to that time.
+    pub fn read_changes<R>(
+        &self,
+        f: impl FnOnce(&Store, &Changes, &[Invalid]) -> R,
+    ) -> (R, Option<Instant>) {
         let mut inner = self.lock();
         let since = inner.changed_since.take();
+        let changes = inner.store.take_changes();
         let invalid: Vec<Invalid> = inner.invalid.values().flatten().cloned().collect();
-        (f(&inner.store, &invalid), since)
+        (f(&inner.store, &changes, &invalid), since)
     }
 
     /// The current generation (bumped by every change).
@@ -164,19 +173,19 @@ mod tests {
     #[test]
     fn read_changes_takes_the_oldest_change_once() {
         let s = SharedStore::new();
-        assert_eq!(s.read_changes(|_, _| ()).1, None);
+        assert_eq!(s.read_changes(|_, _, _| ()).1, None);
         s.update(|_| ());
-        let first = s.read_changes(|_, _| ()).1.expect("a change");
-        assert_eq!(s.read_changes(|_, _| ()).1, None, "taken");
+        let first = s.read_changes(|_, _, _| ()).1.expect("a change");
+        assert_eq!(s.read_changes(|_, _, _| ()).1, None, "taken");
         s.update(|_| ());
         s.set_synced("kube");
-        let second = s.read_changes(|_, _| ()).1.expect("a change");
+        let second = s.read_changes(|_, _, _| ()).1.expect("a change");
         assert!(second >= first);
         // The oldest of the two changes is kept, not the newest.
         s.update(|_| ());
         std::thread::sleep(std::time::Duration::from_millis(5));
         s.update(|_| ());
-        let since = s.read_changes(|_, _| ()).1.expect("a change");
+        let since = s.read_changes(|_, _, _| ()).1.expect("a change");
         assert!(since.elapsed() >= std::time::Duration::from_millis(5));
     }
 }
