@@ -652,7 +652,16 @@ impl Programmer {
             .iter()
             .filter(|a| self.draining.contains_key(a))
             .count();
-        let new_backends = wanted.len() - returning;
+        // Backends of an upgrade's previous datapath get their old ids back (Ids::alloc_for).
+        let mut at_place: HashMap<(Ipv4Addr, u16), usize> = HashMap::new();
+        for a in wanted.iter().filter(|a| !self.draining.contains_key(a)) {
+            *at_place.entry((a.addr, a.port)).or_default() += 1;
+        }
+        let inherited: usize = at_place
+            .iter()
+            .map(|(place, n)| (*n).min(self.ids.inherited.get(place).map_or(0, Vec::len)))
+            .sum();
+        let new_backends = wanted.len() - returning - inherited;
         // Ids of draining backends can be taken back, except those of backends that return.
         let free = self.ids.available() + self.draining.len() - returning;
         if new_backends > free {
@@ -1293,6 +1302,29 @@ mod tests {
         );
         assert_ne!(p.services_generation(), second);
         assert_eq!(p.services().len(), 1);
+    }
+
+    /// Inherited ids are no free ids, but the backends that take them back need none.
+    #[test]
+    fn an_upgrade_into_a_full_id_pool_fits_the_backends_that_inherit() {
+        // Ids 1 and 2 only, both inherited.
+        let mut p = Programmer::new(&Capacities {
+            backends: 3,
+            ..caps()
+        });
+        p.inherit_backend_ids(&[
+            (1, backend_value(&backend(5, true).addr, 4, true)),
+            (2, backend_value(&backend(6, false).addr, 9, false)),
+        ]);
+        let f = fe([10, 96, 0, 10], 80, Scope::Internal);
+        let d = state(vec![(
+            f,
+            spec("a", vec![backend(5, true), backend(6, false)]),
+        )]);
+        let mut maps = FakeMaps::default();
+        apply(&mut p, &mut maps, &d);
+        assert_eq!(maps.backends.get(&1).map(|b| b.generation), Some(4));
+        assert_eq!(maps.backends.get(&2).map(|b| b.generation), Some(9));
     }
 
     #[test]
