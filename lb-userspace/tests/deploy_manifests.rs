@@ -236,7 +236,11 @@ fn the_agent_knows_its_node_and_may_load_ebpf() {
     let c = agent_container(pod_spec(one("DaemonSet", &m.daemon_sets)));
     assert_eq!(
         c.args.as_deref().unwrap_or_default(),
-        ["agent", "--node-name=$(NODE_NAME)"]
+        [
+            "agent",
+            "--node-name=$(NODE_NAME)",
+            "--socket-lb-cgroup=/run/xlb/cgroupv2"
+        ]
     );
     let node_name = c
         .env
@@ -271,7 +275,7 @@ fn the_agent_knows_its_node_and_may_load_ebpf() {
 }
 
 #[test]
-fn the_agent_sees_the_hosts_bpffs_and_sysfs() {
+fn the_agent_sees_the_hosts_bpffs_sysfs_and_cgroups() {
     let m = load();
     let pod = pod_spec(one("DaemonSet", &m.daemon_sets));
     let c = agent_container(pod);
@@ -301,6 +305,11 @@ fn the_agent_sees_the_hosts_bpffs_and_sysfs() {
         "pins must reach the host's bpffs"
     );
     assert_eq!(host_path_of("/sys").0.as_deref(), Some("/sys"));
+    // Socket-level load balancing for the host's processes: the cgroup v2 root given in args.
+    assert_eq!(
+        host_path_of("/run/xlb/cgroupv2").0.as_deref(),
+        Some("/sys/fs/cgroup")
+    );
 }
 
 #[test]
