@@ -133,6 +133,7 @@ fn add_service(
                     kind,
                     backends: backends.clone(),
                     snat_remote: true,
+                    affinity_timeout_s: 0,
                 },
             );
         }

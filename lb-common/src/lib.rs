@@ -24,6 +24,7 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "xlb_svc_stats_v1";
     pub const CONFIG: &str = "xlb_config_v1";
     pub const SOCK_REVNAT: &str = "xlb_sock_revnat_v1";
+    pub const AFFINITY: &str = "xlb_affinity_v1";
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -37,6 +38,8 @@ pub mod capacity {
     pub const SNAT: u32 = 256 * 1024;
     /// Sockets translated by socket-level load balancing whose peer address is read back.
     pub const SOCK_REVNAT: u32 = 256 * 1024;
+    /// (client, service port) pairs of Services with `sessionAffinity: ClientIP`.
+    pub const AFFINITY: u32 = 256 * 1024;
 }
 
 /// Ring slots per element of the ring slab map. The kernel stores array elements at an 8-byte
@@ -87,7 +90,9 @@ pub struct Frontend {
     pub ring_size: u32,     // region length M (a prime); 0 = no usable backend
     pub backend_count: u32, // distinct backends in the ring (diagnostics)
     pub flags: u32,         // FRONTEND_F_*
-    pub _pad: u32,
+    /// `sessionAffinity: ClientIP`: seconds a client stays with its backend since its last new
+    /// connection (`timeoutSeconds`); 0 = no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 /// Backend flag: the backend is a pod on this node.
@@ -296,6 +301,28 @@ pub struct SockRevNat {
     pub _pad: u16,
 }
 
+/// Key of the session-affinity map: a client of a service port (`sessionAffinity: ClientIP`)
+/// in one scope (external-scope frontends may have fewer backends, eTP=Local).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityKey {
+    pub client_addr_be: u32,
+    pub service_id: u32,
+    pub scope: u8,
+    pub _pad0: u8,
+    pub _pad1: u16,
+}
+
+/// Value of the session-affinity map: the client's backend and when it last opened a
+/// connection to the service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct AffinityEntry {
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    pub last_seen_s: u32,
+}
+
 /// Value of the per-CPU stats map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -346,6 +373,11 @@ assert_layout!(Config, 64, 4);
 assert_offset!(Config, snat_timeout_new_s, 48);
 assert_offset!(Config, node_addrs_be, 16);
 assert_layout!(Counter, 16, 8);
+assert_offset!(Frontend, affinity_timeout_s, 20);
+assert_layout!(AffinityKey, 12, 4);
+assert_offset!(AffinityKey, scope, 8);
+assert_layout!(AffinityEntry, 12, 4);
+assert_offset!(AffinityEntry, last_seen_s, 8);
 assert_layout!(SockKey, 16, 8);
 assert_offset!(SockKey, backend_addr_be, 8);
 assert_offset!(SockKey, backend_port_be, 12);
@@ -367,4 +399,6 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockRevNat {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::AffinityEntry {}
 }

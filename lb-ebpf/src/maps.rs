@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    Backend, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey, RING_LANES, RingChunk,
-    SnatEntry, SockKey, SockRevNat, Verdict, capacity,
+    AffinityEntry, AffinityKey, Backend, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey,
+    RING_LANES, RingChunk, SnatEntry, SockKey, SockRevNat, Verdict, capacity,
 };
 
 /// Frontends: (address, port, protocol, scope) → the service's Maglev ring region.
@@ -55,3 +55,9 @@ pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 #[map(name = "xlb_sock_revnat_v1")]
 pub static SOCK_REVNAT: LruHashMap<SockKey, SockRevNat> =
     LruHashMap::with_max_entries(capacity::SOCK_REVNAT, 0);
+
+/// Session affinity (`sessionAffinity: ClientIP`): a client's backend per service port and
+/// scope, kept while the client opens connections within the Service's timeout.
+#[map(name = "xlb_affinity_v1")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
+    LruHashMap::with_max_entries(capacity::AFFINITY, 0);

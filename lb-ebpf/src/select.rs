@@ -2,14 +2,15 @@
 //! backend lives; a reply finds its translation), then the frontend and Maglev for new flows.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, CtEntry,
-    FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP, RING_LANES,
-    SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, SnatEntry, Verdict, hash::flow_hash, snat_timeout,
+    AffinityEntry, AffinityKey, BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, CT_FORWARD,
+    CT_REVERSE, Config, CtEntry, FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey,
+    HAIRPIN_ADDR, IPPROTO_TCP, RING_LANES, SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, Scope,
+    SnatEntry, Verdict, hash::flow_hash, snat_timeout,
 };
 
 use crate::{
     conntrack,
-    maps::{BACKENDS, CONFIG, FRONTENDS, RINGS},
+    maps::{AFFINITY, BACKENDS, CONFIG, FRONTENDS, RINGS},
     parse::Flow,
 };
 
@@ -129,12 +130,21 @@ pub enum Hook {
     Pod,
 }
 
-/// Picks a backend for a new flow `f` (conntrack key `key`) to frontend `fe` by Maglev and
-/// records it in conntrack.
+/// Picks a backend for a new flow `f` (conntrack key `key`) to frontend `fe` by Maglev (or
+/// the client's session affinity) and records it in conntrack.
 #[inline(always)]
 pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Forward, Verdict> {
     let h = flow_hash(f.src_be, f.dst_be, f.sport_be, f.dport_be, f.proto);
-    let (id, b) = maglev_pick(fe, h).ok_or(Verdict::DropNoBackend)?;
+    let picked = if fe.affinity_timeout_s == 0 {
+        maglev_pick(fe, h)
+    } else {
+        let scope = match hook {
+            Hook::Nic => Scope::External,
+            Hook::Pod => Scope::Internal,
+        };
+        affinity_pick(f.src_be, fe, h, scope as u8)
+    };
+    let (id, b) = picked.ok_or(Verdict::DropNoBackend)?;
     let snat = match hook {
         Hook::Nic if b.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_SNAT_REMOTE != 0 => {
             Some(reserve_snat(f, &b, h, fe.service_id)?)
@@ -174,6 +184,44 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
         snat,
         verdict: Verdict::NatNew,
     })
+}
+
+/// `sessionAffinity: ClientIP`, as kube-proxy's `recent` match: a client that opened a
+/// connection to this service port (in this scope) less than the timeout ago gets the same
+/// backend again, as long as that backend lives and takes new connections; otherwise Maglev
+/// picks one and the client is remembered with it. Every new connection restarts the clock.
+#[inline(always)]
+fn affinity_pick(client_be: u32, fe: &Frontend, h: u32, scope: u8) -> Option<(u32, Backend)> {
+    let key = AffinityKey {
+        client_addr_be: client_be,
+        service_id: fe.service_id,
+        scope,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let now = now_s();
+    if let Some(entry) = AFFINITY.get_ptr_mut(key) {
+        // SAFETY: the map's value; a racing writer can at worst make this client's next
+        // connection see a slightly different time or backend.
+        let e = unsafe { *entry };
+        if now.wrapping_sub(e.last_seen_s) < fe.affinity_timeout_s
+            && let Some(b) = backend(e.backend_id, Some(e.backend_generation))
+            && b.flags & BACKEND_F_DRAINING == 0
+        {
+            // SAFETY: as above.
+            unsafe { (*entry).last_seen_s = now };
+            return Some((e.backend_id, b));
+        }
+    }
+    let (id, b) = maglev_pick(fe, h)?;
+    let entry = AffinityEntry {
+        backend_id: id,
+        backend_generation: b.generation,
+        last_seen_s: now,
+    };
+    // Best effort: without the entry the next connection is balanced anew.
+    let _ = AFFINITY.insert(key, entry, 0);
+    Some((id, b))
 }
 
 /// The backend id in ring slot `slot` (0 if out of range).

@@ -140,8 +140,10 @@ pub struct ServiceView {
     pub service_id: u32,
     /// Remote backends reached from a NIC get SNAT (`FRONTEND_F_SNAT_REMOTE`).
     pub snat_remote: bool,
-    /// "SNAT", "eTP=Local" (an external view without SNAT).
+    /// "SNAT", "eTP=Local" (an external view without SNAT), "ClientIP-affinity".
     pub flags: Vec<&'static str>,
+    /// `sessionAffinity: ClientIP` timeout in seconds; 0 = none.
+    pub affinity_timeout_s: u32,
     pub ring_offset: u32,
     pub ring_size: u32,
     /// Distinct backends the agent put in the ring.
@@ -163,6 +165,9 @@ fn frontend_flags(key: FrontendKey, fe: &Frontend) -> Vec<&'static str> {
         flags.push("SNAT");
     } else if key.scope == Scope::External as u8 {
         flags.push("eTP=Local");
+    }
+    if fe.affinity_timeout_s != 0 {
+        flags.push("ClientIP-affinity");
     }
     flags
 }
@@ -233,6 +238,7 @@ fn service_view<S: MapSource + ?Sized>(
         service_id: fe.service_id,
         snat_remote: fe.flags & FRONTEND_F_SNAT_REMOTE != 0,
         flags: frontend_flags(key, fe),
+        affinity_timeout_s: fe.affinity_timeout_s,
         ring_offset: fe.ring_offset,
         ring_size: fe.ring_size,
         backend_count: fe.backend_count,

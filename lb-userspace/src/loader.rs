@@ -66,7 +66,7 @@ pub enum LoaderError {
 }
 
 /// Every map of the datapath, by name.
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 10] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::RINGS,
@@ -76,6 +76,7 @@ pub const MAP_NAMES: [&str; 9] = [
     map_names::SERVICE_STATS,
     map_names::CONFIG,
     map_names::SOCK_REVNAT,
+    map_names::AFFINITY,
 ];
 
 /// Map capacities, chosen at load time.

@@ -72,7 +72,7 @@ use crate::{
     },
     store::{
         Changes, ObjectKey, Store, StoredEndpointSlice, StoredNode, StoredService,
-        compact::{IpText, Labels, StoredServicePort},
+        compact::{IpText, Labels, StoredServicePort, StoredServiceSpec},
     },
 };
 
@@ -693,6 +693,8 @@ struct ValidService<'a> {
     external_local: bool,
     internal_local: bool,
     publish_not_ready: bool,
+    /// `sessionAffinity: ClientIP` timeout; 0 = none.
+    affinity_timeout_s: u32,
     ports: Vec<ValidPort<'a>>,
 }
 
@@ -834,6 +836,7 @@ fn add_port(
         kind,
         backends: backends.to_vec(),
         snat_remote,
+        affinity_timeout_s: service.affinity_timeout_s,
     };
     let mut claim = |addr, frontend_port, external, internal| {
         claims.push(Claim {
@@ -979,6 +982,7 @@ fn parse_service<'a>(
     }
     let ingress_ips = ipv4s(&ingress, "load balancer ingress IP")?;
 
+    let affinity_timeout_s = session_affinity(spec)?;
     let (ports, unsupported) = parse_service_ports(&spec.ports)?;
     Ok(Parsed::Program(
         ValidService {
@@ -990,10 +994,36 @@ fn parse_service<'a>(
             external_local,
             internal_local,
             publish_not_ready: spec.publish_not_ready_addresses == Some(true),
+            affinity_timeout_s,
             ports,
         },
         unsupported,
     ))
+}
+
+/// `spec.sessionAffinity` and its timeout, as kube-proxy reads them: `ClientIP` keeps a client
+/// on one endpoint for `timeoutSeconds` (default 10800, at most 86400) after its last new
+/// connection; `None` or unset, no affinity.
+fn session_affinity(spec: &StoredServiceSpec) -> Result<u32, Refusal> {
+    const DEFAULT_TIMEOUT_S: i32 = 10_800;
+    const MAX_TIMEOUT_S: i32 = 86_400;
+    match spec.session_affinity.as_deref() {
+        None | Some("None") => Ok(0),
+        Some("ClientIP") => {
+            let t = spec.affinity_timeout_s.unwrap_or(DEFAULT_TIMEOUT_S);
+            match u32::try_from(t) {
+                Ok(t) if t > 0 && t <= MAX_TIMEOUT_S as u32 => Ok(t),
+                _ => Err(Refusal::new(
+                    reason::BAD_FIELD,
+                    format!("sessionAffinityConfig.clientIP.timeoutSeconds {t} (1..=86400)"),
+                )),
+            }
+        }
+        Some(other) => Err(Refusal::new(
+            reason::BAD_FIELD,
+            format!("sessionAffinity {other:?}"),
+        )),
+    }
 }
 
 fn parse_service_ports(
@@ -1393,8 +1423,12 @@ mod tests {
                     })
                     .collect();
                 let snat = if spec.snat_remote { "snat" } else { "nosnat" };
+                let affinity = match spec.affinity_timeout_s {
+                    0 => String::new(),
+                    t => format!(" affinity={t}s"),
+                };
                 format!(
-                    "{scope} {}:{}/{} {:?} {} {snat} [{}]",
+                    "{scope} {}:{}/{} {:?} {} {snat}{affinity} [{}]",
                     at.addr,
                     at.port,
                     at.proto,
@@ -2036,6 +2070,62 @@ endpoints:
                     "ext 192.168.50.11:30080/TCP NodePort default/web nosnat [10.244.1.5:8080*]",
                     "int 192.168.50.11:30080/TCP NodePort default/web snat [10.244.2.5:8080]",
                 ],
+                ..base()
+            },
+            Case {
+                name: "sessionAffinity ClientIP: kube-proxy's default timeout, 3 hours",
+                yaml: concat!(web!(), "  sessionAffinity: ClientIP\n---\n", web_slice!()).into(),
+                frontends: &[
+                    "both 10.96.0.1:80/TCP ClusterIp default/web snat affinity=10800s [10.244.1.5:8080* 10.244.2.5:8080]",
+                ],
+                ..base()
+            },
+            Case {
+                name: "sessionAffinity ClientIP with its timeout, on every frontend of the port",
+                yaml: concat!(
+                    web_node_port!(
+                        "  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+"
+                    ),
+                    "---\n",
+                    web_slice!()
+                )
+                .into(),
+                frontends: &[
+                    "both 10.96.0.1:80/TCP ClusterIp default/web snat affinity=60s [10.244.1.5:8080* 10.244.2.5:8080]",
+                    "both 192.168.50.11:30080/TCP NodePort default/web snat affinity=60s [10.244.1.5:8080* 10.244.2.5:8080]",
+                ],
+                ..base()
+            },
+            Case {
+                name: "sessionAffinity None is none; a bad value or timeout refuses the Service",
+                yaml: concat!(
+                    web!(),
+                    "  sessionAffinity: None\n---\n",
+                    web_slice!(),
+                    "---
+apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  clusterIP: 10.96.0.2
+  sessionAffinity: Cookie
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: forever, namespace: default}
+spec:
+  clusterIP: 10.96.0.3
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 86401}}
+  ports: [{port: 80}]
+"
+                )
+                .into(),
+                frontends: &[BOTH_WEB],
+                invalid: &["Service default/forever bad_field", "Service default/sticky bad_field"],
                 ..base()
             },
             Case {

@@ -820,7 +820,7 @@ impl Programmer {
                 } else {
                     0
                 },
-                _pad: 0,
+                affinity_timeout_s: spec.affinity_timeout_s,
             };
             if let Some(p) = self.frontends.get(addr)
                 && p.value == value
@@ -1054,6 +1054,7 @@ mod tests {
             kind: FrontendKind::ClusterIp,
             backends,
             snat_remote: true,
+            affinity_timeout_s: 0,
         }
     }
 

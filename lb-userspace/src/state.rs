@@ -94,6 +94,9 @@ pub struct FrontendSpec {
     /// Remote backends reached from a NIC get SNAT (externalTrafficPolicy=Cluster). False for
     /// externalTrafficPolicy=Local, which keeps the client's address.
     pub snat_remote: bool,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend (`timeoutSeconds`);
+    /// 0 = no affinity.
+    pub affinity_timeout_s: u32,
 }
 
 /// The whole desired datapath state of one node.

@@ -139,6 +139,7 @@ fn tomcat6() -> DesiredState {
                     kind,
                     backends: backends.clone(),
                     snat_remote: true,
+                    affinity_timeout_s: 0,
                 },
             );
         }

@@ -89,6 +89,7 @@ fn tomcat6(pods: &[Ipv4Addr], etp_local: bool) -> DesiredState {
                         kind,
                         backends,
                         snat_remote: !local_only,
+                        affinity_timeout_s: 0,
                     },
                 );
             }
@@ -539,6 +540,88 @@ fn thousand_flows_spread_evenly_over_three_backends() {
             "{p} got {c} of 1000 flows: {counts:?}"
         );
     }
+}
+
+/// `sessionAffinity: ClientIP` on the tomcat6 frontends over `pods` (timeout in seconds).
+fn with_affinity(pods: &[Ipv4Addr], timeout_s: u32) -> Datapath {
+    let mut d = tomcat6(pods, false);
+    for spec in d.frontends.values_mut() {
+        spec.affinity_timeout_s = timeout_s;
+    }
+    let mut dp = Datapath::load();
+    dp.program(&d);
+    dp.set_snat(NODE, SNAT_PORTS);
+    dp
+}
+
+/// The pod a new TCP connection from `src` to the ClusterIP goes to (TC path).
+fn pod_for(dp: &mut Datapath, src: SocketAddrV4) -> Ipv4Addr {
+    *parse(&dp.tc(&Frame::tcp(src, cluster_ip()).build()).frame)
+        .dst
+        .ip()
+}
+
+/// `sessionAffinity: ClientIP`: every new connection of a client goes to the backend of its
+/// first while other clients still spread; a backend that leaves releases its clients; after
+/// the timeout a client is balanced anew. Without affinity one client's connections spread.
+#[test]
+fn session_affinity_keeps_a_client_on_one_backend() {
+    if !privileged("session_affinity_keeps_a_client_on_one_backend") {
+        return;
+    }
+    let pods = [LOCAL_POD, REMOTE_POD_A, REMOTE_POD_B];
+    let client_a = Ipv4Addr::new(10, 1, 0, 1);
+    let mut plain = loaded(&pods, false);
+    let spread: std::collections::BTreeSet<Ipv4Addr> = (20000..20050)
+        .map(|port| pod_for(&mut plain, SocketAddrV4::new(client_a, port)))
+        .collect();
+    assert_eq!(spread.len(), 3, "without affinity: {spread:?}");
+
+    let mut dp = with_affinity(&pods, 10_800);
+    let first = pod_for(&mut dp, SocketAddrV4::new(client_a, 20000));
+    for port in 20001..20050 {
+        let p = pod_for(&mut dp, SocketAddrV4::new(client_a, port));
+        assert_eq!(
+            p, first,
+            "connection from port {port} left the client's backend"
+        );
+    }
+    let others: std::collections::BTreeSet<Ipv4Addr> = (0..60)
+        .map(|i| {
+            pod_for(
+                &mut dp,
+                SocketAddrV4::new(Ipv4Addr::new(10, 1, 1, i), 20000),
+            )
+        })
+        .collect();
+    assert_eq!(others.len(), 3, "other clients: {others:?}");
+
+    // The client's backend leaves (it drains): the client moves, and sticks to its new one.
+    let rest: Vec<Ipv4Addr> = pods.iter().copied().filter(|p| *p != first).collect();
+    let mut d = tomcat6(&rest, false);
+    for spec in d.frontends.values_mut() {
+        spec.affinity_timeout_s = 10_800;
+    }
+    dp.program(&d);
+    let moved = pod_for(&mut dp, SocketAddrV4::new(client_a, 21000));
+    assert_ne!(moved, first, "a client stayed with a backend that left");
+    for port in 21001..21020 {
+        assert_eq!(pod_for(&mut dp, SocketAddrV4::new(client_a, port)), moved);
+    }
+
+    // Timeout 1 s: once it passed, the client's next connection is balanced anew, to where
+    // Maglev sends that connection without affinity.
+    let mut dp = with_affinity(&pods, 1);
+    let first = pod_for(&mut dp, SocketAddrV4::new(client_a, 20000));
+    let port = (20001..20050)
+        .find(|&port| pod_for(&mut plain, SocketAddrV4::new(client_a, port)) != first)
+        .expect("a connection Maglev sends elsewhere");
+    std::thread::sleep(std::time::Duration::from_millis(2100));
+    assert_eq!(
+        pod_for(&mut dp, SocketAddrV4::new(client_a, port)),
+        pod_for(&mut plain, SocketAddrV4::new(client_a, port)),
+        "the affinity outlived its timeout"
+    );
 }
 
 #[test]

@@ -127,6 +127,7 @@ fn tomcat6(pods: &[Ipv4Addr], etp_local: bool) -> Fake {
                     .filter(|b| !local_only || b.local)
                     .collect(),
                 snat_remote: !local_only,
+                affinity_timeout_s: 0,
             },
         );
     }
@@ -224,7 +225,7 @@ fn small() -> Fake {
             ring_size: 5,
             backend_count: 2,
             flags: FRONTEND_F_SNAT_REMOTE,
-            _pad: 0,
+            affinity_timeout_s: 0,
         },
     );
     let external = FrontendKey {

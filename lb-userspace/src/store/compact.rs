@@ -139,6 +139,9 @@ pub struct StoredServiceSpec {
     pub external_traffic_policy: Option<Word>,
     pub internal_traffic_policy: Option<Word>,
     pub publish_not_ready_addresses: Option<bool>,
+    pub session_affinity: Option<Word>,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub affinity_timeout_s: Option<i32>,
     pub ports: Vec<StoredServicePort>,
 }
 
@@ -189,6 +192,11 @@ impl From<ServiceSpec> for StoredServiceSpec {
             external_traffic_policy: spec.external_traffic_policy.map(word),
             internal_traffic_policy: spec.internal_traffic_policy.map(word),
             publish_not_ready_addresses: spec.publish_not_ready_addresses,
+            session_affinity: spec.session_affinity.map(word),
+            affinity_timeout_s: spec
+                .session_affinity_config
+                .and_then(|c| c.client_ip)
+                .and_then(|c| c.timeout_seconds),
             ports: convert(spec.ports.unwrap_or_default(), StoredServicePort::from),
         }
     }
