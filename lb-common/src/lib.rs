@@ -25,6 +25,7 @@ pub mod map_names {
     pub const CONFIG: &str = "xlb_config_v1";
     pub const SOCK_REVNAT: &str = "xlb_sock_revnat_v1";
     pub const AFFINITY: &str = "xlb_affinity_v1";
+    pub const EVENTS: &str = "xlb_events_v1";
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -321,6 +322,43 @@ pub struct AffinityEntry {
     pub backend_id: u32,
     pub backend_generation: u32,
     pub last_seen_s: u32,
+}
+
+/// Datapath decisions that are not per-packet verdicts; index of the per-CPU events map
+/// (value: a count).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Event {
+    /// A node process's `connect()`/`sendmsg()` to a frontend pointed at a backend.
+    SockTranslated = 0,
+    /// A node process's `connect()`/`sendmsg()` to a frontend without a usable backend: left
+    /// as it is.
+    SockNoBackend = 1,
+    /// A new connection sent to its client's backend by session affinity.
+    AffinityHit = 2,
+    /// A new connection of a client without a live affinity: balanced, and remembered.
+    AffinityNew = 3,
+}
+
+impl Event {
+    pub const COUNT: u32 = 4;
+    pub const ALL: [Event; Self::COUNT as usize] = [
+        Event::SockTranslated,
+        Event::SockNoBackend,
+        Event::AffinityHit,
+        Event::AffinityNew,
+    ];
+
+    /// Metric label value.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Event::SockTranslated => "sock_translated",
+            Event::SockNoBackend => "sock_no_backend",
+            Event::AffinityHit => "affinity_hit",
+            Event::AffinityNew => "affinity_new",
+        }
+    }
 }
 
 /// Value of the per-CPU stats map.

@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey,
-    RING_LANES, RingChunk, SnatEntry, SockKey, SockRevNat, Verdict, capacity,
+    AffinityEntry, AffinityKey, Backend, Config, Counter, CtEntry, Event, FlowKey, Frontend,
+    FrontendKey, RING_LANES, RingChunk, SnatEntry, SockKey, SockRevNat, Verdict, capacity,
 };
 
 /// Frontends: (address, port, protocol, scope) → the service's Maglev ring region.
@@ -61,3 +61,8 @@ pub static SOCK_REVNAT: LruHashMap<SockKey, SockRevNat> =
 #[map(name = "xlb_affinity_v1")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
     LruHashMap::with_max_entries(capacity::AFFINITY, 0);
+
+/// Counts of datapath decisions that are not per-packet verdicts, per CPU (index:
+/// `Event as u32`).
+#[map(name = "xlb_events_v1")]
+pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Event::COUNT, 0);

@@ -3,7 +3,7 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, CT_FORWARD,
-    CT_REVERSE, Config, CtEntry, FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey,
+    CT_REVERSE, Config, CtEntry, Event, FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey,
     HAIRPIN_ADDR, IPPROTO_TCP, RING_LANES, SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, Scope,
     SnatEntry, Verdict, hash::flow_hash, snat_timeout,
 };
@@ -12,6 +12,7 @@ use crate::{
     conntrack,
     maps::{AFFINITY, BACKENDS, CONFIG, FRONTENDS, RINGS},
     parse::Flow,
+    stats,
 };
 
 /// How many SNAT ports a new flow tries before giving up.
@@ -191,7 +192,7 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
 /// backend again, as long as that backend lives and takes new connections; otherwise Maglev
 /// picks one and the client is remembered with it. Every new connection restarts the clock.
 #[inline(always)]
-fn affinity_pick(client_be: u32, fe: &Frontend, h: u32, scope: u8) -> Option<(u32, Backend)> {
+pub fn affinity_pick(client_be: u32, fe: &Frontend, h: u32, scope: u8) -> Option<(u32, Backend)> {
     let key = AffinityKey {
         client_addr_be: client_be,
         service_id: fe.service_id,
@@ -210,6 +211,7 @@ fn affinity_pick(client_be: u32, fe: &Frontend, h: u32, scope: u8) -> Option<(u3
         {
             // SAFETY: as above.
             unsafe { (*entry).last_seen_s = now };
+            stats::event(Event::AffinityHit);
             return Some((e.backend_id, b));
         }
     }
@@ -221,6 +223,7 @@ fn affinity_pick(client_be: u32, fe: &Frontend, h: u32, scope: u8) -> Option<(u3
     };
     // Best effort: without the entry the next connection is balanced anew.
     let _ = AFFINITY.insert(key, entry, 0);
+    stats::event(Event::AffinityNew);
     Some((id, b))
 }
 

@@ -6,9 +6,9 @@
 //! process reads back as its peer (`getpeername()`, the source of a `recvmsg()`) is the
 //! frontend again, as it would be through kube-proxy's NAT.
 use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SockAddrContext};
-use lb_common::{Scope, SockKey, SockRevNat, hash::flow_hash};
+use lb_common::{Event, Scope, SockKey, SockRevNat, hash::flow_hash};
 
-use crate::{maps::SOCK_REVNAT, select};
+use crate::{maps::SOCK_REVNAT, select, stats};
 
 /// Points a `connect()`/`sendmsg()` to a frontend (as pods see Services: the internal scope)
 /// at a backend chosen by Maglev on the socket's cookie, so every datagram of an unconnected
@@ -27,10 +27,19 @@ pub fn translate(ctx: &SockAddrContext) {
     // SAFETY: the socket cookie helper takes this context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
     let h = flow_hash(cookie as u32, (cookie >> 32) as u32, 0, port_be, proto);
-    let Some((_, b)) = select::maglev_pick(&fe, h) else {
+    let picked = if fe.affinity_timeout_s == 0 {
+        select::maglev_pick(&fe, h)
+    } else {
+        // sessionAffinity: ClientIP. The source address is not chosen yet at connect(); every
+        // process of the node shares the node's addresses, so the node is one client (0).
+        select::affinity_pick(0, &fe, h, Scope::Internal as u8)
+    };
+    let Some((_, b)) = picked else {
         // No backend: left as it is, so the connection fails as it would without a proxy.
+        stats::event(Event::SockNoBackend);
         return;
     };
+    stats::event(Event::SockTranslated);
     let key = SockKey {
         cookie,
         backend_addr_be: b.addr_be,

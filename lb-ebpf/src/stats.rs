@@ -1,7 +1,7 @@
 //! Per-CPU verdict counters.
-use lb_common::Verdict;
+use lb_common::{Event, Verdict};
 
-use crate::maps::{SERVICE_STATS, STATS};
+use crate::maps::{EVENTS, SERVICE_STATS, STATS};
 
 #[inline(always)]
 pub fn count(verdict: Verdict, bytes: u64) {
@@ -26,5 +26,14 @@ pub fn count_service(service_id: u32, bytes: u64) {
             (*c).packets += 1;
             (*c).bytes += bytes;
         }
+    }
+}
+
+/// Counts a datapath event.
+#[inline(always)]
+pub fn event(e: Event) {
+    if let Some(c) = EVENTS.get_ptr_mut(e as u32) {
+        // SAFETY: per-CPU slot, this program is the only writer on this CPU.
+        unsafe { *c += 1 };
     }
 }

@@ -66,7 +66,7 @@ pub enum LoaderError {
 }
 
 /// Every map of the datapath, by name.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 11] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::RINGS,
@@ -77,6 +77,7 @@ pub const MAP_NAMES: [&str; 10] = [
     map_names::CONFIG,
     map_names::SOCK_REVNAT,
     map_names::AFFINITY,
+    map_names::EVENTS,
 ];
 
 /// Map capacities, chosen at load time.

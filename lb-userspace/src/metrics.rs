@@ -22,7 +22,9 @@ use aya::{
     Ebpf, Pod,
     maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray},
 };
-use lb_common::{Counter as VerdictCounter, CtEntry, FlowKey, SnatEntry, Verdict, map_names};
+use lb_common::{
+    Counter as VerdictCounter, CtEntry, Event, FlowKey, SnatEntry, Verdict, map_names,
+};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric as _, prometheus_text},
@@ -96,6 +98,29 @@ impl VerdictCounters for PerCpuArray<MapData, VerdictCounter> {
     }
 }
 
+/// The datapath's event counts (socket-level load balancing, session affinity), summed over
+/// CPUs.
+pub trait EventCounters: Send + Sync + 'static {
+    fn read(&self) -> Result<Vec<(Event, u64)>, MetricsError>;
+}
+
+impl EventCounters for PerCpuArray<MapData, u64> {
+    fn read(&self) -> Result<Vec<(Event, u64)>, MetricsError> {
+        Event::ALL
+            .iter()
+            .map(|&e| {
+                let per_cpu = self
+                    .get(&(e as u32), 0)
+                    .map_err(|source| MetricsError::Map {
+                        name: map_names::EVENTS,
+                        source,
+                    })?;
+                Ok((e, per_cpu.iter().fold(0u64, |a, n| a.wrapping_add(*n))))
+            })
+            .collect()
+    }
+}
+
 /// The datapath's per-service counters, summed over CPUs.
 pub trait ServiceCounters: Send + Sync + 'static {
     /// Counters of service `id`.
@@ -144,6 +169,7 @@ impl<K: Pod + Send, V: Pod + Send> CountEntries for BpfHashMap<MapData, K, V> {
 /// to count.
 pub struct DatapathSources {
     pub verdicts: Box<dyn VerdictCounters>,
+    pub events: Box<dyn EventCounters>,
     pub services: Box<dyn ServiceCounters>,
     pub conntrack: Box<dyn CountEntries>,
     pub snat: Box<dyn CountEntries>,
@@ -157,6 +183,9 @@ impl DatapathSources {
         let verdicts: PerCpuArray<MapData, VerdictCounter> =
             PerCpuArray::try_from(reopen(ebpf, map_names::STATS)?)
                 .map_err(err(map_names::STATS))?;
+        let events: PerCpuArray<MapData, u64> =
+            PerCpuArray::try_from(reopen(ebpf, map_names::EVENTS)?)
+                .map_err(err(map_names::EVENTS))?;
         let services: PerCpuArray<MapData, VerdictCounter> =
             PerCpuArray::try_from(reopen(ebpf, map_names::SERVICE_STATS)?)
                 .map_err(err(map_names::SERVICE_STATS))?;
@@ -167,6 +196,7 @@ impl DatapathSources {
             BpfHashMap::try_from(reopen(ebpf, map_names::SNAT)?).map_err(err(map_names::SNAT))?;
         Ok(Self {
             verdicts: Box::new(verdicts),
+            events: Box::new(events),
             services: Box::new(services),
             conntrack: Box::new(conntrack),
             snat: Box::new(snat),
@@ -191,6 +221,7 @@ fn reopen(ebpf: &Ebpf, name: &'static str) -> Result<Map, MetricsError> {
 /// Encodes the datapath's verdict and per-service counters at scrape time.
 struct DatapathCollector {
     verdicts: Box<dyn VerdictCounters>,
+    events: Box<dyn EventCounters>,
     services: Box<dyn ServiceCounters>,
     names: ServiceNames,
 }
@@ -223,6 +254,22 @@ impl Collector for DatapathCollector {
             "Bytes of the packets the datapath handled, by verdict, summed over CPUs.",
             counters.iter().map(|(v, c)| (*v, c.bytes)),
         )?;
+        match self.events.read() {
+            Ok(events) => {
+                let mut family = encoder.encode_descriptor(
+                    "xlb_datapath_events",
+                    "Datapath decisions that are not per-packet verdicts (socket-level load \
+                     balancing of the node's own processes, session affinity), summed over CPUs.",
+                    None,
+                    MetricType::Counter,
+                )?;
+                for (e, n) in events {
+                    let labels = [("event", e.name())];
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+            }
+            Err(e) => warn!(error = %e, "reading the datapath's event counters failed"),
+        }
         let names = self
             .names
             .lock()
@@ -383,7 +430,7 @@ impl Metrics {
         let syncs = Counter::default();
         registry.register(
             "xlb_syncs",
-            "Syncs: the whole store translated and the difference written to the maps",
+            "Syncs: the changed Services translated and the difference written to the maps",
             syncs.clone(),
         );
         let sync_errors = Counter::default();
@@ -605,6 +652,7 @@ fn register_datapath(
 ) -> Result<MapWalker, MetricsError> {
     registry.register_collector(Box::new(DatapathCollector {
         verdicts: d.verdicts,
+        events: d.events,
         services: d.services,
         names: Arc::clone(names),
     }));
@@ -638,11 +686,11 @@ mod tests {
     };
 
     use aya::maps::MapError;
-    use lb_common::{Counter as VerdictCounter, Verdict};
+    use lb_common::{Counter as VerdictCounter, Event, Verdict};
 
     use super::{
-        CountEntries, DatapathSources, Metrics, MetricsError, ServiceCounters, SyncReport,
-        VerdictCounters,
+        CountEntries, DatapathSources, EventCounters, Metrics, MetricsError, ServiceCounters,
+        SyncReport, VerdictCounters,
     };
     use crate::{
         invalid::{Invalid, reason},
@@ -783,6 +831,17 @@ mod tests {
         assert_eq!(total(&text, "frontend_conflict").as_deref(), Some("2"));
     }
 
+    struct FakeEvents;
+
+    impl EventCounters for FakeEvents {
+        fn read(&self) -> Result<Vec<(Event, u64)>, MetricsError> {
+            Ok(Event::ALL
+                .iter()
+                .map(|&e| (e, 10 + u64::from(e as u32)))
+                .collect())
+        }
+    }
+
     struct FakeVerdicts;
 
     impl VerdictCounters for FakeVerdicts {
@@ -831,6 +890,7 @@ mod tests {
         let walks = Arc::new(AtomicU64::new(0));
         let sources = DatapathSources {
             verdicts: Box::new(FakeVerdicts),
+            events: Box::new(FakeEvents),
             services: Box::new(FakeServices),
             conntrack: Box::new(FakeTable {
                 entries: 1234,
@@ -880,6 +940,19 @@ mod tests {
                 .filter(|l| l.starts_with("xlb_datapath_packets_total{"))
                 .count(),
             Verdict::ALL.len()
+        );
+        assert_eq!(
+            value(
+                &text,
+                "xlb_datapath_events_total{event=\"sock_translated\"}"
+            )
+            .as_deref(),
+            Some("10"),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "xlb_datapath_events_total{event=\"affinity_new\"}").as_deref(),
+            Some("13")
         );
         // The first scrape started a walk; a later scrape reports it.
         let deadline = Instant::now() + Duration::from_secs(5);

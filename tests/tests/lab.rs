@@ -232,6 +232,12 @@ fn cluster_ip_from_the_node_itself() {
         *seen.entry(a.pod).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
+    let page = local_get(&t.cluster.nodes[0].ns, 10249, "/metrics").1;
+    let translated = sample(
+        &page,
+        "xlb_datapath_events_total{event=\"sock_translated\"}",
+    );
+    assert!(translated >= 40, "{translated} socket translations counted");
 }
 
 fn start_agents(c: &Cluster) {
@@ -782,43 +788,43 @@ fn upgrade_across_map_layout_versions_drops_no_flow() {
     assert!(left.is_empty(), "old maps left pinned: {left:?}");
 }
 
+/// `GET path` on 127.0.0.1:`port` inside `ns`: status and body.
+fn local_get(ns: &Netns, port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let answer = ns
+        .enter(|| -> std::io::Result<String> {
+            let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+            let mut s = std::net::TcpStream::connect_timeout(&addr.into(), T)?;
+            s.set_read_timeout(Some(T))?;
+            write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .expect("netns")
+        .unwrap_or_else(|e| panic!("GET 127.0.0.1:{port}{path}: {e}"));
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_owned())
+}
+/// The value of the series written exactly as `series` in a metrics page (every series
+/// read here is a count).
+fn sample(page: &str, series: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{page}"))
+}
+
 /// The agents serve kube-proxy's endpoints inside their node's namespace (127.0.0.1:10256
 /// health, 127.0.0.1:10249 metrics): ready once synced and attached, NodePort traffic counted
 /// by verdict, and the first sync's programming latency observed.
 #[test]
 fn metrics_and_health_endpoints_report_the_datapath() {
-    /// `GET path` on 127.0.0.1:`port` inside `ns`: status and body.
-    fn local_get(ns: &Netns, port: u16, path: &str) -> (u16, String) {
-        use std::io::{Read as _, Write as _};
-        let answer = ns
-            .enter(|| -> std::io::Result<String> {
-                let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
-                let mut s = std::net::TcpStream::connect_timeout(&addr.into(), T)?;
-                s.set_read_timeout(Some(T))?;
-                write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
-                let mut text = String::new();
-                s.read_to_string(&mut text)?;
-                Ok(text)
-            })
-            .expect("netns")
-            .unwrap_or_else(|e| panic!("GET 127.0.0.1:{port}{path}: {e}"));
-        let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("no status in {head:?}"));
-        (status, body.to_owned())
-    }
-    /// The value of the series written exactly as `series` in a metrics page (every series
-    /// read here is a count).
-    fn sample(page: &str, series: &str) -> u64 {
-        page.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in\n{page}"))
-    }
-
     if !privileged("metrics_and_health_endpoints_report_the_datapath") {
         return;
     }
