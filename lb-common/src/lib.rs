@@ -26,6 +26,7 @@ pub mod map_names {
     pub const SOCK_REVNAT: &str = "xlb_sock_revnat_v1";
     pub const AFFINITY: &str = "xlb_affinity_v1";
     pub const EVENTS: &str = "xlb_events_v1";
+    pub const SOCK_NETNS: &str = "xlb_sock_netns_v1";
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -314,13 +315,13 @@ pub struct AffinityKey {
     pub _pad1: u16,
 }
 
-/// Value of the session-affinity map: the client's backend and when it last opened a
-/// connection to the service.
+/// Value of the session-affinity map: the flow hash of the client's first connection (its
+/// later connections are placed in the Maglev ring as that one was, so they reach the same
+/// backend for as long as the ring gives it that slot) and when it last opened a connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct AffinityEntry {
-    pub backend_id: u32,
-    pub backend_generation: u32,
+    pub hash: u32,
     pub last_seen_s: u32,
 }
 
@@ -414,8 +415,8 @@ assert_layout!(Counter, 16, 8);
 assert_offset!(Frontend, affinity_timeout_s, 20);
 assert_layout!(AffinityKey, 12, 4);
 assert_offset!(AffinityKey, scope, 8);
-assert_layout!(AffinityEntry, 12, 4);
-assert_offset!(AffinityEntry, last_seen_s, 8);
+assert_layout!(AffinityEntry, 8, 4);
+assert_offset!(AffinityEntry, last_seen_s, 4);
 assert_layout!(SockKey, 16, 8);
 assert_offset!(SockKey, backend_addr_be, 8);
 assert_offset!(SockKey, backend_port_be, 12);

@@ -66,3 +66,8 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityEntry> =
 /// `Event as u32`).
 #[map(name = "xlb_events_v1")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Event::COUNT, 0);
+
+/// The network namespace (its cookie) whose sockets socket-level load balancing translates:
+/// the host's, where the agent runs. 0 = any (not written yet).
+#[map(name = "xlb_sock_netns_v1")]
+pub static SOCK_NETNS: Array<u64> = Array::with_max_entries(1, 0);

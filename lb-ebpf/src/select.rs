@@ -188,9 +188,12 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
 }
 
 /// `sessionAffinity: ClientIP`, as kube-proxy's `recent` match: a client that opened a
-/// connection to this service port (in this scope) less than the timeout ago gets the same
-/// backend again, as long as that backend lives and takes new connections; otherwise Maglev
-/// picks one and the client is remembered with it. Every new connection restarts the clock.
+/// connection to this service port (in this scope) less than the timeout ago is placed in the
+/// Maglev ring where its first connection was, so it reaches the same backend. Whatever that
+/// slot holds is in this frontend's current ring: a backend that left (or any change of the
+/// service) cannot be reached through a stale entry, and a client whose slot moved to another
+/// backend (about 1/N of them when a backend is added) follows it. Every new connection
+/// restarts the clock.
 #[inline(always)]
 pub fn affinity_pick(client_be: u32, fe: &Frontend, h: u32, scope: u8) -> Option<(u32, Backend)> {
     let key = AffinityKey {
@@ -203,28 +206,26 @@ pub fn affinity_pick(client_be: u32, fe: &Frontend, h: u32, scope: u8) -> Option
     let now = now_s();
     if let Some(entry) = AFFINITY.get_ptr_mut(key) {
         // SAFETY: the map's value; a racing writer can at worst make this client's next
-        // connection see a slightly different time or backend.
+        // connection see a slightly different time or slot.
         let e = unsafe { *entry };
         if now.wrapping_sub(e.last_seen_s) < fe.affinity_timeout_s
-            && let Some(b) = backend(e.backend_id, Some(e.backend_generation))
-            && b.flags & BACKEND_F_DRAINING == 0
+            && let Some(picked) = maglev_pick(fe, e.hash)
         {
             // SAFETY: as above.
             unsafe { (*entry).last_seen_s = now };
             stats::event(Event::AffinityHit);
-            return Some((e.backend_id, b));
+            return Some(picked);
         }
     }
-    let (id, b) = maglev_pick(fe, h)?;
+    let picked = maglev_pick(fe, h)?;
     let entry = AffinityEntry {
-        backend_id: id,
-        backend_generation: b.generation,
+        hash: h,
         last_seen_s: now,
     };
     // Best effort: without the entry the next connection is balanced anew.
     let _ = AFFINITY.insert(key, entry, 0);
     stats::event(Event::AffinityNew);
-    Some((id, b))
+    Some(picked)
 }
 
 /// The backend id in ring slot `slot` (0 if out of range).

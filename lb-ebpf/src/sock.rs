@@ -5,10 +5,16 @@
 //! pointed at one of its backends before any packet exists, and no packet needs NAT. What the
 //! process reads back as its peer (`getpeername()`, the source of a `recvmsg()`) is the
 //! frontend again, as it would be through kube-proxy's NAT.
-use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+};
 use lb_common::{Event, Scope, SockKey, SockRevNat, hash::flow_hash};
 
-use crate::{maps::SOCK_REVNAT, select, stats};
+use crate::{
+    maps::{SOCK_NETNS, SOCK_REVNAT},
+    select, stats,
+};
 
 /// Points a `connect()`/`sendmsg()` to a frontend (as pods see Services: the internal scope)
 /// at a backend chosen by Maglev on the socket's cookie, so every datagram of an unconnected
@@ -17,6 +23,13 @@ use crate::{maps::SOCK_REVNAT, select, stats};
 #[inline(always)]
 pub fn translate(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
+    // Only the host's sockets: a pod's traffic is translated on its interface (TC), where it
+    // is counted and its own address is the client's.
+    let host = SOCK_NETNS.get(0).copied().unwrap_or(0);
+    // SAFETY: the netns cookie helper takes this context.
+    if host != 0 && unsafe { bpf_get_netns_cookie(sa.cast()) } != host {
+        return;
+    }
     // SAFETY: the kernel hands the program a valid bpf_sock_addr; these fields are readable
     // (user_port as a whole 4-byte word, holding the port in network order).
     let (addr_be, port_be, proto) =

@@ -224,7 +224,10 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     let maps = AyaMaps::new(&mut ebpf)?;
     let caps = maps.capacities(&cfg.capacities);
     let mut programmer = Programmer::new(&caps);
-    if let Some(old) = loader::previous_backends(&cfg.pin_dir, &other_versions) {
+    // Only into a fresh backends map: if this version's is pinned already (an upgrade that
+    // stopped half-way), its ids came from the previous version then and adoption keeps them.
+    let fresh_backends = !adopted.maps.contains(&lb_common::map_names::BACKENDS);
+    if fresh_backends && let Some(old) = loader::previous_backends(&cfg.pin_dir, &other_versions) {
         // The flows carried over name backends by the old ids: keep them.
         programmer.inherit_backend_ids(&old);
         info!(
@@ -473,10 +476,25 @@ impl Attached {
         if self.nics.is_empty() {
             return Err(AgentError::NoNic(nics.join(",")));
         }
-        if let Some(cgroup) = &cfg.socket_lb_cgroup {
-            let how = loader::attach_sock_pinned(ebpf, cgroup, &cfg.pin_dir)?;
-            self.sock = true;
-            info!(cgroup = %cgroup.display(), how = ?how, "socket-level load balancing attached");
+        match &cfg.socket_lb_cgroup {
+            // A failure here must not stop the agent: the NICs run the new programs already.
+            Some(cgroup) => match loader::attach_sock_pinned(ebpf, cgroup, &cfg.pin_dir) {
+                Ok(how) => {
+                    self.sock = true;
+                    info!(cgroup = %cgroup.display(), how = ?how, "socket-level load balancing attached");
+                }
+                Err(e) => warn!(
+                    cgroup = %cgroup.display(),
+                    error = %e,
+                    "socket-level load balancing NOT attached: the node's own processes do not \
+                     reach Services (the cgroup hook of xlb_attached_interfaces is 0)"
+                ),
+            },
+            None => {
+                for link in loader::remove_sock_links(&cfg.pin_dir) {
+                    info!(link = %link, "socket-level load balancing detached (not asked for)");
+                }
+            }
         }
         // Subscribe before listing, so no link falls between the two.
         let watcher = netlink::LinkWatcher::new().map_err(AgentError::Netlink)?;

@@ -45,6 +45,8 @@ pub enum LoaderError {
     NoDatapath,
     #[error("loading the datapath into the kernel failed")]
     Load(#[source] aya::EbpfError),
+    #[error("map {0} is missing from the datapath object")]
+    MissingMap(&'static str),
     #[error("program {0} is missing from the datapath object")]
     MissingProgram(&'static str),
     #[error("program {0}: {1}")]
@@ -66,7 +68,7 @@ pub enum LoaderError {
 }
 
 /// Every map of the datapath, by name.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 12] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::RINGS,
@@ -78,6 +80,7 @@ pub const MAP_NAMES: [&str; 11] = [
     map_names::SOCK_REVNAT,
     map_names::AFFINITY,
     map_names::EVENTS,
+    map_names::SOCK_NETNS,
 ];
 
 /// Map capacities, chosen at load time.
@@ -281,6 +284,16 @@ pub fn attach_sock_pinned(
         source,
     };
     let cg = fs::File::open(cgroup).map_err(cgroup_err)?;
+    // The programs translate the sockets of this (the host's) network namespace only.
+    let cookie = own_netns_cookie().map_err(cgroup_err)?;
+    let mut netns: aya::maps::Array<_, u64> = ebpf
+        .map_mut(map_names::SOCK_NETNS)
+        .and_then(|m| aya::maps::Array::try_from(m).ok())
+        .ok_or(LoaderError::MissingMap(map_names::SOCK_NETNS))?;
+    netns.set(0, cookie, 0).map_err(|e| LoaderError::Cgroup {
+        path: cgroup.to_owned(),
+        source: io::Error::other(e),
+    })?;
     let mut replaced = false;
     for name in PROGS_SOCK {
         let prog: &mut CgroupSockAddr = ebpf
@@ -317,6 +330,45 @@ pub fn attach_sock_pinned(
     } else {
         Attachment::Attached
     })
+}
+
+/// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux ≥ 5.14).
+fn own_netns_cookie() -> io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let mut cookie: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, a u64 that outlives the call.
+    let r = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        Ok(cookie)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Removes the pinned socket-level load-balancing links under `dir` (which detaches them);
+/// returns their names.
+#[must_use]
+pub fn remove_sock_links(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    if let Ok(entries) = fs::read_dir(pin::links_dir(dir)) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(SOCK_LINK_PREFIX) && fs::remove_file(e.path()).is_ok() {
+                removed.push(name);
+            }
+        }
+    }
+    removed
 }
 
 /// Attaches the pod program to `iface`'s ingress, pinned under `dir`; takes over a pinned

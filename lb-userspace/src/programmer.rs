@@ -888,9 +888,17 @@ impl Programmer {
 
     /// Frees the inherited ids no backend claimed (their backends left during the upgrade).
     pub fn release_inherited(&mut self) {
+        let in_use: BTreeSet<u32> = self
+            .backends
+            .values()
+            .chain(self.draining.values().map(|(_, b)| b))
+            .map(|b| b.id)
+            .collect();
         let ids = &mut self.ids;
         for (id, _) in ids.inherited.drain().flat_map(|(_, v)| v) {
-            ids.free.push(id);
+            if !in_use.contains(&id) && !ids.free.contains(&id) {
+                ids.free.push(id);
+            }
         }
     }
 
