@@ -258,15 +258,21 @@ fn tc_send(ctx: &TcContext, f: &Flow, src_be: u32, dst_be: u32) -> i32 {
 /// Socket-level load balancing (see `sock`): `connect()` of TCP and UDP sockets.
 #[cgroup_sock_addr(connect4)]
 pub fn xlb_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx);
-    SOCK_ALLOW
+    if sock::translate(&ctx) {
+        SOCK_ALLOW
+    } else {
+        SOCK_DENY
+    }
 }
 
 /// Socket-level load balancing: `sendmsg()` with an address (unconnected UDP).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn xlb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx);
-    SOCK_ALLOW
+    if sock::translate(&ctx) {
+        SOCK_ALLOW
+    } else {
+        SOCK_DENY
+    }
 }
 
 /// Socket-level load balancing: the source of a received datagram reads as the frontend.
@@ -285,6 +291,8 @@ pub fn xlb_getpeername4(ctx: SockAddrContext) -> i32 {
 
 /// A cgroup socket-address program's "go on with the call".
 const SOCK_ALLOW: i32 = 1;
+/// A cgroup socket-address program's "fail the call" (EPERM).
+const SOCK_DENY: i32 = 0;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

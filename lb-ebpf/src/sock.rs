@@ -19,23 +19,24 @@ use crate::{
 /// Points a `connect()`/`sendmsg()` to a frontend (as pods see Services: the internal scope)
 /// at a backend chosen by Maglev on the socket's cookie, so every datagram of an unconnected
 /// UDP socket goes to the same backend; remembers the frontend for the reverse direction.
-/// Anything else is left as it is.
+/// Anything else is left as it is. Returns false for a frontend without a usable backend:
+/// the call then fails at once (EPERM), as kube-proxy rejects rather than letting it hang.
 #[inline(always)]
-pub fn translate(ctx: &SockAddrContext) {
+pub fn translate(ctx: &SockAddrContext) -> bool {
     let sa = ctx.sock_addr;
     // Only the host's sockets: a pod's traffic is translated on its interface (TC), where it
     // is counted and its own address is the client's.
     let host = SOCK_NETNS.get(0).copied().unwrap_or(0);
     // SAFETY: the netns cookie helper takes this context.
     if host != 0 && unsafe { bpf_get_netns_cookie(sa.cast()) } != host {
-        return;
+        return true;
     }
     // SAFETY: the kernel hands the program a valid bpf_sock_addr; these fields are readable
     // (user_port as a whole 4-byte word, holding the port in network order).
     let (addr_be, port_be, proto) =
         unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     let Some(fe) = select::frontend_at(addr_be, port_be, proto, Scope::Internal as u8) else {
-        return;
+        return true;
     };
     // SAFETY: the socket cookie helper takes this context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
@@ -48,9 +49,8 @@ pub fn translate(ctx: &SockAddrContext) {
         select::affinity_pick(0, &fe, h, Scope::Internal as u8)
     };
     let Some((_, b)) = picked else {
-        // No backend: left as it is, so the connection fails as it would without a proxy.
         stats::event(Event::SockNoBackend);
-        return;
+        return false;
     };
     stats::event(Event::SockTranslated);
     let key = SockKey {
@@ -72,6 +72,7 @@ pub fn translate(ctx: &SockAddrContext) {
         (*sa).user_ip4 = b.addr_be;
         (*sa).user_port = u32::from(b.port_be);
     }
+    true
 }
 
 /// Reports the frontend as the peer of a socket that [`translate`] pointed at a backend.

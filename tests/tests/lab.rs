@@ -263,6 +263,26 @@ fn cluster_ip_from_the_node_itself() {
     };
     assert_eq!(ip_of(&a), expected, "{a:?}");
     assert_eq!(translated(), before, "a pod's socket was translated");
+
+    // A Service without endpoints: the node's connect() fails at once instead of hanging.
+    let syncs = t.cluster.all_agent_syncs();
+    t.cluster
+        .write_manifest(
+            "empty.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: empty, namespace: default}\n\
+             spec:\n  clusterIP: 10.96.0.99\n  ports: [{port: 80, targetPort: 8080}]\n",
+        )
+        .expect("manifest");
+    t.cluster.wait_synced_since(&syncs, SYNC).expect("sync");
+    // EPERM from connect() itself, not a timeout.
+    let refused = ask_from_node(
+        &t.cluster,
+        0,
+        "tcp",
+        SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 99), 80),
+    )
+    .expect_err("a Service without endpoints answered");
+    assert!(refused.contains("Operation not permitted"), "{refused}");
 }
 
 fn start_agents(c: &Cluster) {
