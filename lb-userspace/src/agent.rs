@@ -209,7 +209,7 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     adopted
         .maps
         .retain(|m| !taken.iter().any(|(_, to)| to == m));
-    for m in loader::migrate_flows(&mut ebpf, &cfg.pin_dir, &other_versions, false) {
+    for m in loader::migrate_flows(&mut ebpf, &cfg.pin_dir, &other_versions) {
         match m {
             loader::Migration::Copied { from, entries } => {
                 info!(from = %from, entries, "migrated flows from the previous layout version");
@@ -260,10 +260,16 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     Ok((ebpf, maps, programmer))
 }
 
-/// Pinned maps named `xlb_..._v<N>` with N other than this build's layout version.
+/// Pinned maps named `xlb_..._v<N>` with N other than this build's layout version, newest
+/// version first (if an earlier upgrade left two, the flows and ids come from the newest).
 fn other_layout_versions(dir: &std::path::Path) -> Vec<String> {
     let current = format!("_v{}", lb_common::ABI_VERSION);
-    std::fs::read_dir(dir)
+    let version = |n: &str| {
+        n.rsplit_once("_v")
+            .and_then(|(_, v)| v.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let mut names: Vec<String> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
@@ -271,14 +277,16 @@ fn other_layout_versions(dir: &std::path::Path) -> Vec<String> {
                 .filter(|n| n.starts_with("xlb_") && !n.ends_with(&current) && n.contains("_v"))
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    names.sort_by_key(|n| std::cmp::Reverse(version(n)));
+    names
 }
 
 /// Carries over (without overwriting) the flows the previous version's programs created since
 /// the last pass; returns the old maps' names.
 fn carry_over(ebpf: &mut Ebpf, dir: &std::path::Path) -> Vec<String> {
     let old = other_layout_versions(dir);
-    for m in loader::migrate_flows(ebpf, dir, &old, true) {
+    for m in loader::migrate_flows(ebpf, dir, &old) {
         if let loader::Migration::Copied { from, entries } = m {
             info!(from = %from, entries, "carried over the flows created during the switch");
         }

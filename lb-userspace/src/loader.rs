@@ -461,7 +461,6 @@ pub fn unpin_pod_link(dir: &Path, iface: &str) {
     }
 }
 
-const BPF_ANY: u64 = 0;
 const BPF_NOEXIST: u64 = 1;
 
 /// What happened to the flows of a previous layout version's map.
@@ -548,21 +547,18 @@ pub fn previous_backends(dir: &Path, old: &[String]) -> Option<Vec<(u32, lb_comm
 /// `dir` (`old`: their file names) into the freshly loaded maps of `ebpf`, where the entry
 /// layout is the same and [`take_over_flow_maps`] could not share the map itself (this
 /// version's map was already pinned, by an upgrade that stopped half-way). Called once
-/// at load and again right after the new programs took over (`missing_only`), for the flows
-/// the old programs created in between; the second pass never overwrites newer state.
-pub fn migrate_flows(
-    ebpf: &mut Ebpf,
-    dir: &Path,
-    old: &[String],
-    missing_only: bool,
-) -> Vec<Migration> {
+/// at load and again around the swap, for the flows the old programs created in between; an
+/// entry already in this version's map is never overwritten.
+pub fn migrate_flows(ebpf: &mut Ebpf, dir: &Path, old: &[String]) -> Vec<Migration> {
     let mut out = Vec::new();
     for name in old {
         let Some(target) = flow_map_target(name) else {
             continue;
         };
         // BPF_NOEXIST: keep what the new datapath already wrote.
-        let flags = if missing_only { BPF_NOEXIST } else { BPF_ANY };
+        // Never over what this version's map holds: it may be shared with the running
+        // programs (taken over), and `old` lists the newest version first.
+        let flags = BPF_NOEXIST;
         let copied = if target == map_names::CONNTRACK {
             copy_entries::<lb_common::FlowKey, lb_common::CtEntry>(ebpf, dir, name, target, flags)
         } else {
