@@ -253,7 +253,8 @@ impl Cluster {
         self.pods.iter().find(|p| p.name == name)
     }
 
-    fn log_file(&self, name: &str) -> Result<fs::File> {
+    /// A file of this run's directory to log to (appended to).
+    pub fn log_file(&self, name: &str) -> Result<fs::File> {
         // Append: a restarted process continues its log.
         fs::OpenOptions::new()
             .create(true)

@@ -142,7 +142,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     maps: &mut maps,
                     published_services: &mut published_services,
                 };
-                let Synced { errors, ops } = sync(&store, &n, &mut state, &metrics);
+                let Synced { errors, ops, left } = sync(&store, &n, &mut state, &metrics);
+                if attached.sock {
+                    end_udp_sockets(&cfg.pin_dir, &left);
+                }
                 // Big syncs leave big temporaries (plans, a re-read store); a sync of one
                 // change leaves little, and trimming a heap of 10,000 Services' state costs
                 // milliseconds even when there is nothing to give back.
@@ -359,6 +362,8 @@ struct Synced {
     errors: usize,
     /// Map writes planned.
     ops: usize,
+    /// Backends (address, port) that no ring holds any more since this sync.
+    left: std::collections::HashSet<(Ipv4Addr, u16)>,
 }
 
 /// A sync with at least this many map writes hands freed memory back to the kernel, and so
@@ -427,9 +432,64 @@ fn sync(
         backends: programmer.backend_count(),
         ring_slots: programmer.ring_slots_used(),
     });
+    let left = plan
+        .ops
+        .iter()
+        .filter_map(|op| match op {
+            Op::SetBackend { value, .. } if value.flags & lb_common::BACKEND_F_DRAINING != 0 => {
+                Some((
+                    Ipv4Addr::from(value.addr_be.to_ne_bytes()),
+                    u16::from_be(value.port_be),
+                ))
+            }
+            _ => None,
+        })
+        .collect();
     Synced {
         errors,
         ops: plan.ops.len(),
+        left,
+    }
+}
+
+/// Ends the connected UDP sockets of the node's processes that socket-level load balancing
+/// pointed at backends that left (kube-proxy flushes their UDP conntrack entries): their next
+/// call fails and a reconnect is balanced anew.
+fn end_udp_sockets(pin_dir: &std::path::Path, left: &std::collections::HashSet<(Ipv4Addr, u16)>) {
+    if left.is_empty() {
+        return;
+    }
+    let revnat = aya::maps::MapData::from_pin(crate::pin::map_path(
+        pin_dir,
+        lb_common::map_names::SOCK_REVNAT,
+    ))
+    .ok()
+    .and_then(|m| {
+        aya::maps::HashMap::<_, lb_common::SockKey, lb_common::SockRevNat>::try_from(
+            aya::maps::Map::LruHashMap(m),
+        )
+        .ok()
+    });
+    let Some(revnat) = revnat else {
+        return;
+    };
+    let translated = |cookie: u64, (addr, port): (Ipv4Addr, u16)| {
+        let key = lb_common::SockKey {
+            cookie,
+            backend_addr_be: u32::from_ne_bytes(addr.octets()),
+            backend_port_be: port.to_be(),
+            proto: lb_common::IPPROTO_UDP,
+            _pad: 0,
+        };
+        revnat.get(&key, 0).is_ok()
+    };
+    match crate::sockdiag::end_udp_sockets_to(left, translated) {
+        Ok(0) => {}
+        Ok(n) => info!(
+            sockets = n,
+            "ended connected UDP sockets to backends that left"
+        ),
+        Err(e) => warn!(error = %e, "could not end the UDP sockets to backends that left"),
     }
 }
 

@@ -12,6 +12,7 @@ pub mod model;
 pub mod netlink;
 pub mod pin;
 pub mod programmer;
+pub mod sockdiag;
 pub mod source;
 pub mod state;
 pub mod store;

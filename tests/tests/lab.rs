@@ -447,6 +447,54 @@ fn load_balancer_external_ip_udp_multi_port_named_target_port() {
             .map_err(std::io::Error::other)?
     });
     assert!(a.pod.starts_with("multi-"));
+    udp_session_moves_off_a_departed_backend(&c, &ports);
+}
+
+/// A node process's connected UDP socket follows its backend's departure: kube-proxy flushes
+/// the UDP conntrack entries of a removed endpoint; xlb ends the socket (`sock_diag`), its owner
+/// reconnects and is balanced anew. (Without that, the socket would keep reaching the pod,
+/// which still runs: only its endpoint was removed.)
+fn udp_session_moves_off_a_departed_backend(c: &Cluster, ports: &[(&str, u16, &str)]) {
+    let session_log = c.log_path("udp-session.log");
+    let mut session = c.node_process(0, echo_bin()).expect("node process");
+    session
+        .args(["udp-session", "10.96.0.20:53", "400"])
+        .stdout(c.log_file("udp-session.log").expect("log"));
+    c.lab.spawn(&mut session).expect("udp session");
+    let answers = |log: &str| -> Vec<String> {
+        log.lines()
+            .filter_map(|l| l.strip_prefix("pod=")?.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    };
+    let first = eventually("UDP session", || {
+        let log = std::fs::read_to_string(&session_log)?;
+        answers(&log)
+            .first()
+            .cloned()
+            .ok_or_else(|| std::io::Error::other(format!("no answer yet: {log:?}")))
+    });
+    let other = if first == "multi-0" {
+        "multi-1"
+    } else {
+        "multi-0"
+    };
+    let syncs = c.all_agent_syncs();
+    c.write_manifest(
+        "eps.yaml",
+        &c.endpoint_slice("multi", ports, &[other], &EndpointStates::default()),
+    )
+    .expect("manifest");
+    c.wait_synced_since(&syncs, SYNC).expect("sync");
+    eventually("the UDP session moving off the departed pod", || {
+        let log = std::fs::read_to_string(&session_log)?;
+        let seen = answers(&log);
+        if seen.last().map(String::as_str) == Some(other) {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("still on {first}: {log}")))
+        }
+    });
 }
 
 /// Scale 3 → 5 → 1 while connections keep coming: once the agents applied a change, no new

@@ -23,6 +23,15 @@ fn main() -> ExitCode {
     if name.as_deref() == Some("ask") {
         return ask(args.next().as_deref(), args.next().as_deref());
     }
+    if name.as_deref() == Some("udp-session") {
+        let addr = args.next().and_then(|a| a.parse::<SocketAddrV4>().ok());
+        let count = args.next().and_then(|n| n.parse::<u32>().ok());
+        if let (Some(addr), Some(count)) = (addr, count) {
+            return udp_session(addr, count);
+        }
+        eprintln!("usage: xlb-echo udp-session <address:port> <count>");
+        return ExitCode::FAILURE;
+    }
     let ports: Vec<u16> = args.filter_map(|p| p.parse().ok()).collect();
     let Some(name) = name.filter(|_| !ports.is_empty()) else {
         eprintln!("usage: xlb-echo <pod-name> <port>...");
@@ -88,6 +97,38 @@ fn ask(proto: Option<&str>, addr: Option<&str>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A long-lived connected UDP socket asking `addr` every 50 ms, `count` times: one line per
+/// answer (`pod=…`) or error (`error=…`); after an error it connects a new socket.
+fn udp_session(addr: SocketAddrV4, count: u32) -> ExitCode {
+    let connect = || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        s.connect(addr)?;
+        Ok(s)
+    };
+    let mut sock = connect();
+    let mut buf = [0u8; 512];
+    for _ in 0..count {
+        let answer = sock
+            .as_ref()
+            .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
+            .and_then(|s| {
+                s.send(b"who")?;
+                let n = s.recv(&mut buf)?;
+                Ok(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+            });
+        match answer {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                println!("error={e}");
+                sock = connect();
+            }
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    ExitCode::SUCCESS
 }
 
 /// Serves HTTP/1.1 requests on one connection until the client closes it.
