@@ -224,7 +224,7 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
             ),
         }
     }
-    let maps = AyaMaps::new(&mut ebpf)?;
+    let mut maps = AyaMaps::new(&mut ebpf)?;
     let caps = maps.capacities(&cfg.capacities);
     let mut programmer = Programmer::new(&caps);
     // Only into a fresh backends map: if this version's is pinned already (an upgrade that
@@ -232,7 +232,10 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     let fresh_backends = !adopted.maps.contains(&lb_common::map_names::BACKENDS);
     if fresh_backends && let Some(old) = loader::previous_backends(&cfg.pin_dir, &other_versions) {
         // The flows carried over name backends by the old ids: keep them.
-        programmer.inherit_backend_ids(&old);
+        // Draining backends go into this version's map now: their TCP flows continue.
+        for op in programmer.inherit_backend_ids(&old) {
+            maps.apply(&op)?;
+        }
         info!(
             backends = old.len(),
             "backend ids of the previous layout version kept for the same addresses"

@@ -852,9 +852,12 @@ impl Programmer {
     /// over: `old` is the previous version's backends map. Backends at the same address and
     /// port get their old id and generation back, so the conntrack entries the old programs
     /// made keep naming the right backend; an id that now goes to another backend gets a newer
-    /// generation, which invalidates the old entries naming it. Call
-    /// [`Programmer::release_inherited`] after that sync.
-    pub fn inherit_backend_ids(&mut self, old: &[(u32, Backend)]) {
+    /// generation, which invalidates the old entries naming it. Draining backends (their
+    /// established TCP flows continue) stay draining under their ids: the returned writes put
+    /// them into this version's backends map. Call [`Programmer::release_inherited`] after the
+    /// first sync.
+    pub fn inherit_backend_ids(&mut self, old: &[(u32, Backend)]) -> Vec<Op> {
+        let mut writes = Vec::new();
         let ids = &mut self.ids;
         // Entries of backends removed before the upgrade are zeroed: their last generation is
         // unknown, so fresh ids start well above every generation still visible.
@@ -865,25 +868,47 @@ impl Programmer {
                 continue;
             }
             ids.generations.insert(*id, ids.floor);
+            ids.next = ids.next.max(id + 1);
+            let place = (
+                Ipv4Addr::from(b.addr_be.to_ne_bytes()),
+                u16::from_be(b.port_be),
+            );
+            if b.flags & BACKEND_F_DRAINING != 0 {
+                // Draining matters for TCP (UDP flows move on anyway).
+                let addr = BackendAddr {
+                    addr: place.0,
+                    port: place.1,
+                    proto: Proto::Tcp,
+                };
+                self.drain_seq += 1;
+                self.drain_order.insert(self.drain_seq, addr);
+                let entry = BackendEntry {
+                    id: *id,
+                    generation: b.generation,
+                    local: b.flags & BACKEND_F_LOCAL != 0,
+                    rings: 0,
+                };
+                self.draining.insert(addr, (self.drain_seq, entry));
+                writes.push(Op::SetBackend { id: *id, value: *b });
+                continue;
+            }
             ids.inherited
-                .entry((
-                    Ipv4Addr::from(b.addr_be.to_ne_bytes()),
-                    u16::from_be(b.port_be),
-                ))
+                .entry(place)
                 .or_default()
                 .push((*id, b.generation));
-            ids.next = ids.next.max(id + 1);
         }
         let reserved: BTreeSet<u32> = ids
             .inherited
             .values()
             .flatten()
             .map(|(id, _)| *id)
+            .chain(self.draining.values().map(|(_, b)| b.id))
             .collect();
         ids.free = (1..ids.next)
             .rev()
             .filter(|id| !reserved.contains(id))
             .collect();
+        writes
     }
 
     /// Frees the inherited ids no backend claimed (their backends left during the upgrade).
@@ -1311,6 +1336,67 @@ mod tests {
         );
         assert_ne!(p.services_generation(), second);
         assert_eq!(p.services().len(), 1);
+    }
+
+    /// A draining backend of the previous datapath stays draining under its id (its TCP flows
+    /// continue) and gets the same id back if it returns.
+    #[test]
+    fn an_upgrade_keeps_draining_backends_draining() {
+        let mut p = Programmer::new(&caps());
+        let mut gone = backend_value(&backend(7, false).addr, 5, false);
+        gone.flags |= lb_common::BACKEND_F_DRAINING;
+        let writes = p.inherit_backend_ids(&[
+            (3, backend_value(&backend(5, true).addr, 2, true)),
+            (4, gone),
+        ]);
+        assert_eq!(writes, vec![Op::SetBackend { id: 4, value: gone }]);
+        let mut maps = FakeMaps::default();
+        for op in &writes {
+            maps.apply(op).expect("fake apply");
+        }
+        let f = fe([10, 96, 0, 10], 80, Scope::Internal);
+        let ops = apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(
+                f,
+                spec("a", vec![backend(5, true), backend(6, false)]),
+            )]),
+        );
+        p.release_inherited();
+        assert!(
+            !ops.iter()
+                .any(|op| matches!(op, Op::ClearBackend { id: 4 })),
+            "{ops:?}"
+        );
+        assert_eq!(
+            maps.backends.get(&4),
+            Some(&gone),
+            "the draining backend left the map"
+        );
+        assert_ne!(
+            maps.backends
+                .iter()
+                .find(|(_, b)| b.addr_be == backend(6, false).addr.addr.to_bits().to_be())
+                .map(|(id, _)| *id),
+            Some(4),
+            "a new backend took the draining one's id"
+        );
+        // It returns: same id, same generation.
+        apply(
+            &mut p,
+            &mut maps,
+            &state(vec![(
+                f,
+                spec("a", vec![backend(5, true), backend(7, false)]),
+            )]),
+        );
+        assert_eq!(
+            maps.backends
+                .get(&4)
+                .map(|b| (b.generation, b.flags & lb_common::BACKEND_F_DRAINING)),
+            Some((5, 0))
+        );
     }
 
     /// Inherited ids are no free ids, but the backends that take them back need none.
