@@ -56,6 +56,18 @@ pub fn http_get_peer(addr: SocketAddrV4, timeout: Duration) -> io::Result<(Answe
     Ok((get_on(s, addr, timeout)?, peer))
 }
 
+/// Like [`http_get_peer`] from a dual-stack IPv6 socket to `addr`'s IPv4-mapped address
+/// (`::ffff:a.b.c.d`), as Java and other dual-stack clients connect to IPv4 services.
+pub fn http_get_peer_mapped(
+    addr: SocketAddrV4,
+    timeout: Duration,
+) -> io::Result<(Answer, SocketAddr)> {
+    let mapped = std::net::SocketAddrV6::new(addr.ip().to_ipv6_mapped(), addr.port(), 0, 0);
+    let s = TcpStream::connect_timeout(&mapped.into(), timeout)?;
+    let peer = s.peer_addr()?;
+    Ok((get_on(s, addr, timeout)?, peer))
+}
+
 /// Like [`http_get`], from local port `port` (a fixed 5-tuple, so a test that checks how
 /// flows spread is deterministic rather than at the mercy of ephemeral port choice).
 pub fn http_get_from(addr: SocketAddrV4, port: u16, timeout: Duration) -> io::Result<Answer> {

@@ -258,35 +258,58 @@ fn tc_send(ctx: &TcContext, f: &Flow, src_be: u32, dst_be: u32) -> i32 {
 /// Socket-level load balancing (see `sock`): `connect()` of TCP and UDP sockets.
 #[cgroup_sock_addr(connect4)]
 pub fn xlb_connect4(ctx: SockAddrContext) -> i32 {
-    if sock::translate(&ctx) {
-        SOCK_ALLOW
-    } else {
-        SOCK_DENY
-    }
+    verdict(sock::translate4(&ctx))
 }
 
 /// Socket-level load balancing: `sendmsg()` with an address (unconnected UDP).
 #[cgroup_sock_addr(sendmsg4)]
 pub fn xlb_sendmsg4(ctx: SockAddrContext) -> i32 {
-    if sock::translate(&ctx) {
-        SOCK_ALLOW
-    } else {
-        SOCK_DENY
-    }
+    verdict(sock::translate4(&ctx))
 }
 
 /// Socket-level load balancing: the source of a received datagram reads as the frontend.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn xlb_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx);
+    sock::reverse4(&ctx);
     SOCK_ALLOW
 }
 
 /// Socket-level load balancing: `getpeername()` reads the frontend.
 #[cgroup_sock_addr(getpeername4)]
 pub fn xlb_getpeername4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx);
+    sock::reverse4(&ctx);
     SOCK_ALLOW
+}
+
+/// Socket-level load balancing of dual-stack sockets to IPv4-mapped addresses: `connect()`.
+#[cgroup_sock_addr(connect6)]
+pub fn xlb_connect6(ctx: SockAddrContext) -> i32 {
+    verdict(sock::translate6(&ctx))
+}
+
+/// Dual-stack sockets: `sendmsg()` with an IPv4-mapped address.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn xlb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    verdict(sock::translate6(&ctx))
+}
+
+/// Dual-stack sockets: the source of a received datagram reads as the frontend.
+#[cgroup_sock_addr(recvmsg6)]
+pub fn xlb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx);
+    SOCK_ALLOW
+}
+
+/// Dual-stack sockets: `getpeername()` reads the frontend.
+#[cgroup_sock_addr(getpeername6)]
+pub fn xlb_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::reverse6(&ctx);
+    SOCK_ALLOW
+}
+
+#[inline(always)]
+fn verdict(allow: bool) -> i32 {
+    if allow { SOCK_ALLOW } else { SOCK_DENY }
 }
 
 /// A cgroup socket-address program's "go on with the call".

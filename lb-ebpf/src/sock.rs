@@ -16,27 +16,33 @@ use crate::{
     select, stats,
 };
 
+/// What to do with a `connect()`/`sendmsg()` destination.
+enum Picked {
+    /// Not a frontend (or not the host's socket): leave it.
+    Leave,
+    /// A frontend without a usable backend: fail the call.
+    Deny,
+    /// Go to this backend (address, port in network order).
+    To(u32, u16),
+}
+
 /// Points a `connect()`/`sendmsg()` to a frontend (as pods see Services: the internal scope)
 /// at a backend chosen by Maglev on the socket's cookie, so every datagram of an unconnected
 /// UDP socket goes to the same backend; remembers the frontend for the reverse direction.
-/// Anything else is left as it is. Returns false for a frontend without a usable backend:
-/// the call then fails at once (EPERM), as kube-proxy rejects rather than letting it hang.
+/// A frontend without a usable backend fails the call at once (EPERM), as kube-proxy rejects
+/// rather than letting it hang.
 #[inline(always)]
-pub fn translate(ctx: &SockAddrContext) -> bool {
+fn pick(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Picked {
     let sa = ctx.sock_addr;
     // Only the host's sockets: a pod's traffic is translated on its interface (TC), where it
     // is counted and its own address is the client's.
     let host = SOCK_NETNS.get(0).copied().unwrap_or(0);
     // SAFETY: the netns cookie helper takes this context.
     if host != 0 && unsafe { bpf_get_netns_cookie(sa.cast()) } != host {
-        return true;
+        return Picked::Leave;
     }
-    // SAFETY: the kernel hands the program a valid bpf_sock_addr; these fields are readable
-    // (user_port as a whole 4-byte word, holding the port in network order).
-    let (addr_be, port_be, proto) =
-        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
     let Some(fe) = select::frontend_at(addr_be, port_be, proto, Scope::Internal as u8) else {
-        return true;
+        return Picked::Leave;
     };
     // SAFETY: the socket cookie helper takes this context.
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
@@ -50,7 +56,7 @@ pub fn translate(ctx: &SockAddrContext) -> bool {
     };
     let Some((_, b)) = picked else {
         stats::event(Event::SockNoBackend);
-        return false;
+        return Picked::Deny;
     };
     stats::event(Event::SockTranslated);
     let key = SockKey {
@@ -67,23 +73,14 @@ pub fn translate(ctx: &SockAddrContext) -> bool {
     };
     // Best effort: without the entry only the peer address read back differs.
     let _ = SOCK_REVNAT.insert(key, rev, 0);
-    // SAFETY: user_ip4 and user_port are writable in connect4 and sendmsg4 programs.
-    unsafe {
-        (*sa).user_ip4 = b.addr_be;
-        (*sa).user_port = u32::from(b.port_be);
-    }
-    true
+    Picked::To(b.addr_be, b.port_be)
 }
 
-/// Reports the frontend as the peer of a socket that [`translate`] pointed at a backend.
+/// The frontend a socket asked for, if [`pick`] pointed it at this backend.
 #[inline(always)]
-pub fn reverse(ctx: &SockAddrContext) {
-    let sa = ctx.sock_addr;
-    // SAFETY: as in `translate`; these fields are readable in recvmsg4 and getpeername4.
-    let (addr_be, port_be, proto) =
-        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+fn unpick(ctx: &SockAddrContext, addr_be: u32, port_be: u16, proto: u8) -> Option<(u32, u16)> {
     // SAFETY: the socket cookie helper takes this context.
-    let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     let key = SockKey {
         cookie,
         backend_addr_be: addr_be,
@@ -92,12 +89,117 @@ pub fn reverse(ctx: &SockAddrContext) {
         _pad: 0,
     };
     // SAFETY: the value is copied out at once.
-    let Some(rev) = (unsafe { SOCK_REVNAT.get(key) }).copied() else {
+    let rev = (unsafe { SOCK_REVNAT.get(key) }).copied()?;
+    Some((rev.frontend_addr_be, rev.frontend_port_be))
+}
+
+/// `connect4`/`sendmsg4`: false fails the call.
+#[inline(always)]
+pub fn translate4(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands the program a valid bpf_sock_addr; these fields are readable
+    // (user_port as a whole 4-byte word, holding the port in network order).
+    let (addr_be, port_be, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    match pick(ctx, addr_be, port_be, proto) {
+        Picked::Leave => true,
+        Picked::Deny => false,
+        Picked::To(addr_be, port_be) => {
+            // SAFETY: user_ip4 and user_port are writable in connect4 and sendmsg4 programs.
+            unsafe {
+                (*sa).user_ip4 = addr_be;
+                (*sa).user_port = u32::from(port_be);
+            }
+            true
+        }
+    }
+}
+
+/// The IPv4 address (network order, as `user_ip4` holds it) of an IPv4-mapped IPv6 address
+/// `::ffff:a.b.c.d`, given as `user_ip6` holds it.
+#[inline(always)]
+fn mapped_v4(ip6: [u32; 4]) -> Option<u32> {
+    (ip6[0] == 0 && ip6[1] == 0 && ip6[2] == u32::from_ne_bytes([0, 0, 0xff, 0xff]))
+        .then_some(ip6[3])
+}
+
+/// `connect6`/`sendmsg6` of dual-stack sockets reaching an IPv4 Service through an
+/// IPv4-mapped address (Java's default, among others): false fails the call.
+#[inline(always)]
+pub fn translate6(ctx: &SockAddrContext) -> bool {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in `translate4`; user_ip6 is read word by word.
+    let (ip6, port_be, proto) = unsafe {
+        (
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ],
+            (*sa).user_port as u16,
+            (*sa).protocol as u8,
+        )
+    };
+    let Some(addr_be) = mapped_v4(ip6) else {
+        return true;
+    };
+    match pick(ctx, addr_be, port_be, proto) {
+        Picked::Leave => true,
+        Picked::Deny => false,
+        Picked::To(addr_be, port_be) => {
+            // SAFETY: user_ip6 and user_port are writable in connect6 and sendmsg6 programs.
+            unsafe {
+                (*sa).user_ip6[3] = addr_be;
+                (*sa).user_port = u32::from(port_be);
+            }
+            true
+        }
+    }
+}
+
+/// `recvmsg4`/`getpeername4`: reports the frontend as the peer of a socket that
+/// [`translate4`] pointed at a backend.
+#[inline(always)]
+pub fn reverse4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in `translate4`; these fields are readable in recvmsg4 and getpeername4.
+    let (addr_be, port_be, proto) =
+        unsafe { ((*sa).user_ip4, (*sa).user_port as u16, (*sa).protocol as u8) };
+    if let Some((addr_be, port_be)) = unpick(ctx, addr_be, port_be, proto) {
+        // SAFETY: user_ip4 and user_port are writable in recvmsg4 and getpeername4 programs.
+        unsafe {
+            (*sa).user_ip4 = addr_be;
+            (*sa).user_port = u32::from(port_be);
+        }
+    }
+}
+
+/// `recvmsg6`/`getpeername6`, for IPv4-mapped peers.
+#[inline(always)]
+pub fn reverse6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: as in `translate6`.
+    let (ip6, port_be, proto) = unsafe {
+        (
+            [
+                (*sa).user_ip6[0],
+                (*sa).user_ip6[1],
+                (*sa).user_ip6[2],
+                (*sa).user_ip6[3],
+            ],
+            (*sa).user_port as u16,
+            (*sa).protocol as u8,
+        )
+    };
+    let Some(addr_be) = mapped_v4(ip6) else {
         return;
     };
-    // SAFETY: user_ip4 and user_port are writable in recvmsg4 and getpeername4 programs.
-    unsafe {
-        (*sa).user_ip4 = rev.frontend_addr_be;
-        (*sa).user_port = u32::from(rev.frontend_port_be);
+    if let Some((addr_be, port_be)) = unpick(ctx, addr_be, port_be, proto) {
+        // SAFETY: user_ip6 and user_port are writable in recvmsg6 and getpeername6 programs.
+        unsafe {
+            (*sa).user_ip6[3] = addr_be;
+            (*sa).user_port = u32::from(port_be);
+        }
     }
 }

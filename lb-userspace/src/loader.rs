@@ -30,11 +30,15 @@ pub const PROG_POD: &str = "xlb_pod";
 /// only the benchmark loads it, through [`floor_program`].
 pub const PROG_FLOOR: &str = "xlb_noop";
 /// Socket-level load balancing (cgroup socket-address hooks), loaded only when attached.
-pub const PROGS_SOCK: [&str; 4] = [
+pub const PROGS_SOCK: [&str; 8] = [
     "xlb_connect4",
     "xlb_sendmsg4",
     "xlb_recvmsg4",
     "xlb_getpeername4",
+    "xlb_connect6",
+    "xlb_sendmsg6",
+    "xlb_recvmsg6",
+    "xlb_getpeername6",
 ];
 /// Pinned links of the socket hooks start with this (interface links with their hook name).
 const SOCK_LINK_PREFIX: &str = "sock-";

@@ -232,6 +232,20 @@ fn cluster_ip_from_the_node_itself() {
         *seen.entry(a.pod).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
+    // A dual-stack socket to the IPv4-mapped ClusterIP (Java's default) is translated too.
+    let (a, peer) = ask_from_node(&t.cluster, 0, "tcp6", cluster_ip)
+        .unwrap_or_else(|e| panic!("mapped ClusterIP from the node: {e}"));
+    assert!(a.pod.starts_with("tomcat6-"), "{a:?}");
+    assert_eq!(
+        peer,
+        SocketAddr::V6(std::net::SocketAddrV6::new(
+            CLUSTER_IP.to_ipv6_mapped(),
+            80,
+            0,
+            0
+        )),
+        "getpeername of a dual-stack socket"
+    );
     let translated = || {
         let page = local_get(&t.cluster.nodes[0].ns, 10249, "/metrics").1;
         sample(
@@ -240,7 +254,7 @@ fn cluster_ip_from_the_node_itself() {
         )
     };
     let before = translated();
-    assert!(before >= 40, "{before} socket translations counted");
+    assert!(before >= 41, "{before} socket translations counted");
     // A pod's process in the node's cgroup (as every pod is under the cgroup root in a
     // cluster) is not translated at its socket: its own interface's TC program does it.
     let pod = &t.cluster.pods[0];

@@ -4,7 +4,8 @@
 //!
 //! Usage: `xlb-echo <pod-name> <port>...` (TCP and UDP on each port, all addresses).
 //!
-//! `xlb-echo ask tcp|udp <address:port>` is the client side, for tests that need a process
+//! `xlb-echo ask tcp|tcp6|udp <address:port>` is the client side (tcp6: a dual-stack socket to
+//! the IPv4-mapped address), for tests that need a process
 //! of its own (one in a given cgroup): one request, then `pod=… client=… peer=…` where peer
 //! is the address the socket reported (`getpeername`, or the source of the echo).
 use std::{
@@ -76,14 +77,15 @@ fn main() -> ExitCode {
 fn ask(proto: Option<&str>, addr: Option<&str>) -> ExitCode {
     const TIMEOUT: Duration = Duration::from_secs(5);
     let Some(addr) = addr.and_then(|a| a.parse::<SocketAddrV4>().ok()) else {
-        eprintln!("usage: xlb-echo ask tcp|udp <address:port>");
+        eprintln!("usage: xlb-echo ask tcp|tcp6|udp <address:port>");
         return ExitCode::FAILURE;
     };
     let asked = match proto {
         Some("tcp") => echo::http_get_peer(addr, TIMEOUT),
         Some("udp") => echo::udp_ask_peer(addr, TIMEOUT),
+        Some("tcp6") => echo::http_get_peer_mapped(addr, TIMEOUT),
         _ => {
-            eprintln!("usage: xlb-echo ask tcp|udp <address:port>");
+            eprintln!("usage: xlb-echo ask tcp|tcp6|udp <address:port>");
             return ExitCode::FAILURE;
         }
     };
