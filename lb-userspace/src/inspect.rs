@@ -17,9 +17,9 @@ use std::{
 
 use aya::maps::MapError;
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, Counter, CtEntry,
-    FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP, IPPROTO_UDP,
-    Scope, Verdict, hash::flow_hash,
+    AffinityEntry, AffinityKey, BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, Counter,
+    CtEntry, FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP,
+    IPPROTO_UDP, Scope, Verdict, hash::flow_hash,
 };
 use serde::Serialize;
 
@@ -57,6 +57,64 @@ pub trait MapSource {
     /// Counters per verdict, summed over CPUs.
     fn stats(&self) -> Result<Vec<(Verdict, Counter)>, InspectError>;
     fn config(&self) -> Result<Option<Config>, InspectError>;
+    /// The session-affinity entry of a client of a service port, if any.
+    fn affinity(&self, _key: &AffinityKey) -> Result<Option<AffinityEntry>, InspectError> {
+        Ok(None)
+    }
+}
+
+/// The hash that places a new flow of client `src_be` in `fe`'s ring: its own (`own`), or
+/// under a live `sessionAffinity: ClientIP` the one of the client's first connection; and what
+/// to say about it.
+fn affinity_hash<S: MapSource + ?Sized>(
+    source: &S,
+    fe: &Frontend,
+    src_be: u32,
+    scope: Scope,
+    own: u32,
+) -> Result<(u32, String), InspectError> {
+    if fe.affinity_timeout_s == 0 {
+        return Ok((own, String::new()));
+    }
+    let key = AffinityKey {
+        client_addr_be: src_be,
+        service_id: fe.service_id,
+        scope: scope as u8,
+        _pad0: 0,
+        _pad1: 0,
+    };
+    let age = |e: &AffinityEntry| datapath_now_s().wrapping_sub(e.last_seen_s);
+    Ok(match source.affinity(&key)? {
+        Some(e) if age(&e) < fe.affinity_timeout_s => (
+            e.hash,
+            format!(
+                "sessionAffinity ClientIP: this client opened a connection {} s ago, so its \
+                 first connection's hash places it; ",
+                age(&e)
+            ),
+        ),
+        _ => (
+            own,
+            format!(
+                "sessionAffinity ClientIP ({} s): no live affinity for this client, so this \
+                 connection's hash places it and is remembered; ",
+                fe.affinity_timeout_s
+            ),
+        ),
+    })
+}
+
+/// Seconds of the clock the datapath stamps affinity entries with (`bpf_ktime_get_coarse_ns`,
+/// i.e. `CLOCK_MONOTONIC_COARSE`).
+fn datapath_now_s() -> u32 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into a live value.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut ts) };
+    // The datapath keeps the low 32 bits of the seconds, as this does.
+    u32::try_from(ts.tv_sec & 0xffff_ffff).unwrap_or(0)
 }
 
 fn ip(be: u32) -> Ipv4Addr {
@@ -831,8 +889,15 @@ fn pick<S: MapSource + ?Sized>(
             "the frontend's ring is empty: new flows are dropped".into(),
         ));
     }
-    // 3. Maglev: the slot the flow hash points at.
-    let hash = flow_hash(src_be, dst_be, sport_be, dport_be, t.proto);
+    // 3. Maglev: the slot the flow hash points at, or the client's first connection's under
+    //    a live session affinity.
+    let (hash, affinity_note) = affinity_hash(
+        source,
+        fe,
+        src_be,
+        scope,
+        flow_hash(src_be, dst_be, sport_be, dport_be, t.proto),
+    )?;
     let slot = hash % fe.ring_size;
     let ring_slot = fe.ring_offset.wrapping_add(slot);
     let id = source.ring(ring_slot, 1)?.first().copied().unwrap_or(0);
@@ -866,8 +931,8 @@ fn pick<S: MapSource + ?Sized>(
         outcome,
         verdict: Some(verdict.name()),
         reason: format!(
-            "{stale}new flow: flow hash {hash:#010x} picks Maglev slot {slot} of {}, which \
-             holds backend {} ({}, {}); {}",
+            "{stale}{affinity_note}new flow: flow hash {hash:#010x} picks Maglev slot {slot} of \
+             {}, which holds backend {} ({}, {}); {}",
             fe.ring_size,
             b.id,
             b.endpoint(),

@@ -14,8 +14,8 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use lb_common::{
-    Backend, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey, RING_LANES, RingChunk,
-    Verdict, map_names,
+    AffinityEntry, AffinityKey, Backend, Config, Counter, CtEntry, FlowKey, Frontend, FrontendKey,
+    RING_LANES, RingChunk, Verdict, map_names,
 };
 
 use super::{InspectError, MapSource};
@@ -59,6 +59,8 @@ pub struct PinnedMaps {
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
     stats: PerCpuArray<MapData, Counter>,
     config: Array<MapData, Config>,
+    /// Session affinity; absent in datapaths pinned before it existed.
+    affinity: Option<HashMap<MapData, AffinityKey, AffinityEntry>>,
 }
 
 /// `BPF_OBJ_GET` with `BPF_F_RDONLY`: a read-only descriptor of the object pinned at `path`.
@@ -154,6 +156,7 @@ impl PinnedMaps {
             conntrack: open(dir, map_names::CONNTRACK)?,
             stats: open(dir, map_names::STATS)?,
             config: open(dir, map_names::CONFIG)?,
+            affinity: open(dir, map_names::AFFINITY).ok(),
         })
     }
 }
@@ -172,6 +175,13 @@ fn lookup<V>(r: Result<V, MapError>, map: &'static str) -> Result<Option<V>, Ins
 }
 
 impl MapSource for PinnedMaps {
+    fn affinity(&self, key: &AffinityKey) -> Result<Option<AffinityEntry>, InspectError> {
+        match &self.affinity {
+            Some(m) => lookup(m.get(key, 0), map_names::AFFINITY),
+            None => Ok(None),
+        }
+    }
+
     fn frontends(&self) -> Result<Vec<(FrontendKey, Frontend)>, InspectError> {
         self.frontends
             .iter()

@@ -6,14 +6,14 @@ use std::{
 };
 
 use lb_common::{
-    BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, Counter, CtEntry,
-    FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, Scope,
-    Verdict, hash::flow_hash,
+    AffinityEntry, AffinityKey, BACKEND_F_LOCAL, Backend, CT_FORWARD, CT_REVERSE, Config, Counter,
+    CtEntry, FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
+    Scope, Verdict, hash::flow_hash,
 };
 
 use super::{
     AddrFilter, CtFilter, ExplainQuery, InspectError, MapSource, Outcome, ParseError, Target,
-    backends, conntrack, explain, render, services, stats,
+    backends, conntrack, datapath_now_s, explain, render, services, stats,
 };
 use crate::{
     loader::Capacities,
@@ -37,6 +37,7 @@ struct Fake {
     maps: FakeMaps,
     ct: HashMap<FlowKey, CtEntry>,
     stats: Vec<(Verdict, Counter)>,
+    affinity: HashMap<AffinityKey, AffinityEntry>,
 }
 
 impl MapSource for Fake {
@@ -79,6 +80,9 @@ impl MapSource for Fake {
     }
     fn config(&self) -> Result<Option<Config>, InspectError> {
         Ok(Some(self.maps.config))
+    }
+    fn affinity(&self, key: &AffinityKey) -> Result<Option<AffinityEntry>, InspectError> {
+        Ok(self.affinity.get(key).copied())
     }
 }
 
@@ -347,6 +351,64 @@ fn explain_picks_the_backend_maglev_picks() {
         seen.insert(got.addr);
     }
     assert_eq!(seen.len(), 3, "300 clients reach all 3 backends");
+}
+
+/// Under `sessionAffinity: ClientIP`, a client with a live affinity entry is placed by its
+/// first connection's hash, whatever its port; one without is placed by its own.
+#[test]
+fn explain_follows_a_live_session_affinity() {
+    let mut fake = tomcat6(&[LOCAL_POD, REMOTE_A, REMOTE_B], false);
+    let key = frontend_key(&node_port(Scope::External));
+    let fe = fake.maps.frontends.get_mut(&key).expect("frontend");
+    fe.affinity_timeout_s = 3600;
+    let service_id = fe.service_id;
+    let sticky = Ipv4Addr::new(203, 0, 113, 9);
+    let first = flow_hash(
+        be(sticky),
+        be(NODE),
+        40000u16.to_be(),
+        NODE_PORT.to_be(),
+        IPPROTO_TCP,
+    );
+    fake.affinity.insert(
+        AffinityKey {
+            client_addr_be: be(sticky),
+            service_id,
+            scope: Scope::External as u8,
+            _pad0: 0,
+            _pad1: 0,
+        },
+        AffinityEntry {
+            hash: first,
+            last_seen_s: datapath_now_s(),
+        },
+    );
+    for port in 40001..40021 {
+        let e = explain(
+            &fake,
+            &query(SocketAddrV4::new(sticky, port), Scope::External),
+        )
+        .expect("explain");
+        let pick = e.scopes[0].pick.as_ref().expect("a pick");
+        assert_eq!(pick.maglev.expect("maglev").hash, first, "port {port}");
+        assert!(
+            pick.reason.contains("this client opened a connection"),
+            "{}",
+            pick.reason
+        );
+    }
+    let other = SocketAddrV4::new(Ipv4Addr::new(203, 0, 113, 10), 40001);
+    let e = explain(&fake, &query(other, Scope::External)).expect("explain");
+    let pick = e.scopes[0].pick.as_ref().expect("a pick");
+    let own = flow_hash(
+        be(*other.ip()),
+        be(NODE),
+        40001u16.to_be(),
+        NODE_PORT.to_be(),
+        IPPROTO_TCP,
+    );
+    assert_eq!(pick.maglev.expect("maglev").hash, own);
+    assert!(pick.reason.contains("no live affinity"), "{}", pick.reason);
 }
 
 #[test]
