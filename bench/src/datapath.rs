@@ -17,10 +17,12 @@ use aya::{
     maps::{HashMap, PerCpuArray},
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
-use lb_common::{Counter, CtEntry, FlowKey, Verdict, map_names};
+use lb_common::{Counter, CtEntry, FLOW_WAYS, FlowKey, Verdict, map_names};
 use lb_userspace::{
+    agent::node_config,
+    flows::FlowTable,
     loader::{self, Capacities},
-    maps::{AyaMaps, LbMaps as _},
+    maps::{AyaMaps, LbMaps as _, Op},
     programmer::Programmer,
     state::DesiredState,
 };
@@ -103,7 +105,11 @@ struct Instance {
 impl Instance {
     fn load(caps: &Capacities) -> anyhow::Result<Self> {
         let mut ebpf = loader::load(caps).context("loading the datapath")?;
-        let maps = AyaMaps::new(&mut ebpf).context("taking the datapath's maps")?;
+        let mut maps = AyaMaps::new(&mut ebpf).context("taking the datapath's maps")?;
+        // The node configuration the agent writes at start.
+        let config = node_config(scenario::NODE, scenario::SNAT_PORTS, &[scenario::NODE]);
+        maps.apply(&Op::SetConfig(config))
+            .context("writing the node configuration")?;
         Ok(Self {
             ebpf,
             maps,
@@ -144,14 +150,22 @@ impl Instance {
         Ok(out)
     }
 
-    /// Conntrack entries (one syscall per key).
-    fn conntrack_len(&self) -> anyhow::Result<u64> {
+    /// Flows tracked: flow-table slots in use, and forward entries of the LRU conntrack map
+    /// (flows whose bucket was full).
+    fn tracked_flows(&self) -> anyhow::Result<u64> {
+        let table = FlowTable::open(&self.ebpf).context("the flow table")?;
+        let in_table = table.used(u64::MAX)?;
         let map = self
             .ebpf
             .map(map_names::CONNTRACK)
             .context("the conntrack map is missing")?;
         let ct: HashMap<_, FlowKey, CtEntry> = HashMap::try_from(map)?;
-        Ok(ct.keys().count() as u64)
+        let overflowed = ct
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, e)| e.kind == lb_common::CT_FORWARD)
+            .count() as u64;
+        Ok(in_table + overflowed)
     }
 }
 
@@ -324,10 +338,9 @@ impl Case {
         self.rounds.iter().map(|r| r.len() as u64).sum()
     }
 
-    /// Conntrack entries this case's new flows leave behind: two per flow (forward and
-    /// reverse).
-    fn conntrack_entries(&self) -> u64 {
-        2 * u64::from(self.flows)
+    /// Flows this case leaves tracked: one per new flow.
+    fn tracked_flows(&self) -> u64 {
+        u64::from(self.flows)
     }
 
     /// `n` runs with `repeat = 1`, each on a fresh packet, timed into the current round (not
@@ -526,11 +539,11 @@ pub fn run_bench(plan: Plan) -> anyhow::Result<Results> {
     let caps = Capacities::default();
     // Both conntrack entries of every new flow must fit with room to spare, or LRU eviction
     // would be part of what is measured.
-    let ct_needed = 2 * plan.new_flows() + 2;
+    let flows_needed = plan.new_flows() + 1;
+    let flow_slots = u64::from(loader::flow_buckets(caps.flow_buckets)) * FLOW_WAYS as u64;
     ensure!(
-        ct_needed <= u64::from(caps.conntrack) / 2,
-        "{ct_needed} conntrack entries would fill more than half of {}",
-        caps.conntrack
+        flows_needed <= flow_slots / 2,
+        "{flows_needed} flows would fill more than half of the flow table's {flow_slots} slots"
     );
     let mut dps = Datapaths::load(&plan, &caps)?;
     let mut cases: Vec<Case> = CASES
@@ -650,15 +663,15 @@ fn check_verdicts(
 fn check_conntrack(dps: &Datapaths, cases: &[Case]) -> anyhow::Result<Vec<(&'static str, u64)>> {
     let mut entries = Vec::new();
     for setup in Setup::ALL {
-        let want: u64 = 2 + cases
+        let want: u64 = 1 + cases
             .iter()
             .filter(|c| c.spec.setup == setup)
-            .map(Case::conntrack_entries)
+            .map(Case::tracked_flows)
             .sum::<u64>();
-        let n = dps.setups[setup.index()].conntrack_len()?;
+        let n = dps.setups[setup.index()].tracked_flows()?;
         ensure!(
             n == want,
-            "the {} conntrack holds {n} entries, expected {want}: entries were evicted",
+            "the {} datapath tracks {n} flows, expected {want}: flows were lost",
             setup.name()
         );
         entries.push((setup.name(), n));

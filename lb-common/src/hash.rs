@@ -35,9 +35,34 @@ pub const fn flow_hash(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, p
     finalize(h ^ 0x0d)
 }
 
+/// The flow-table bucket hash of a flow's client side (address, port, protocol; network
+/// order): a client's packets hash their source, a reply its destination, so both find the
+/// same bucket. Masked to the table size by the caller.
+#[inline(always)]
+#[must_use]
+pub const fn flow_bucket(client_be: u32, client_port_be: u16, proto: u8) -> u32 {
+    finalize(mix(
+        mix(SEED, client_be),
+        ((client_port_be as u32) << 8) | proto as u32,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
-    use super::flow_hash;
+    use super::{flow_bucket, flow_hash};
+
+    #[test]
+    fn flow_buckets_spread_consecutive_ports_and_addresses() {
+        let mut buckets = [0u32; 64];
+        for i in 0..64_000u32 {
+            let (addr, port) = (0x0a00_0000 + i / 1000, (i % 1000) as u16 + 32_768);
+            let h = flow_bucket(addr.to_be(), port.to_be(), 17);
+            buckets[(h & 63) as usize] += 1;
+        }
+        for b in buckets {
+            assert!((850..1150).contains(&b), "bucket holds {b} of 64000 flows");
+        }
+    }
 
     #[test]
     fn spreads_consecutive_ports_evenly() {

@@ -27,6 +27,7 @@ pub mod map_names {
     pub const AFFINITY: &str = "xlb_affinity_v1";
     pub const EVENTS: &str = "xlb_events_v1";
     pub const SOCK_NETNS: &str = "xlb_sock_netns_v1";
+    pub const FLOWS: &str = "xlb_flows_v1";
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -36,7 +37,13 @@ pub mod capacity {
     /// Ring slab slots (u32 backend ids): 16 Mi slots = 64 MiB, enough for 10,000 services
     /// with 10 backends each at M ≥ 100·N.
     pub const RING_SLOTS: u32 = 16 * 1024 * 1024;
-    pub const CONNTRACK: u32 = 1024 * 1024;
+    /// Flow table buckets (a power of two): 512 Ki × 3 slots = 1.5 Mi flows in 64 MiB.
+    pub const FLOW_BUCKETS: u32 = 512 * 1024;
+    /// The LRU conntrack map holds the flows whose flow-table bucket was full (see
+    /// `FlowBucket`; with random client ports about 0.3 % of 250 Ki live flows, 2 % of
+    /// 500 Ki, 10 % of 1 Mi), and those of a previous version's datapath during an upgrade
+    /// (which keeps that datapath's map and its size).
+    pub const CONNTRACK: u32 = 256 * 1024;
     pub const SNAT: u32 = 256 * 1024;
     /// Sockets translated by socket-level load balancing whose peer address is read back.
     pub const SOCK_REVNAT: u32 = 256 * 1024;
@@ -362,6 +369,62 @@ impl Event {
     }
 }
 
+/// Slots per flow-table bucket.
+pub const FLOW_WAYS: usize = 3;
+/// `FlowBucket::header` bit: a writer holds the bucket (the low 32 bits are its sequence
+/// number, odd while it writes).
+pub const FLOW_BUCKET_LOCKED: u64 = 1;
+/// `FlowBucket::header` bit: a flow of this bucket (forward or reply side) may be in the LRU
+/// conntrack map, so a miss in the bucket must be looked up there too.
+pub const FLOW_BUCKET_OVERFLOW: u64 = 1 << 32;
+/// `FlowSlot::flags`: the flow is SNATed to the node's SNAT address (`Config::snat_addr_be`)
+/// and `nat_port_be`.
+pub const FLOW_F_SNAT: u8 = 1 << 0;
+/// `FlowSlot::flags`: a hairpin flow, SNATed to `HAIRPIN_ADDR` and `nat_port_be`.
+pub const FLOW_F_HAIRPIN: u8 = 1 << 1;
+/// `FlowSlot::flags`: a FIN or RST was seen; the slot may be reused after the closing timeout.
+pub const FLOW_F_CLOSING: u8 = 1 << 2;
+
+/// One flow in the flow table. A slot serves both directions: the client's packets match
+/// (client, client port, frontend, frontend port, protocol); a reply of a flow that was not
+/// SNATed matches (backend, backend port) → (client, client port). `client_addr_be == 0`
+/// marks a free slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowSlot {
+    pub client_addr_be: u32,
+    pub frontend_addr_be: u32,
+    pub backend_addr_be: u32,
+    pub client_port_be: u16,
+    pub frontend_port_be: u16,
+    pub backend_port_be: u16,
+    pub nat_port_be: u16, // FLOW_F_SNAT / FLOW_F_HAIRPIN: the flow's new source port
+    pub backend_id: u32,
+    pub backend_generation: u32,
+    pub service_id: u32,
+    pub last_seen_s: u32, // coarse seconds since boot; refreshed at most once a second
+    pub proto: u8,
+    pub flags: u8, // FLOW_F_*
+    pub _pad: u16,
+}
+
+/// One bucket of the flow table, the datapath's conntrack fast path: an array map (memory-
+/// mappable) of 128-byte buckets, indexed by `hash::flow_bucket(client, client port, proto)`
+/// masked to the table size. Both directions of a flow land in the same bucket, so a new flow
+/// is recorded with plain stores into the bucket its lookup has just read, not with hash-map
+/// inserts (each of which costs a helper call, a lock and a cold element).
+///
+/// `header`: the low 32 bits are a sequence number that writers make odd (with a
+/// compare-and-swap: the bucket's lock) while they write and even again after, so readers that
+/// see it change or odd read again; bit 32 is `FLOW_BUCKET_OVERFLOW`. A bucket whose slots all
+/// hold live flows sends the next flow to the LRU conntrack map and sets the overflow bit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowBucket {
+    pub header: u64,
+    pub slots: [FlowSlot; FLOW_WAYS],
+}
+
 /// Value of the per-CPU stats map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
@@ -418,6 +481,15 @@ assert_offset!(AffinityKey, scope, 8);
 assert_layout!(AffinityEntry, 8, 4);
 assert_offset!(AffinityEntry, last_seen_s, 4);
 assert_layout!(SockKey, 16, 8);
+assert_layout!(FlowSlot, 40, 4);
+assert_offset!(FlowSlot, client_port_be, 12);
+assert_offset!(FlowSlot, nat_port_be, 18);
+assert_offset!(FlowSlot, backend_id, 20);
+assert_offset!(FlowSlot, last_seen_s, 32);
+assert_offset!(FlowSlot, proto, 36);
+assert_offset!(FlowSlot, flags, 37);
+assert_layout!(FlowBucket, 128, 8);
+assert_offset!(FlowBucket, slots, 8);
 assert_offset!(SockKey, backend_addr_be, 8);
 assert_offset!(SockKey, backend_port_be, 12);
 assert_offset!(SockKey, proto, 14);
@@ -438,6 +510,8 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::SockKey {}
     unsafe impl aya::Pod for super::SockRevNat {}
+    unsafe impl aya::Pod for super::FlowBucket {}
+    unsafe impl aya::Pod for super::FlowSlot {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
 }

@@ -3,6 +3,10 @@
 //! Every outcome is a typed `Verdict` counted per CPU; nothing is logged per packet.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// `atomic_cxchg`: the flow table's bucket lock (BPF_CMPXCHG); core's atomic types have no
+// compare-and-swap on this target.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 #![expect(
     clippy::needless_pass_by_value,
     reason = "entry points take their context by value"
@@ -10,6 +14,7 @@
 
 mod conntrack;
 mod fib;
+mod flows;
 mod maps;
 mod nat;
 mod parse;
@@ -47,7 +52,8 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
         Err(v) => return (v, xdp_action::XDP_PASS),
     };
     let key = conntrack::flow_key(&f);
-    let fwd = match select::tracked(&key, f.tcp_flags) {
+    let replies = !select::is_node_addr(f.dst_be);
+    let fwd = match select::tracked(&key, f.tcp_flags, replies) {
         Tracked::Forward(fwd) => {
             if f.ttl <= 1 {
                 return (Verdict::PassTtl, xdp_action::XDP_PASS);
@@ -193,7 +199,7 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
         Err(v) => return (v, TC_ACT_OK),
     };
     let key = conntrack::flow_key(&f);
-    let fwd = match select::tracked(&key, f.tcp_flags) {
+    let fwd = match select::tracked(&key, f.tcp_flags, true) {
         Tracked::Forward(fwd) => fwd,
         Tracked::Reply(rev) => return pod_reply(ctx, &f, rev),
         Tracked::Untracked => {

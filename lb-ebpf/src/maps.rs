@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
-    AffinityEntry, AffinityKey, Backend, Config, Counter, CtEntry, Event, FlowKey, Frontend,
-    FrontendKey, RING_LANES, RingChunk, SnatEntry, SockKey, SockRevNat, Verdict, capacity,
+    AffinityEntry, AffinityKey, Backend, Config, Counter, CtEntry, Event, FlowBucket, FlowKey,
+    Frontend, FrontendKey, RING_LANES, RingChunk, SnatEntry, SockKey, SockRevNat, Verdict,
+    capacity,
 };
 
 /// Frontends: (address, port, protocol, scope) → the service's Maglev ring region.
@@ -26,7 +27,14 @@ pub static RINGS: Array<RingChunk> =
 
 const BPF_F_MMAPABLE: u32 = 1 << 10;
 
-/// Connection tracking: forward entries pin a flow to its backend, reverse entries
+/// The flow table: conntrack's fast path, one slot per flow for both directions (see
+/// `lb_common::FlowBucket`). Memory-mappable: the agent reads and marks buckets in place.
+#[map(name = "xlb_flows_v1")]
+pub static FLOWS: Array<FlowBucket> =
+    Array::with_max_entries(capacity::FLOW_BUCKETS, BPF_F_MMAPABLE);
+
+/// Connection tracking for the flows whose flow-table bucket was full, and those of a
+/// previous version's datapath: forward entries pin a flow to its backend, reverse entries
 /// reverse-translate the replies.
 #[map(name = "xlb_ct_v1")]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry> =

@@ -3,13 +3,15 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, CT_FORWARD,
-    CT_REVERSE, Config, CtEntry, Event, FRONTEND_F_SNAT_REMOTE, FlowKey, Frontend, FrontendKey,
-    HAIRPIN_ADDR, IPPROTO_TCP, RING_LANES, SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, Scope,
-    SnatEntry, Verdict, hash::flow_hash, snat_timeout,
+    CT_REVERSE, Config, CtEntry, Event, FLOW_F_CLOSING, FLOW_F_HAIRPIN, FLOW_F_SNAT,
+    FRONTEND_F_SNAT_REMOTE, FlowKey, FlowSlot, Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP,
+    RING_LANES, SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, Scope, SnatEntry, Verdict,
+    hash::flow_hash, snat_timeout,
 };
 
 use crate::{
     conntrack,
+    flows::{self, Probe},
     maps::{AFFINITY, BACKENDS, CONFIG, FRONTENDS, RINGS},
     parse::Flow,
     stats,
@@ -54,6 +56,16 @@ pub fn config() -> Option<Config> {
     CONFIG.get(0).copied()
 }
 
+/// Whether `addr_be` is one of the node's addresses (`Config::node_addrs_be`).
+#[inline(always)]
+pub fn is_node_addr(addr_be: u32) -> bool {
+    let Some(c) = CONFIG.get(0) else {
+        return false;
+    };
+    let n = (c.node_addr_count as usize).min(c.node_addrs_be.len());
+    c.node_addrs_be.iter().take(n).any(|a| *a == addr_be)
+}
+
 /// What to do with a packet of a frontend's flow.
 pub struct Forward {
     pub backend: Backend,
@@ -88,14 +100,110 @@ pub enum Tracked {
     Untracked,
 }
 
-/// Looks the packet's 5-tuple up in conntrack. Done before the frontend lookup: one lookup
-/// then serves established flows and replies, which are most packets; only a miss costs the
+/// Looks the packet's 5-tuple up in conntrack: the flow table first (as a client's packet in
+/// the bucket of its source, as a reply in the bucket of its destination), then the LRU
+/// conntrack map if a bucket says flows of it went there. Done before the frontend lookup:
+/// it serves established flows and replies, which are most packets; only a miss costs the
 /// frontend lookup too. An established flow keeps its backend for as long as that backend
 /// lives, even if its frontend was removed meanwhile (as kube-proxy's conntrack NAT does).
 /// A draining backend keeps established TCP flows only: UDP flows move on, and so does a
 /// TCP SYN (a new connection reusing an old 5-tuple must not reach a backend that left).
+///
+/// `replies`: whether the packet may be a reply of a flow that was not SNATed. The NIC hook
+/// passes false for packets to the node's own addresses: such replies go to clients, which
+/// are pods (a node's own processes are balanced at their sockets), and replies to the node
+/// are SNATed flows', found in the SNAT map.
 #[inline(always)]
-pub fn tracked(key: &FlowKey, tcp_flags: u8) -> Tracked {
+pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool) -> Tracked {
+    let mut overflow = false;
+    if let Some(b) = flows::bucket(key.src_be, key.sport_be, key.proto) {
+        match flows::forward(b, key) {
+            Probe::Hit(p, s) => {
+                touch(p, &s, key.proto, tcp_flags);
+                return match live(s.backend_id, s.backend_generation, key.proto, tcp_flags) {
+                    Some(backend) => Tracked::Forward(Forward {
+                        backend,
+                        service_id: s.service_id,
+                        snat: slot_snat(&s),
+                        verdict: Verdict::NatEstablished,
+                    }),
+                    None => Tracked::Untracked,
+                };
+            }
+            Probe::Miss { overflow: o } => overflow = o,
+        }
+    }
+    if replies && let Some(b) = flows::bucket(key.dst_be, key.dport_be, key.proto) {
+        match flows::reply(b, key) {
+            Probe::Hit(p, s) => {
+                touch(p, &s, key.proto, tcp_flags);
+                return Tracked::Reply(Reverse {
+                    src: (s.frontend_addr_be, s.frontend_port_be),
+                    dst: None,
+                    service_id: s.service_id,
+                });
+            }
+            Probe::Miss { overflow: o } => overflow |= o,
+        }
+    }
+    if overflow {
+        overflow_tracked(key, tcp_flags)
+    } else {
+        Tracked::Untracked
+    }
+}
+
+/// The backend of a tracked flow if the flow may still use it (see [`tracked`]).
+#[inline(always)]
+fn live(id: u32, generation: u32, proto: u8, tcp_flags: u8) -> Option<Backend> {
+    let b = backend(id, Some(generation))?;
+    (b.flags & BACKEND_F_DRAINING == 0
+        || (proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN))
+        .then_some(b)
+}
+
+/// The new source of a flow-table flow that is SNATed.
+#[inline(always)]
+fn slot_snat(s: &FlowSlot) -> Option<(u32, u16)> {
+    if s.flags & FLOW_F_HAIRPIN != 0 {
+        Some((u32::from_ne_bytes(HAIRPIN_ADDR), s.nat_port_be))
+    } else if s.flags & FLOW_F_SNAT != 0 {
+        Some((config().map_or(0, |c| c.snat_addr_be), s.nat_port_be))
+    } else {
+        None
+    }
+}
+
+/// Notes a packet of a flow-table flow: refreshes its time (at most one write a second),
+/// marks a TCP flow closing at a FIN or RST, and open again at a SYN (a new connection on the
+/// same 5-tuple). Plain stores: a racing writer that reuses the slot meanwhile can at worst
+/// get a newer time or a wrong closing mark (its slot then idles out sooner or later).
+#[inline(always)]
+fn touch(p: *mut FlowSlot, s: &FlowSlot, proto: u8, tcp_flags: u8) {
+    let now = now_s();
+    let flags = if proto != IPPROTO_TCP {
+        s.flags
+    } else if tcp_flags & TCP_FIN_RST != 0 {
+        s.flags | FLOW_F_CLOSING
+    } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+        s.flags & !FLOW_F_CLOSING
+    } else {
+        s.flags
+    };
+    // SAFETY: `p` points at a slot of the flow table (a map value).
+    unsafe {
+        if s.last_seen_s != now {
+            (*p).last_seen_s = now;
+        }
+        if flags != s.flags {
+            (*p).flags = flags;
+        }
+    }
+}
+
+/// [`tracked`] for flows in the LRU conntrack map.
+#[inline(always)]
+fn overflow_tracked(key: &FlowKey, tcp_flags: u8) -> Tracked {
     let Some(ct) = conntrack::lookup(key) else {
         return Tracked::Untracked;
     };
@@ -107,9 +215,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8) -> Tracked {
         });
     }
     if ct.kind == CT_FORWARD
-        && let Some(b) = backend(ct.backend_id, Some(ct.backend_generation))
-        && (b.flags & BACKEND_F_DRAINING == 0
-            || (key.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) != TCP_SYN))
+        && let Some(b) = live(ct.backend_id, ct.backend_generation, key.proto, tcp_flags)
     {
         let snat = (ct.nat_addr_be != 0).then_some((ct.nat_addr_be, ct.nat_port_be));
         return Tracked::Forward(Forward {
@@ -153,12 +259,57 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
         Hook::Pod if b.addr_be == f.src_be => Some(reserve_hairpin(f, &b, fe.service_id)?),
         _ => None,
     };
-    let (nat_addr_be, nat_port_be) = snat.unwrap_or((0, 0));
-    let entry = CtEntry {
+    let flags = match (hook, snat) {
+        (_, None) => 0,
+        (Hook::Nic, Some(_)) => FLOW_F_SNAT,
+        (Hook::Pod, Some(_)) => FLOW_F_HAIRPIN,
+    };
+    let slot = FlowSlot {
+        client_addr_be: f.src_be,
+        frontend_addr_be: f.dst_be,
+        backend_addr_be: b.addr_be,
+        client_port_be: f.sport_be,
+        frontend_port_be: f.dport_be,
+        backend_port_be: b.port_be,
+        nat_port_be: snat.map_or(0, |s| s.1),
         backend_id: id,
         backend_generation: b.generation,
-        nat_addr_be,
         service_id: fe.service_id,
+        last_seen_s: now_s(),
+        proto: f.proto,
+        flags,
+        _pad: 0,
+    };
+    record(key, &slot, snat)?;
+    Ok(Forward {
+        backend: b,
+        service_id: fe.service_id,
+        snat,
+        verdict: Verdict::NatNew,
+    })
+}
+
+/// Records a new flow: in its flow-table bucket (its own old slot, a free one or an expired
+/// one), or, with every slot holding a live flow, in the LRU conntrack map, marking the
+/// bucket so lookups look there too. The bucket stays locked until the LRU entries exist,
+/// so a reader that sees the mark also finds them.
+#[inline(always)]
+fn record(key: &FlowKey, slot: &FlowSlot, snat: Option<(u32, u16)>) -> Result<(), Verdict> {
+    let b = flows::bucket(key.src_be, key.sport_be, key.proto).ok_or(Verdict::DropMapFull)?;
+    let mut bucket = flows::Locked::take(b).ok_or(Verdict::DropMapFull)?;
+    let cfg = config();
+    let now = slot.last_seen_s;
+    if let Some(i) = bucket.choose(key, |s| slot_expired(s, now, cfg.as_ref())) {
+        bucket.write(i, *slot);
+        return Ok(());
+    }
+    bucket.set_overflow();
+    let (nat_addr_be, nat_port_be) = snat.unwrap_or((0, 0));
+    let entry = CtEntry {
+        backend_id: slot.backend_id,
+        backend_generation: slot.backend_generation,
+        nat_addr_be,
+        service_id: slot.service_id,
         nat_port_be,
         kind: CT_FORWARD,
         _pad: 0,
@@ -167,24 +318,62 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
     if snat.is_none() {
         // Replies come from the backend to the client; they must appear to come from the
         // frontend. (SNATed flows keep this in their SNAT entry.)
-        let rev = conntrack::key(b.addr_be, f.src_be, b.port_be, f.sport_be, f.proto);
+        let rev = conntrack::key(
+            slot.backend_addr_be,
+            key.src_be,
+            slot.backend_port_be,
+            key.sport_be,
+            key.proto,
+        );
         let entry = CtEntry {
-            backend_id: id,
-            backend_generation: b.generation,
-            nat_addr_be: f.dst_be,
-            service_id: fe.service_id,
-            nat_port_be: f.dport_be,
+            backend_id: slot.backend_id,
+            backend_generation: slot.backend_generation,
+            nat_addr_be: key.dst_be,
+            service_id: slot.service_id,
+            nat_port_be: key.dport_be,
             kind: CT_REVERSE,
             _pad: 0,
         };
         conntrack::insert(&rev, &entry).map_err(|_| Verdict::DropMapFull)?;
     }
-    Ok(Forward {
-        backend: b,
-        service_id: fe.service_id,
-        snat,
-        verdict: Verdict::NatNew,
-    })
+    Ok(())
+}
+
+/// Forgets a flow (its SNAT port is being given to another flow). False if its bucket could
+/// not be taken, in which case the port must not be reused.
+#[inline(always)]
+fn forget(key: &FlowKey) -> bool {
+    if let Some(b) = flows::bucket(key.src_be, key.sport_be, key.proto) {
+        let Some(mut bucket) = flows::Locked::take(b) else {
+            return false;
+        };
+        bucket.remove(key);
+    }
+    conntrack::remove(key);
+    true
+}
+
+/// Whether a flow-table flow has been idle longer than its state allows, so its slot may be
+/// given to a new flow.
+#[inline(always)]
+fn slot_expired(s: &FlowSlot, now: u32, cfg: Option<&Config>) -> bool {
+    let timeout = if s.flags & FLOW_F_CLOSING != 0 {
+        or_default(
+            cfg.map_or(0, |c| c.snat_timeout_closing_s),
+            snat_timeout::CLOSING,
+        )
+    } else if s.proto == IPPROTO_TCP {
+        or_default(
+            cfg.map_or(0, |c| c.snat_timeout_tcp_established_s),
+            snat_timeout::TCP_ESTABLISHED,
+        )
+    } else {
+        or_default(
+            cfg.map_or(0, |c| c.snat_timeout_udp_established_s),
+            snat_timeout::UDP_ESTABLISHED,
+        )
+    };
+    now.wrapping_sub(s.last_seen_s) > timeout
 }
 
 /// `sessionAffinity: ClientIP`, as kube-proxy's `recent` match: a client that opened a
@@ -281,7 +470,9 @@ fn reserve_snat(f: &Flow, b: &Backend, h: u32, service_id: u32) -> Result<(u32, 
                     stale.frontend_port_be,
                     f.proto,
                 );
-                conntrack::remove(&owner);
+                if !forget(&owner) {
+                    continue;
+                }
                 // SAFETY: as above; the whole value is replaced.
                 unsafe { *old = entry };
                 return Ok((cfg.snat_addr_be, port_be));

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
+    flows::{self, FlowsError},
     http::{self, Health, HttpError},
     loader::{self, Capacities, LoaderError},
     maps::{AyaMaps, LbMaps as _, MapsError, Op},
@@ -68,6 +69,8 @@ pub enum AgentError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Maps(#[from] MapsError),
+    #[error(transparent)]
+    Flows(#[from] FlowsError),
     #[error("no node address to SNAT with: give --snat-addr or a Node with an InternalIP")]
     NoSnatAddress,
     #[error("none of the NICs to attach to exists ({0})")]
@@ -209,6 +212,17 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     }
     let other_versions = other_layout_versions(&cfg.pin_dir);
     let (mut ebpf, mut adopted) = loader::load_pinned(&cfg.capacities, &cfg.pin_dir)?;
+    let had = |name: &str| adopted.maps.contains(&name);
+    if had(lb_common::map_names::CONNTRACK) && !had(lb_common::map_names::FLOWS) {
+        // The conntrack map comes from a datapath without the flow table, whose programs
+        // keep recording flows there until the swap: every lookup must reach it.
+        let marked = flows::FlowTable::open(&ebpf).and_then(|t| t.mark_all_overflowed())?;
+        info!(
+            buckets = marked,
+            "the previous datapath kept its flows in the conntrack map only: every flow-table \
+             bucket is marked to look there too"
+        );
+    }
     adopted
         .maps
         .retain(|m| !taken.iter().any(|(_, to)| to == m));
@@ -264,6 +278,27 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
         info!(link = %stale, "removed the pinned link of an interface that is gone");
     }
     Ok((ebpf, maps, programmer))
+}
+
+/// The datapath's node configuration: SNAT address and port range, the default idle timeouts,
+/// and the node's addresses (at most `MAX_NODE_ADDRS`).
+#[must_use]
+pub fn node_config(snat: Ipv4Addr, snat_ports: (u16, u16), addresses: &[Ipv4Addr]) -> Config {
+    let mut c = Config {
+        snat_addr_be: u32::from_ne_bytes(snat.octets()),
+        snat_port_min: snat_ports.0,
+        snat_port_max: snat_ports.1,
+        snat_timeout_new_s: lb_common::snat_timeout::NEW,
+        snat_timeout_tcp_established_s: lb_common::snat_timeout::TCP_ESTABLISHED,
+        snat_timeout_udp_established_s: lb_common::snat_timeout::UDP_ESTABLISHED,
+        snat_timeout_closing_s: lb_common::snat_timeout::CLOSING,
+        ..Config::default()
+    };
+    for (slot, addr) in c.node_addrs_be.iter_mut().zip(addresses) {
+        *slot = u32::from_ne_bytes(addr.octets());
+        c.node_addr_count += 1;
+    }
+    c
 }
 
 /// Pinned maps named `xlb_..._v<N>` with N other than this build's layout version, newest
@@ -331,20 +366,7 @@ fn write_config(maps: &mut AyaMaps, cfg: &AgentConfig, node: &NodeInfo) -> Resul
         .snat_addr
         .or_else(|| node.addresses.first().copied())
         .ok_or(AgentError::NoSnatAddress)?;
-    let mut c = Config {
-        snat_addr_be: u32::from_ne_bytes(snat.octets()),
-        snat_port_min: cfg.snat_ports.0,
-        snat_port_max: cfg.snat_ports.1,
-        snat_timeout_new_s: lb_common::snat_timeout::NEW,
-        snat_timeout_tcp_established_s: lb_common::snat_timeout::TCP_ESTABLISHED,
-        snat_timeout_udp_established_s: lb_common::snat_timeout::UDP_ESTABLISHED,
-        snat_timeout_closing_s: lb_common::snat_timeout::CLOSING,
-        ..Config::default()
-    };
-    for (slot, addr) in c.node_addrs_be.iter_mut().zip(&node.addresses) {
-        *slot = u32::from_ne_bytes(addr.octets());
-        c.node_addr_count += 1;
-    }
+    let c = node_config(snat, cfg.snat_ports, &node.addresses);
     maps.apply(&Op::SetConfig(c))?;
     info!(snat = %snat, ports = ?cfg.snat_ports, addresses = ?node.addresses, "node configuration written");
     Ok(())

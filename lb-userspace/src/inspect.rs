@@ -35,6 +35,8 @@ pub enum InspectError {
     },
     #[error("writing JSON")]
     Json(#[source] serde_json::Error),
+    #[error(transparent)]
+    Flows(#[from] crate::flows::FlowsError),
 }
 
 /// Read access to a datapath's maps: what every view is built from.

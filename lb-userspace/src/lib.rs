@@ -1,6 +1,7 @@
 //! xlb's agent and CLI: loads the eBPF datapath, attaches it, programs its maps, and reads
 //! them back for inspection.
 pub mod agent;
+pub mod flows;
 pub mod http;
 pub mod inspect;
 pub mod invalid;

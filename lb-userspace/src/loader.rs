@@ -72,7 +72,7 @@ pub enum LoaderError {
 }
 
 /// Every map of the datapath, by name.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 13] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::RINGS,
@@ -85,6 +85,7 @@ pub const MAP_NAMES: [&str; 12] = [
     map_names::AFFINITY,
     map_names::EVENTS,
     map_names::SOCK_NETNS,
+    map_names::FLOWS,
 ];
 
 /// Map capacities, chosen at load time.
@@ -95,6 +96,8 @@ pub struct Capacities {
     pub ring_slots: u32,
     pub conntrack: u32,
     pub snat: u32,
+    /// Flow table buckets (3 flows each); rounded up to a power of two at load.
+    pub flow_buckets: u32,
 }
 
 impl Default for Capacities {
@@ -105,6 +108,7 @@ impl Default for Capacities {
             ring_slots: capacity::RING_SLOTS,
             conntrack: capacity::CONNTRACK,
             snat: capacity::SNAT,
+            flow_buckets: capacity::FLOW_BUCKETS,
         }
     }
 }
@@ -119,6 +123,7 @@ impl Capacities {
             ring_slots: 65_536,
             conntrack: 16_384,
             snat: 4096,
+            flow_buckets: 4096,
         }
     }
 }
@@ -165,6 +170,7 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
                 .collect()
         })
         .unwrap_or_default();
+    let buckets = flow_buckets(caps.flow_buckets);
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
@@ -178,7 +184,12 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
         )
         .map_max_entries(map_names::SERVICE_STATS, caps.frontends)
         .map_max_entries(map_names::CONNTRACK, caps.conntrack)
-        .map_max_entries(map_names::SNAT, caps.snat);
+        .map_max_entries(map_names::SNAT, caps.snat)
+        .map_max_entries(map_names::FLOWS, buckets);
+    // The datapath masks its bucket hash with this; it must match the map's size, which is
+    // the pinned map's own when one is reused.
+    let mask = pinned_flow_buckets(&paths).unwrap_or(buckets) - 1;
+    loader.override_global(FLOW_BUCKET_MASK, &mask, true);
     let mut ebpf = loader.load(DATAPATH).map_err(LoaderError::Load)?;
     xdp_program(&mut ebpf)?
         .load()
@@ -187,6 +198,28 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
         .load()
         .map_err(|e| LoaderError::Program(PROG_POD, e))?;
     Ok(ebpf)
+}
+
+/// The datapath's global holding the flow table's bucket mask.
+const FLOW_BUCKET_MASK: &str = "FLOW_BUCKET_MASK";
+
+/// The flow table's bucket count for a requested one: a power of two, at least 1.
+#[must_use]
+pub fn flow_buckets(requested: u32) -> u32 {
+    requested
+        .max(1)
+        .checked_next_power_of_two()
+        .unwrap_or(1 << 31)
+}
+
+/// Buckets of a flow table pinned among `paths`, if there is one.
+fn pinned_flow_buckets(paths: &[(&str, PathBuf)]) -> Option<u32> {
+    let (_, path) = paths.iter().find(|(n, _)| *n == map_names::FLOWS)?;
+    if !path.exists() {
+        return None;
+    }
+    let info = aya::maps::MapData::from_pin(path).ok()?.info().ok()?;
+    Some(info.max_entries()).filter(|n| n.is_power_of_two())
 }
 
 pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {
@@ -476,10 +509,10 @@ pub enum Migration {
     Incompatible { from: String },
 }
 
-/// This version's flow map (conntrack or SNAT) that the map pinned as `name` (another layout
-/// version's) corresponds to.
+/// This version's flow map (conntrack, SNAT or the flow table) that the map pinned as `name`
+/// (another layout version's) corresponds to.
 fn flow_map_target(name: &str) -> Option<&'static str> {
-    [map_names::CONNTRACK, map_names::SNAT]
+    [map_names::CONNTRACK, map_names::SNAT, map_names::FLOWS]
         .into_iter()
         .find(|t| {
             name.rsplit_once("_v")
@@ -487,7 +520,7 @@ fn flow_map_target(name: &str) -> Option<&'static str> {
         })
 }
 
-/// Takes the flow maps (conntrack, SNAT) of another layout version over as they are where
+/// Takes the flow maps (conntrack, SNAT, flow table) of another layout version over as they are where
 /// their entries have this build's layout: the pin is renamed to this version's name before
 /// the load, so the new programs share the map with the old ones. Flows the old programs
 /// create while the new ones start are then seen at once, where copying would leave a gap
@@ -507,14 +540,20 @@ pub fn take_over_flow_maps(dir: &Path, old: &[String]) -> Vec<(String, &'static 
         let Ok(info) = aya::maps::MapData::from_pin(&from).and_then(|m| m.info()) else {
             continue;
         };
-        let value = if target == map_names::CONNTRACK {
-            size_of::<lb_common::CtEntry>()
+        let same_layout = if target == map_names::FLOWS {
+            matches!(info.map_type(), Ok(aya::maps::MapType::Array))
+                && info.value_size() as usize == size_of::<lb_common::FlowBucket>()
+                && info.max_entries().is_power_of_two()
         } else {
-            size_of::<lb_common::SnatEntry>()
+            let value = if target == map_names::CONNTRACK {
+                size_of::<lb_common::CtEntry>()
+            } else {
+                size_of::<lb_common::SnatEntry>()
+            };
+            matches!(info.map_type(), Ok(aya::maps::MapType::LruHash))
+                && info.key_size() as usize == size_of::<lb_common::FlowKey>()
+                && info.value_size() as usize == value
         };
-        let same_layout = matches!(info.map_type(), Ok(aya::maps::MapType::LruHash))
-            && info.key_size() as usize == size_of::<lb_common::FlowKey>()
-            && info.value_size() as usize == value;
         if same_layout && fs::rename(&from, &to).is_ok() {
             taken.push((name.clone(), target));
         }
@@ -563,7 +602,11 @@ pub fn migrate_flows(ebpf: &mut Ebpf, dir: &Path, old: &[String]) -> Vec<Migrati
         // Never over what this version's map holds: it may be shared with the running
         // programs (taken over), and `old` lists the newest version first.
         let flags = BPF_NOEXIST;
-        let copied = if target == map_names::CONNTRACK {
+        let copied = if target == map_names::FLOWS {
+            // A flow table is shared (taken over) or not at all: its buckets are where the
+            // hash of this build puts them, which another layout need not share.
+            None
+        } else if target == map_names::CONNTRACK {
             copy_entries::<lb_common::FlowKey, lb_common::CtEntry>(ebpf, dir, name, target, flags)
         } else {
             copy_entries::<lb_common::FlowKey, lb_common::SnatEntry>(ebpf, dir, name, target, flags)

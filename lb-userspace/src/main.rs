@@ -209,6 +209,10 @@ struct AgentArgs {
     max_conntrack: u32,
     #[arg(long, default_value_t = lb_common::capacity::SNAT)]
     max_snat: u32,
+    /// Flow table buckets, 3 flows each (rounded up to a power of two). Flows that find their
+    /// bucket full go to the conntrack map (--max-conntrack).
+    #[arg(long, default_value_t = lb_common::capacity::FLOW_BUCKETS)]
+    flow_buckets: u32,
     /// Address of the Prometheus metrics endpoint (/metrics); kube-proxy's default.
     #[arg(long, default_value = http::DEFAULT_METRICS_ADDR)]
     metrics_addr: SocketAddr,
@@ -248,6 +252,7 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
             ring_slots: a.ring_slots,
             conntrack: a.max_conntrack,
             snat: a.max_snat,
+            flow_buckets: a.flow_buckets,
         },
         model: ModelOptions {
             service_proxy_name: a.service_proxy_name,

@@ -302,6 +302,14 @@ impl AyaMaps {
         }
     }
 
+    /// The node configuration the datapath reads (zeroed before the first `SetConfig`).
+    pub fn config(&self) -> Result<Config, MapsError> {
+        self.config.get(&0, 0).map_err(|source| MapsError::Map {
+            name: map_names::CONFIG,
+            source,
+        })
+    }
+
     /// All frontend entries (inspection, tests).
     #[must_use]
     pub fn frontends(&self) -> Vec<(FrontendKey, Frontend)> {

@@ -54,6 +54,8 @@ pub mod map_label {
     pub const RING_SLOTS: &str = "ring_slots";
     pub const CONNTRACK: &str = "conntrack";
     pub const SNAT: &str = "snat";
+    /// Slots of the flow table (flows; conntrack holds those of full buckets).
+    pub const FLOWS: &str = "flows";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +68,8 @@ pub enum MetricsError {
         #[source]
         source: MapError,
     },
+    #[error(transparent)]
+    Flows(#[from] crate::flows::FlowsError),
     #[error("starting the map walker thread")]
     Thread(#[source] std::io::Error),
 }
@@ -165,12 +169,24 @@ impl<K: Pod + Send, V: Pod + Send> CountEntries for BpfHashMap<MapData, K, V> {
     }
 }
 
-/// Where the metrics read the running datapath: the stats map, and the conntrack and SNAT maps
-/// to count.
+impl CountEntries for crate::flows::FlowTable {
+    fn count(&self, limit: u64) -> Result<u64, MapError> {
+        self.used(limit).map_err(|e| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "mmap",
+                io_error: std::io::Error::other(e),
+            })
+        })
+    }
+}
+
+/// Where the metrics read the running datapath: the stats map, and the flow table, conntrack
+/// and SNAT maps to count.
 pub struct DatapathSources {
     pub verdicts: Box<dyn VerdictCounters>,
     pub events: Box<dyn EventCounters>,
     pub services: Box<dyn ServiceCounters>,
+    pub flows: Box<dyn CountEntries>,
     pub conntrack: Box<dyn CountEntries>,
     pub snat: Box<dyn CountEntries>,
 }
@@ -198,6 +214,7 @@ impl DatapathSources {
             verdicts: Box::new(verdicts),
             events: Box::new(events),
             services: Box::new(services),
+            flows: Box::new(crate::flows::FlowTable::open(ebpf)?),
             conntrack: Box::new(conntrack),
             snat: Box::new(snat),
         })
@@ -634,6 +651,7 @@ fn register_map_levels(registry: &mut Registry, caps: &Capacities) -> Family<Map
         (map_label::RING_SLOTS, caps.ring_slots),
         (map_label::CONNTRACK, caps.conntrack),
         (map_label::SNAT, caps.snat),
+        (map_label::FLOWS, flow_slots(caps)),
     ] {
         map_capacity
             .get_or_create(&[("map", label)])
@@ -658,6 +676,11 @@ fn register_datapath(
     }));
     let maps = vec![
         Walked {
+            label: map_label::FLOWS,
+            capacity: u64::from(flow_slots(caps)),
+            map: d.flows,
+        },
+        Walked {
             label: map_label::CONNTRACK,
             capacity: u64::from(caps.conntrack),
             map: d.conntrack,
@@ -669,6 +692,11 @@ fn register_datapath(
         },
     ];
     MapWalker::spawn(maps, map_entries.clone(), WALK_INTERVAL)
+}
+
+/// Flows the flow table holds (3 per bucket).
+fn flow_slots(caps: &Capacities) -> u32 {
+    crate::loader::flow_buckets(caps.flow_buckets).saturating_mul(lb_common::FLOW_WAYS as u32)
 }
 
 fn gauge(n: usize) -> i64 {
@@ -892,6 +920,10 @@ mod tests {
             verdicts: Box::new(FakeVerdicts),
             events: Box::new(FakeEvents),
             services: Box::new(FakeServices),
+            flows: Box::new(FakeTable {
+                entries: 777,
+                walks: Arc::clone(&walks),
+            }),
             conntrack: Box::new(FakeTable {
                 entries: 1234,
                 walks: Arc::clone(&walks),
@@ -956,7 +988,7 @@ mod tests {
         );
         // The first scrape started a walk; a later scrape reports it.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while walks.load(Ordering::SeqCst) < 2 {
+        while walks.load(Ordering::SeqCst) < 3 {
             assert!(Instant::now() < deadline, "no walk");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -969,6 +1001,14 @@ mod tests {
         assert_eq!(
             value(&text, "xlb_map_entries{map=\"snat\"}").as_deref(),
             Some("4096")
+        );
+        assert_eq!(
+            value(&text, "xlb_map_entries{map=\"flows\"}").as_deref(),
+            Some("777")
+        );
+        assert_eq!(
+            value(&text, "xlb_map_capacity{map=\"flows\"}").as_deref(),
+            Some("12288")
         );
     }
 }

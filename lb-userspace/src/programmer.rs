@@ -1050,6 +1050,7 @@ mod tests {
             ring_slots: 1 << 20,
             conntrack: 1024,
             snat: 1024,
+            flow_buckets: 1024,
         }
     }
 
@@ -1430,6 +1431,7 @@ mod tests {
             ring_slots: 1 << 16,
             conntrack: 16,
             snat: 16,
+            flow_buckets: 16,
         };
         let mut p = Programmer::new(&small);
         let mut maps = FakeMaps::default();
@@ -1481,6 +1483,7 @@ mod tests {
             ring_slots: 500,
             conntrack: 16,
             snat: 16,
+            flow_buckets: 16,
         };
         let mut p = Programmer::new(&small);
         // Two frontends of one service with different backend sets: 3 backends want 401
@@ -1516,6 +1519,7 @@ mod tests {
             ring_slots: 402,
             conntrack: 16,
             snat: 16,
+            flow_buckets: 16,
         };
         let mut p = Programmer::new(&tiny);
         let plan = p.plan(&d);

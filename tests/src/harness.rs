@@ -4,11 +4,12 @@ use std::net::Ipv4Addr;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, PerCpuArray},
+    maps::{Array, HashMap, PerCpuArray},
     programs::{ProgramError, TestRun as _, TestRunOptions, TestRunResult},
 };
-use lb_common::{Config, Counter, CtEntry, FlowKey, SnatEntry, Verdict, map_names};
+use lb_common::{Config, Counter, CtEntry, FlowBucket, FlowKey, SnatEntry, Verdict, map_names};
 use lb_userspace::{
+    flows::FlowTable,
     loader::{self, Capacities},
     maps::{AyaMaps, LbMaps as _, Op},
     programmer::Programmer,
@@ -126,9 +127,64 @@ impl Datapath {
             .sum()
     }
 
-    /// All conntrack entries.
+    /// All conntrack entries: those the flow table's flows stand for, then the LRU map's.
     #[must_use]
     pub fn conntrack(&self) -> Vec<(FlowKey, CtEntry)> {
+        let mut out = self.flow_table_entries();
+        out.extend(self.overflow_conntrack());
+        out
+    }
+
+    /// The conntrack entries the flow table's flows stand for.
+    #[must_use]
+    pub fn flow_table_entries(&self) -> Vec<(FlowKey, CtEntry)> {
+        let snat_addr = self.maps.config().expect("config").snat_addr_be;
+        FlowTable::open(&self.ebpf)
+            .expect("flow table")
+            .all_entries(snat_addr)
+            .expect("flow table read")
+    }
+
+    /// Buckets of the flow table.
+    #[must_use]
+    pub fn flow_buckets(&self) -> u32 {
+        loader::flow_buckets(Capacities::small().flow_buckets)
+    }
+
+    /// Empties the flow table.
+    pub fn clear_flow_table(&mut self) {
+        let mut table: Array<_, FlowBucket> =
+            Array::try_from(self.ebpf.map_mut(map_names::FLOWS).expect("flow table"))
+                .expect("flow table type");
+        for i in 0..table.len() {
+            table
+                .set(i, FlowBucket::default(), 0)
+                .expect("flow table write");
+        }
+    }
+
+    /// Marks every flow-table bucket as overflowed (as the agent does when it takes over the
+    /// conntrack map of a datapath without the table).
+    pub fn mark_flow_table_overflowed(&self) {
+        FlowTable::open(&self.ebpf)
+            .expect("flow table")
+            .mark_all_overflowed()
+            .expect("marking the flow table");
+    }
+
+    /// Writes entries into the LRU conntrack map.
+    pub fn insert_conntrack(&mut self, entries: &[(FlowKey, CtEntry)]) {
+        let mut ct: HashMap<_, FlowKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).expect("ct map"))
+                .expect("ct map type");
+        for (k, v) in entries {
+            ct.insert(k, v, 0).expect("ct insert");
+        }
+    }
+
+    /// The LRU conntrack map's entries (flows whose flow-table bucket was full).
+    #[must_use]
+    pub fn overflow_conntrack(&self) -> Vec<(FlowKey, CtEntry)> {
         let ct: HashMap<_, FlowKey, CtEntry> =
             HashMap::try_from(self.ebpf.map(map_names::CONNTRACK).expect("ct map"))
                 .expect("ct map type");

@@ -982,12 +982,13 @@ fn metrics_and_health_endpoints_report_the_datapath() {
     // tomcat6 has ClusterIP and NodePort (one node address) frontends, in two scopes each.
     assert_eq!(sample(&page, "xlb_map_entries{map=\"frontends\"}"), 4);
     assert_eq!(sample(&page, "xlb_map_entries{map=\"backends\"}"), 3);
-    // That scrape started a walk of the conntrack map; a later one reports its count.
+    // That scrape started a walk of the flow table and the conntrack map; a later one
+    // reports their counts (the flows are in the table, whose buckets are far from full).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let page = local_get(node, 10249, "/metrics").1;
-        if page.contains("xlb_map_entries{map=\"conntrack\"}") {
-            let flows = sample(&page, "xlb_map_entries{map=\"conntrack\"}");
+        if page.contains("xlb_map_entries{map=\"flows\"}") {
+            let flows = sample(&page, "xlb_map_entries{map=\"flows\"}");
             assert!(
                 flows >= 1,
                 "{connections} flows tracked, {flows} entries counted"

@@ -925,3 +925,135 @@ fn snat_ports_of_finished_flows_are_reused() {
         })
         .expect("enter netns");
 }
+
+/// Client ports of `client()` whose flows share one flow-table bucket (the small test table).
+fn ports_in_one_bucket(dp: &Datapath, proto: u8, n: usize) -> Vec<u16> {
+    let buckets = dp.flow_buckets();
+    let bucket = |port: u16| {
+        lb_common::hash::flow_bucket(
+            u32::from_ne_bytes(client().ip().octets()),
+            port.to_be(),
+            proto,
+        ) & (buckets - 1)
+    };
+    let target = bucket(40000);
+    (40000..u16::MAX)
+        .filter(|p| bucket(*p) == target)
+        .take(n)
+        .collect()
+}
+
+/// A flow-table bucket holds three flows; more flows of that bucket go to the LRU conntrack
+/// map, and every one of them keeps its backend and gets its replies reverse-translated. A
+/// flow idle past its timeout gives its slot to the next new flow instead.
+#[test]
+fn flows_of_a_full_bucket_overflow_to_conntrack_and_keep_working() {
+    if !privileged("flows_of_a_full_bucket_overflow_to_conntrack_and_keep_working") {
+        return;
+    }
+    let node = node();
+    node.ns
+        .enter(|| {
+            let (eth0, lxc0) = (ifindex("eth0"), ifindex("lxc0"));
+            let mut dp = loaded(&[LOCAL_POD], false);
+            let ports = ports_in_one_bucket(&dp, lb_common::IPPROTO_TCP, 5);
+            assert_eq!(ports.len(), 5);
+            let flow = |port| Frame::tcp(SocketAddrV4::new(*client().ip(), port), node_port());
+            for &port in &ports {
+                let input = flow(port);
+                let out = dp.xdp_on(&input.build(), eth0);
+                assert_eq!(out.action, XDP_PASS);
+                assert_eq!(
+                    out.frame,
+                    translated(&input, None, Some(pod(LOCAL_POD))),
+                    "new flow from port {port}"
+                );
+            }
+            assert_eq!(dp.count(Verdict::NatNew), 5);
+            // 3 flows in the table (forward and reply entries each), 2 in the LRU map.
+            assert_eq!(dp.flow_table_entries().len(), 6);
+            assert_eq!(dp.overflow_conntrack().len(), 4);
+            for &port in &ports {
+                let input = flow(port);
+                let out = dp.xdp_on(&input.build(), eth0);
+                assert_eq!(
+                    out.frame,
+                    translated(&input, None, Some(pod(LOCAL_POD))),
+                    "established flow from port {port}"
+                );
+                let reply = Frame {
+                    src: pod(LOCAL_POD),
+                    dst: input.src,
+                    ..input
+                };
+                let out = dp.tc_on(&reply.build(), lxc0);
+                assert_eq!(out.action, TC_ACT_REDIRECT, "reply to port {port}");
+                assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
+                assert_valid(&out, "tc reply");
+            }
+            assert_eq!(dp.count(Verdict::NatEstablished), 5);
+            assert_eq!(dp.count(Verdict::ReverseNat), 5);
+
+            // With a 1 s idle timeout for UDP, a UDP flow of a full bucket takes the slot of
+            // one that went quiet instead of overflowing.
+            dp.set_config(lb_common::Config {
+                snat_addr_be: u32::from_ne_bytes(NODE.octets()),
+                snat_port_min: SNAT_PORTS.0,
+                snat_port_max: SNAT_PORTS.1,
+                snat_timeout_udp_established_s: 1,
+                ..lb_common::Config::default()
+            });
+            let udp_ports = ports_in_one_bucket(&dp, IPPROTO_UDP, 4);
+            let udp = |port| Frame::udp(SocketAddrV4::new(*client().ip(), port), node_port());
+            for &port in &udp_ports[..3] {
+                assert_eq!(dp.xdp_on(&udp(port).build(), eth0).action, XDP_PASS);
+            }
+            let overflowed = dp.overflow_conntrack().len();
+            std::thread::sleep(std::time::Duration::from_millis(2100));
+            let input = udp(udp_ports[3]);
+            let out = dp.xdp_on(&input.build(), eth0);
+            assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
+            assert_eq!(
+                dp.overflow_conntrack().len(),
+                overflowed,
+                "the new flow overflowed although a slot had expired"
+            );
+        })
+        .expect("enter netns");
+}
+
+/// A datapath that starts beside flows of a datapath without the flow table (their entries
+/// only in the LRU conntrack map) marks every bucket, and finds those flows and their replies.
+#[test]
+fn flows_only_in_conntrack_are_found_once_the_table_is_marked() {
+    if !privileged("flows_only_in_conntrack_are_found_once_the_table_is_marked") {
+        return;
+    }
+    let node = node();
+    node.ns
+        .enter(|| {
+            let (eth0, lxc0) = (ifindex("eth0"), ifindex("lxc0"));
+            let mut dp = loaded(&[LOCAL_POD], false);
+            let input = Frame::tcp(client(), node_port());
+            assert_eq!(dp.xdp_on(&input.build(), eth0).action, XDP_PASS);
+            // Move the flow from the table to the LRU map, as an older datapath kept it.
+            let entries = dp.flow_table_entries();
+            assert_eq!(entries.len(), 2);
+            dp.clear_flow_table();
+            dp.insert_conntrack(&entries);
+            let reply = Frame {
+                src: pod(LOCAL_POD),
+                dst: client(),
+                ..input.clone()
+            };
+            // Unmarked, the table misses: the reply is not translated.
+            assert_eq!(dp.tc_on(&reply.build(), lxc0).frame, reply.build());
+            dp.mark_flow_table_overflowed();
+            let out = dp.tc_on(&reply.build(), lxc0);
+            assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
+            let out = dp.xdp_on(&input.build(), eth0);
+            assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
+            assert_eq!(dp.count(Verdict::NatEstablished), 1);
+        })
+        .expect("enter netns");
+}

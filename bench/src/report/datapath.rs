@@ -83,10 +83,23 @@ fn write_header(out: &mut String, results: &Results, machine: &Machine) -> fmt::
         .collect();
     writeln!(
         out,
-        "conntrack  capacity {} each; entries at the end: {} (nothing evicted)",
+        "conntrack  flow table of {} slots ({} buckets of {}) and an LRU map of {} for full \
+         buckets, each; flows tracked at the end: {} (none lost)",
+        thousands(flow_slots(results)),
+        thousands(u64::from(lb_userspace::loader::flow_buckets(
+            results.caps.flow_buckets
+        ))),
+        lb_common::FLOW_WAYS,
         thousands(u64::from(results.caps.conntrack)),
         entries.join(", ")
     )
+}
+
+/// Slots of the flow table the benchmark loaded.
+fn flow_slots(results: &Results) -> u64 {
+    u64::from(lb_userspace::loader::flow_buckets(
+        results.caps.flow_buckets,
+    )) * lb_common::FLOW_WAYS as u64
 }
 
 fn write_cases(out: &mut String, results: &Results) -> fmt::Result {
@@ -106,7 +119,7 @@ fn write_cases(out: &mut String, results: &Results) -> fmt::Result {
             c.label, c.ns.median, c.ns.min, c.ns.max, c.p50, c.p99, c.ratio.median, target, met
         )?;
     }
-    let capacity = u64::from(results.caps.conntrack);
+    let capacity = flow_slots(results);
     let filled = results
         .conntrack_entries
         .iter()
@@ -117,7 +130,7 @@ fn write_cases(out: &mut String, results: &Results) -> fmt::Result {
         let rounds: Vec<String> = c.per_round.iter().map(|ns| format!("{ns:.0}")).collect();
         writeln!(
             out,
-            "  {}: per round {} ns (conntrack filling up to {:.0}% of capacity)",
+            "  {}: per round {} ns (flow table filling up to {:.0}% of its slots)",
             c.label,
             rounds.join(", "),
             filled as f64 * 100.0 / capacity as f64
@@ -229,7 +242,11 @@ pub fn json(results: &Results, machine: &Machine, quick: bool) -> Value {
         .collect();
     top.insert(
         "conntrack".into(),
-        json!({ "capacity": results.caps.conntrack, "entries_at_end": entries }),
+        json!({
+            "flow_table_slots": flow_slots(results),
+            "lru_capacity": results.caps.conntrack,
+            "flows_at_end": entries,
+        }),
     );
     top.insert("machine".into(), machine.json());
     top.insert("seconds".into(), json!(results.seconds));

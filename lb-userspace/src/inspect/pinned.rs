@@ -19,10 +19,15 @@ use lb_common::{
 };
 
 use super::{InspectError, MapSource};
-use crate::pin;
+use crate::{
+    flows::{self, FlowTable},
+    pin,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
+    #[error(transparent)]
+    Flows(#[from] flows::FlowsError),
     #[error(
         "no pinned datapath: {} does not exist (is the xlb agent running? it pins its maps \
          there; --pin-dir names another directory)",
@@ -57,6 +62,8 @@ pub struct PinnedMaps {
     backends: Array<MapData, Backend>,
     rings: Array<MapData, RingChunk>,
     conntrack: HashMap<MapData, FlowKey, CtEntry>,
+    /// The flow table; absent in datapaths pinned before it existed.
+    flows: Option<FlowTable>,
     stats: PerCpuArray<MapData, Counter>,
     config: Array<MapData, Config>,
     /// Session affinity; absent in datapaths pinned before it existed.
@@ -154,10 +161,22 @@ impl PinnedMaps {
             backends: open(dir, map_names::BACKENDS)?,
             rings: open(dir, map_names::RINGS)?,
             conntrack: open(dir, map_names::CONNTRACK)?,
+            flows: match open_map(dir, map_names::FLOWS) {
+                Ok(Map::Array(data)) => Some(FlowTable::new(data)?),
+                Ok(_) | Err(OpenError::NoMap { .. }) => None,
+                Err(e) => return Err(e),
+            },
             stats: open(dir, map_names::STATS)?,
             config: open(dir, map_names::CONFIG)?,
             affinity: open(dir, map_names::AFFINITY).ok(),
         })
+    }
+}
+
+impl PinnedMaps {
+    /// The node's SNAT address, the new source of SNATed flows.
+    fn snat_addr(&self) -> Result<u32, InspectError> {
+        Ok(self.config()?.map_or(0, |c| c.snat_addr_be))
     }
 }
 
@@ -239,7 +258,13 @@ impl MapSource for PinnedMaps {
         Ok(out)
     }
 
+    /// As the datapath looks it up: the flow table, then the LRU map.
     fn conntrack_entry(&self, key: &FlowKey) -> Result<Option<CtEntry>, InspectError> {
+        if let Some(table) = &self.flows
+            && let Some(e) = table.entry(key, self.snat_addr()?)?
+        {
+            return Ok(Some(e));
+        }
         lookup(self.conntrack.get(key, 0), map_names::CONNTRACK)
     }
 
@@ -247,6 +272,21 @@ impl MapSource for PinnedMaps {
         &self,
         visit: &mut dyn FnMut(&FlowKey, &CtEntry) -> bool,
     ) -> Result<(), InspectError> {
+        if let Some(table) = &self.flows {
+            let snat_addr = self.snat_addr()?;
+            let mut go_on = true;
+            table.visit(|_, b| {
+                for s in b.slots.iter().filter(|s| s.client_addr_be != 0) {
+                    for (k, v) in flows::entries(s, snat_addr) {
+                        go_on = go_on && visit(&k, &v);
+                    }
+                }
+                go_on
+            })?;
+            if !go_on {
+                return Ok(());
+            }
+        }
         // Entries evicted meanwhile are skipped by the iterator.
         for item in &self.conntrack {
             let (k, v) = item.map_err(read(map_names::CONNTRACK))?;

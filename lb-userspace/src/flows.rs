@@ -1,0 +1,335 @@
+//! The agent's side of the flow table (`lb_common::FlowBucket`): counting its flows for the
+//! metrics, reading them for `xlb conntrack` and `xlb explain` (as the conntrack entries they
+//! stand for), and marking every bucket as overflowed when this datapath takes over from one
+//! that kept its flows only in the LRU conntrack map.
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aya::maps::{Array, Map, MapData};
+use lb_common::{
+    CT_FORWARD, CT_REVERSE, CtEntry, FLOW_BUCKET_OVERFLOW, FLOW_F_HAIRPIN, FLOW_F_SNAT, FlowBucket,
+    FlowKey, FlowSlot, HAIRPIN_ADDR, hash::flow_bucket,
+};
+
+/// Buckets mapped at a time while walking the table (8 MiB).
+const WINDOW_BUCKETS: u32 = 1 << 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlowsError {
+    #[error("the flow table map: {0}")]
+    Map(#[source] io::Error),
+    #[error("the flow table has {0}-byte entries; this build's buckets have 128 bytes")]
+    Layout(u32),
+    #[error("mapping the flow table: {0}")]
+    Mmap(#[source] io::Error),
+}
+
+/// The flow table of a loaded or pinned datapath.
+pub struct FlowTable {
+    map: Map,
+    buckets: u32,
+}
+
+impl FlowTable {
+    pub fn new(map: MapData) -> Result<Self, FlowsError> {
+        let info = map
+            .info()
+            .map_err(|e| FlowsError::Map(io::Error::other(e)))?;
+        if info.value_size() as usize != size_of::<FlowBucket>() {
+            return Err(FlowsError::Layout(info.value_size()));
+        }
+        Ok(Self {
+            buckets: info.max_entries(),
+            map: Map::Array(map),
+        })
+    }
+
+    fn data(&self) -> &MapData {
+        match &self.map {
+            Map::Array(d) => d,
+            // SAFETY-free invariant: `new` only builds `Map::Array`.
+            _ => unreachable!("the flow table is built as an array"),
+        }
+    }
+
+    /// Bucket `index` read with a syscall: for descriptors that cannot be mapped (a read-only
+    /// one, as `xlb` inspection commands open pinned maps, maps shared but not writable, which
+    /// the kernel refuses for BPF maps).
+    fn read_bucket(&self, index: u32) -> Result<FlowBucket, FlowsError> {
+        let array: Array<&MapData, FlowBucket> =
+            Array::try_from(&self.map).map_err(|e| FlowsError::Map(io::Error::other(e)))?;
+        array
+            .get(&index, 0)
+            .map_err(|e| FlowsError::Map(io::Error::other(e)))
+    }
+
+    /// A second handle on the flow table of a loaded datapath.
+    pub fn open(ebpf: &aya::Ebpf) -> Result<Self, FlowsError> {
+        let map = ebpf
+            .map(lb_common::map_names::FLOWS)
+            .ok_or_else(|| FlowsError::Map(io::Error::other("the datapath has no flow table")))?;
+        let Map::Array(data) = map else {
+            return Err(FlowsError::Map(io::Error::other(
+                "the flow table is not an array",
+            )));
+        };
+        let id = data
+            .info()
+            .map_err(|e| FlowsError::Map(io::Error::other(e)))?
+            .id();
+        Self::new(MapData::from_id(id).map_err(|e| FlowsError::Map(io::Error::other(e)))?)
+    }
+
+    /// Every flow, as the conntrack entries it stands for (see [`entries`]).
+    pub fn all_entries(&self, snat_addr_be: u32) -> Result<Vec<(FlowKey, CtEntry)>, FlowsError> {
+        let mut out = Vec::new();
+        self.visit(|_, b| {
+            for s in b.slots.iter().filter(|s| s.client_addr_be != 0) {
+                out.extend(entries(s, snat_addr_be));
+            }
+            true
+        })?;
+        Ok(out)
+    }
+
+    /// Slots in the table (flows it can hold).
+    #[must_use]
+    pub fn capacity(&self) -> u64 {
+        u64::from(self.buckets) * lb_common::FLOW_WAYS as u64
+    }
+
+    /// Calls `visit` with every bucket, in index order, until it returns false.
+    pub fn visit(&self, mut visit: impl FnMut(u32, &FlowBucket) -> bool) -> Result<(), FlowsError> {
+        let mut first = 0;
+        while first < self.buckets {
+            let count = WINDOW_BUCKETS.min(self.buckets - first);
+            match Window::map(self.data(), first, count, false) {
+                Ok(window) => {
+                    for i in 0..count {
+                        // SAFETY: the window maps buckets first..first + count; a volatile
+                        // copy, as the datapath writes them concurrently (a torn copy only
+                        // miscounts).
+                        let b = unsafe { window.bucket(i).read_volatile() };
+                        if !visit(first + i, &b) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(FlowsError::Mmap(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    for i in first..first + count {
+                        if !visit(i, &self.read_bucket(i)?) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            first += count;
+        }
+        Ok(())
+    }
+
+    /// Slots holding a flow, counting at most `limit`.
+    pub fn used(&self, limit: u64) -> Result<u64, FlowsError> {
+        let mut n = 0;
+        self.visit(|_, b| {
+            n += b.slots.iter().filter(|s| s.client_addr_be != 0).count() as u64;
+            n < limit
+        })?;
+        Ok(n.min(limit))
+    }
+
+    /// Marks every bucket as overflowed, so the datapath also looks flows up in the LRU
+    /// conntrack map: done when this datapath starts with a conntrack map that a datapath
+    /// without the flow table filled (and may still be filling). Returns the buckets marked.
+    pub fn mark_all_overflowed(&self) -> Result<u32, FlowsError> {
+        let mut first = 0;
+        while first < self.buckets {
+            let count = WINDOW_BUCKETS.min(self.buckets - first);
+            let window = Window::map(self.data(), first, count, true)?;
+            for i in 0..count {
+                // SAFETY: an aligned u64 header inside the mapped bucket; the datapath changes
+                // headers only with atomic compare-and-swap and stores of the lock holder,
+                // which keep bits they do not own, so an atomic OR is safe against both.
+                let header = unsafe { AtomicU64::from_ptr(&raw mut (*window.bucket(i)).header) };
+                header.fetch_or(FLOW_BUCKET_OVERFLOW, Ordering::SeqCst);
+            }
+            first += count;
+        }
+        Ok(self.buckets)
+    }
+
+    /// The bucket a flow's client side hashes to.
+    pub fn bucket_of(
+        &self,
+        client_be: u32,
+        client_port_be: u16,
+        proto: u8,
+    ) -> Result<FlowBucket, FlowsError> {
+        let index = flow_bucket(client_be, client_port_be, proto) & (self.buckets - 1);
+        self.read_bucket(index)
+    }
+
+    /// The conntrack entry the flow table holds for a packet's 5-tuple, as
+    /// `lb-ebpf/src/select.rs` finds it: a client's packet in its source's bucket, a reply in
+    /// its destination's. `snat_addr_be`: the node's SNAT address (`Config`).
+    pub fn entry(&self, key: &FlowKey, snat_addr_be: u32) -> Result<Option<CtEntry>, FlowsError> {
+        let b = self.bucket_of(key.src_be, key.sport_be, key.proto)?;
+        if let Some(s) = b
+            .slots
+            .iter()
+            .find(|s| s.client_addr_be != 0 && is_forward(s, key))
+        {
+            return Ok(Some(forward_entry(s, snat_addr_be)));
+        }
+        let b = self.bucket_of(key.dst_be, key.dport_be, key.proto)?;
+        Ok(b.slots
+            .iter()
+            .filter(|s| s.client_addr_be != 0 && s.flags & (FLOW_F_SNAT | FLOW_F_HAIRPIN) == 0)
+            .find(|s| reply_key(s) == *key)
+            .map(reverse_entry))
+    }
+}
+
+fn is_forward(s: &FlowSlot, k: &FlowKey) -> bool {
+    forward_key(s) == *k
+}
+
+/// The 5-tuple of a flow's client packets.
+#[must_use]
+pub fn forward_key(s: &FlowSlot) -> FlowKey {
+    FlowKey {
+        src_be: s.client_addr_be,
+        dst_be: s.frontend_addr_be,
+        sport_be: s.client_port_be,
+        dport_be: s.frontend_port_be,
+        proto: s.proto,
+        ..FlowKey::default()
+    }
+}
+
+/// The 5-tuple of a flow's replies as they leave its backend (flows not SNATed).
+#[must_use]
+pub fn reply_key(s: &FlowSlot) -> FlowKey {
+    FlowKey {
+        src_be: s.backend_addr_be,
+        dst_be: s.client_addr_be,
+        sport_be: s.backend_port_be,
+        dport_be: s.client_port_be,
+        proto: s.proto,
+        ..FlowKey::default()
+    }
+}
+
+fn forward_entry(s: &FlowSlot, snat_addr_be: u32) -> CtEntry {
+    let nat_addr_be = if s.flags & FLOW_F_HAIRPIN != 0 {
+        u32::from_ne_bytes(HAIRPIN_ADDR)
+    } else if s.flags & FLOW_F_SNAT != 0 {
+        snat_addr_be
+    } else {
+        0
+    };
+    CtEntry {
+        backend_id: s.backend_id,
+        backend_generation: s.backend_generation,
+        nat_addr_be,
+        service_id: s.service_id,
+        nat_port_be: if nat_addr_be == 0 { 0 } else { s.nat_port_be },
+        kind: CT_FORWARD,
+        _pad: 0,
+    }
+}
+
+fn reverse_entry(s: &FlowSlot) -> CtEntry {
+    CtEntry {
+        backend_id: s.backend_id,
+        backend_generation: s.backend_generation,
+        nat_addr_be: s.frontend_addr_be,
+        service_id: s.service_id,
+        nat_port_be: s.frontend_port_be,
+        kind: CT_REVERSE,
+        _pad: 0,
+    }
+}
+
+/// The conntrack entries a flow-table slot stands for: its forward entry, and for a flow that
+/// is not SNATed the reverse entry of its replies (SNATed flows' replies are in the SNAT map).
+#[must_use]
+pub fn entries(s: &FlowSlot, snat_addr_be: u32) -> Vec<(FlowKey, CtEntry)> {
+    let mut out = vec![(forward_key(s), forward_entry(s, snat_addr_be))];
+    if s.flags & (FLOW_F_SNAT | FLOW_F_HAIRPIN) == 0 {
+        out.push((reply_key(s), reverse_entry(s)));
+    }
+    out
+}
+
+/// Buckets of the table mapped until dropped.
+struct Window {
+    mapped: NonNull<libc::c_void>,
+    len: usize,
+    /// Bytes from the start of the mapping to the first bucket asked for.
+    skip: usize,
+}
+
+impl Window {
+    /// Maps the pages holding buckets `first..first + count` (inside the table).
+    fn map(map: &MapData, first: u32, count: u32, write: bool) -> Result<Self, FlowsError> {
+        const BUCKET: usize = size_of::<FlowBucket>();
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| *p > 0)
+            .unwrap_or(4096);
+        let start = first as usize * BUCKET;
+        let map_start = start / page * page;
+        let len = (start + count as usize * BUCKET - map_start).div_ceil(page) * page;
+        let offset = libc::off_t::try_from(map_start)
+            .map_err(|_| FlowsError::Mmap(io::Error::other("offset beyond off_t")))?;
+        let prot = if write {
+            libc::PROT_READ | libc::PROT_WRITE
+        } else {
+            libc::PROT_READ
+        };
+        // SAFETY: a shared mapping of pages of a BPF_F_MMAPABLE array's fd, inside the array
+        // (the kernel refuses anything beyond it); Drop unmaps exactly this mapping.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                map.fd().as_fd().as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(FlowsError::Mmap(io::Error::last_os_error()));
+        }
+        let mapped = NonNull::new(ptr).ok_or(FlowsError::Mmap(io::Error::other("null")))?;
+        Ok(Self {
+            mapped,
+            len,
+            skip: start - map_start,
+        })
+    }
+
+    /// Bucket `i` of those asked for (the caller keeps `i` below their count).
+    fn bucket(&self, i: u32) -> *mut FlowBucket {
+        // `skip` is a whole number of buckets (128 bytes) into a page-aligned mapping.
+        self.mapped
+            .as_ptr()
+            .cast::<FlowBucket>()
+            .wrapping_add(self.skip / size_of::<FlowBucket>() + i as usize)
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what map() mapped.
+        unsafe { libc::munmap(self.mapped.as_ptr(), self.len) };
+    }
+}
