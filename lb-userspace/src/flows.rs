@@ -4,11 +4,10 @@
 //! that kept its flows only in the LRU conntrack map.
 use std::{
     io,
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
     sync::atomic::{AtomicU64, Ordering},
 };
 
+use crate::mapmem::Pages;
 use aya::maps::{Array, Map, MapData};
 use lb_common::{
     CT_FORWARD, CT_REVERSE, CtEntry, FLOW_BUCKET_OVERFLOW, FLOW_F_HAIRPIN, FLOW_F_SNAT, FlowBucket,
@@ -269,67 +268,22 @@ pub fn entries(s: &FlowSlot, snat_addr_be: u32) -> Vec<(FlowKey, CtEntry)> {
 
 /// Buckets of the table mapped until dropped.
 struct Window {
-    mapped: NonNull<libc::c_void>,
-    len: usize,
-    /// Bytes from the start of the mapping to the first bucket asked for.
-    skip: usize,
+    pages: Pages,
+    first: u32,
 }
 
 impl Window {
     /// Maps the pages holding buckets `first..first + count` (inside the table).
     fn map(map: &MapData, first: u32, count: u32, write: bool) -> Result<Self, FlowsError> {
         const BUCKET: usize = size_of::<FlowBucket>();
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .ok()
-            .filter(|p| *p > 0)
-            .unwrap_or(4096);
-        let start = first as usize * BUCKET;
-        let map_start = start / page * page;
-        let len = (start + count as usize * BUCKET - map_start).div_ceil(page) * page;
-        let offset = libc::off_t::try_from(map_start)
-            .map_err(|_| FlowsError::Mmap(io::Error::other("offset beyond off_t")))?;
-        let prot = if write {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        // SAFETY: a shared mapping of pages of a BPF_F_MMAPABLE array's fd, inside the array
-        // (the kernel refuses anything beyond it); Drop unmaps exactly this mapping.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(FlowsError::Mmap(io::Error::last_os_error()));
-        }
-        let mapped = NonNull::new(ptr).ok_or(FlowsError::Mmap(io::Error::other("null")))?;
-        Ok(Self {
-            mapped,
-            len,
-            skip: start - map_start,
-        })
+        let pages = Pages::map(map, first as usize * BUCKET, count as usize * BUCKET, write)
+            .map_err(FlowsError::Mmap)?;
+        Ok(Self { pages, first })
     }
 
-    /// Bucket `i` of those asked for (the caller keeps `i` below their count).
+    /// Bucket `first + i` (the caller keeps `i` below the count mapped).
     fn bucket(&self, i: u32) -> *mut FlowBucket {
-        // `skip` is a whole number of buckets (128 bytes) into a page-aligned mapping.
-        self.mapped
-            .as_ptr()
-            .cast::<FlowBucket>()
-            .wrapping_add(self.skip / size_of::<FlowBucket>() + i as usize)
-    }
-}
-
-impl Drop for Window {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what map() mapped.
-        unsafe { libc::munmap(self.mapped.as_ptr(), self.len) };
+        self.pages
+            .at((self.first + i) as usize * size_of::<FlowBucket>())
     }
 }

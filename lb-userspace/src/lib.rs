@@ -7,6 +7,7 @@ pub mod inspect;
 pub mod invalid;
 pub mod loader;
 pub mod maglev;
+pub mod mapmem;
 pub mod maps;
 pub mod metrics;
 pub mod model;

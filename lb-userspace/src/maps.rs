@@ -1,18 +1,15 @@
 //! Writing the datapath's maps. The programmer turns desired state into a list of [`Op`]s;
 //! an [`LbMaps`] applies them one at a time: [`AyaMaps`] to the kernel's maps, [`FakeMaps`]
 //! to memory (tests and benchmarks), where [`FakeMaps::resolve`] plays the datapath's lookup.
-use std::{
-    collections::BTreeMap,
-    io,
-    os::fd::{AsFd as _, AsRawFd as _},
-    ptr::NonNull,
-};
+use std::{collections::BTreeMap, io};
 
 use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, MapData, MapError},
 };
 use lb_common::{Backend, Config, Frontend, FrontendKey, hash::flow_hash, map_names};
+
+use crate::mapmem::Pages;
 
 /// One write to the datapath's maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -154,80 +151,24 @@ impl RingSlab {
 }
 
 /// The pages of the slab that hold some of its slots, mapped until dropped.
-struct Window {
-    base: NonNull<libc::c_void>,
-    /// Bytes mapped (whole pages).
-    len: usize,
-    /// The slot at `base`.
-    first_slot: usize,
-}
-
-// SAFETY: the mapping is owned by this value (unmapped once, in Drop) and written only through
-// the `&mut RingSlab` that owns it.
-unsafe impl Send for Window {}
+struct Window(Pages);
 
 impl Window {
     /// Maps the pages holding slots `start..start + count` (`count` > 0, inside the slab).
     fn map(map: &MapData, start: usize, count: usize, write: bool) -> Result<Self, MapsError> {
-        // SAFETY: sysconf has no preconditions.
-        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .ok()
-            .filter(|p| *p > 0)
-            .unwrap_or(4096);
-        let start_byte = start * 4;
-        let end_byte = start_byte + count * 4;
-        let map_start = start_byte / page * page;
-        let len = (end_byte - map_start).div_ceil(page) * page;
-        let file_offset = libc::off_t::try_from(map_start)
-            .map_err(|_| MapsError::Mmap(io::Error::other("ring offset beyond off_t")))?;
-        let prot = if write {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_READ
-        };
-        // SAFETY: a shared mapping of pages of a BPF_F_MMAPABLE array's fd, inside the array
-        // (the kernel refuses anything beyond it); Drop unmaps exactly this mapping.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                map.fd().as_fd().as_raw_fd(),
-                file_offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(MapsError::Mmap(io::Error::last_os_error()));
-        }
-        let base = NonNull::new(ptr).ok_or(MapsError::Mmap(io::Error::other("null")))?;
-        Ok(Self {
-            base,
-            len,
-            // A page holds a whole number of slots.
-            first_slot: map_start / 4,
-        })
+        Pages::map(map, start * 4, count * 4, write)
+            .map(Self)
+            .map_err(MapsError::Mmap)
     }
 
     /// Whether slots `start..start + count` lie in this window.
     fn covers(&self, start: usize, count: usize) -> bool {
-        start >= self.first_slot && start + count <= self.first_slot + self.len / 4
+        self.0.covers(start * 4, count * 4)
     }
 
     /// The address of slot `start`, which the caller made sure the window covers.
     fn slot(&self, start: usize) -> *mut u32 {
-        // Wrapping: computing the address is safe; dereferencing it is the caller's part.
-        self.base
-            .as_ptr()
-            .cast::<u32>()
-            .wrapping_add(start - self.first_slot)
-    }
-}
-
-impl Drop for Window {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what map() mapped.
-        unsafe { libc::munmap(self.base.as_ptr(), self.len) };
+        self.0.at(start * 4)
     }
 }
 

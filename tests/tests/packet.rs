@@ -715,6 +715,15 @@ fn node() -> Node {
     Node { _lab: lab, ns }
 }
 
+/// Runs `test` inside a fresh node namespace, with the indexes of its `eth0` (toward the
+/// world) and `lxc0` (toward a pod).
+fn on_node(test: impl FnOnce(u32, u32) + Send) {
+    let node = node();
+    node.ns
+        .enter(|| test(ifindex("eth0"), ifindex("lxc0")))
+        .expect("enter netns");
+}
+
 fn ifindex(name: &str) -> u32 {
     let c = std::ffi::CString::new(name).expect("name");
     // SAFETY: a valid C string; called on a thread inside the lab namespace.
@@ -737,67 +746,63 @@ fn nic_snat_to_remote_backend_and_reply() {
     if !privileged("nic_snat_to_remote_backend_and_reply") {
         return;
     }
-    let node = node();
-    node.ns
-        .enter(|| {
-            let eth0 = ifindex("eth0");
-            let mut dp = loaded(&[REMOTE_POD_A], false);
-            for input in [
-                Frame::tcp(client(), node_port()),
-                Frame::udp(client(), node_port()),
-            ] {
-                let out = dp.xdp_on(&input.build(), eth0);
-                assert_eq!(out.action, XDP_TX, "same NIC in and out");
-                let h = flow_hash(
-                    u32::from_ne_bytes(client().ip().octets()),
-                    u32::from_ne_bytes(NODE.octets()),
-                    client().port().to_be(),
-                    NODE_PORT.to_be(),
-                    input.proto,
-                );
-                let range = u32::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
-                let port = SNAT_PORTS.0 + (h % range) as u16;
-                let expected = Frame {
-                    src_mac: src_mac(&out.frame),
-                    dst_mac: NODE2_MAC,
-                    ttl: input.ttl - 1,
-                    ..input.clone()
-                };
-                let snat = SocketAddrV4::new(NODE, port);
-                let expected = translated(&expected, Some(snat), Some(pod(REMOTE_POD_A)));
-                assert_eq!(
-                    out.frame, expected,
-                    "SNAT+DNAT frame (proto {})",
-                    input.proto
-                );
-                assert_valid(&out, "snat");
+    on_node(|eth0, _| {
+        let mut dp = loaded(&[REMOTE_POD_A], false);
+        for input in [
+            Frame::tcp(client(), node_port()),
+            Frame::udp(client(), node_port()),
+        ] {
+            let out = dp.xdp_on(&input.build(), eth0);
+            assert_eq!(out.action, XDP_TX, "same NIC in and out");
+            let h = flow_hash(
+                u32::from_ne_bytes(client().ip().octets()),
+                u32::from_ne_bytes(NODE.octets()),
+                client().port().to_be(),
+                NODE_PORT.to_be(),
+                input.proto,
+            );
+            let range = u32::from(SNAT_PORTS.1 - SNAT_PORTS.0) + 1;
+            let port = SNAT_PORTS.0 + (h % range) as u16;
+            let expected = Frame {
+                src_mac: src_mac(&out.frame),
+                dst_mac: NODE2_MAC,
+                ttl: input.ttl - 1,
+                ..input.clone()
+            };
+            let snat = SocketAddrV4::new(NODE, port);
+            let expected = translated(&expected, Some(snat), Some(pod(REMOTE_POD_A)));
+            assert_eq!(
+                out.frame, expected,
+                "SNAT+DNAT frame (proto {})",
+                input.proto
+            );
+            assert_valid(&out, "snat");
 
-                // The reply: backend → node:port arrives at the NIC.
-                let reply = Frame {
-                    src_mac: NODE2_MAC,
-                    src: pod(REMOTE_POD_A),
-                    dst: snat,
-                    ..input
-                };
-                let out = dp.xdp_on(&reply.build(), eth0);
-                assert_eq!(out.action, XDP_TX);
-                let expected = Frame {
-                    dst_mac: GW_MAC,
-                    src_mac: src_mac(&out.frame),
-                    ttl: reply.ttl - 1,
-                    ..reply.clone()
-                };
-                assert_eq!(
-                    out.frame,
-                    translated(&expected, Some(node_port()), Some(client()))
-                );
-                assert_valid(&out, "reply");
-            }
-            assert_eq!(dp.count(Verdict::SnatTx), 2);
-            assert_eq!(dp.count(Verdict::ReverseNat), 2);
-            assert_eq!(dp.snat().len(), 2);
-        })
-        .expect("enter netns");
+            // The reply: backend → node:port arrives at the NIC.
+            let reply = Frame {
+                src_mac: NODE2_MAC,
+                src: pod(REMOTE_POD_A),
+                dst: snat,
+                ..input
+            };
+            let out = dp.xdp_on(&reply.build(), eth0);
+            assert_eq!(out.action, XDP_TX);
+            let expected = Frame {
+                dst_mac: GW_MAC,
+                src_mac: src_mac(&out.frame),
+                ttl: reply.ttl - 1,
+                ..reply.clone()
+            };
+            assert_eq!(
+                out.frame,
+                translated(&expected, Some(node_port()), Some(client()))
+            );
+            assert_valid(&out, "reply");
+        }
+        assert_eq!(dp.count(Verdict::SnatTx), 2);
+        assert_eq!(dp.count(Verdict::ReverseNat), 2);
+        assert_eq!(dp.snat().len(), 2);
+    });
 }
 
 /// The reply of a local backend leaves through TC: source → NodePort frontend, sent by
@@ -807,30 +812,26 @@ fn tc_reply_of_local_backend_is_reverse_translated() {
     if !privileged("tc_reply_of_local_backend_is_reverse_translated") {
         return;
     }
-    let node = node();
-    node.ns
-        .enter(|| {
-            let (eth0, lxc0) = (ifindex("eth0"), ifindex("lxc0"));
-            let mut dp = loaded(&[LOCAL_POD], false);
-            for input in [
-                Frame::tcp(client(), node_port()),
-                Frame::udp(client(), node_port()),
-            ] {
-                let out = dp.xdp_on(&input.build(), eth0);
-                assert_eq!(out.action, XDP_PASS);
-                let reply = Frame {
-                    src: pod(LOCAL_POD),
-                    dst: client(),
-                    ..input
-                };
-                let out = dp.tc_on(&reply.build(), lxc0);
-                assert_eq!(out.action, TC_ACT_REDIRECT);
-                assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
-                assert_valid(&out, "tc reply");
-            }
-            assert_eq!(dp.count(Verdict::ReverseNat), 2);
-        })
-        .expect("enter netns");
+    on_node(|eth0, lxc0| {
+        let mut dp = loaded(&[LOCAL_POD], false);
+        for input in [
+            Frame::tcp(client(), node_port()),
+            Frame::udp(client(), node_port()),
+        ] {
+            let out = dp.xdp_on(&input.build(), eth0);
+            assert_eq!(out.action, XDP_PASS);
+            let reply = Frame {
+                src: pod(LOCAL_POD),
+                dst: client(),
+                ..input
+            };
+            let out = dp.tc_on(&reply.build(), lxc0);
+            assert_eq!(out.action, TC_ACT_REDIRECT);
+            assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
+            assert_valid(&out, "tc reply");
+        }
+        assert_eq!(dp.count(Verdict::ReverseNat), 2);
+    });
 }
 
 /// A pod's flow to a remote backend gets its reply at the NIC: XDP restores the ClusterIP as
@@ -884,46 +885,41 @@ fn snat_ports_of_finished_flows_are_reused() {
     if !privileged("snat_ports_of_finished_flows_are_reused") {
         return;
     }
-    let node = node();
-    node.ns
-        .enter(|| {
-            let eth0 = ifindex("eth0");
-            let mut dp = Datapath::load();
-            dp.program(&tomcat6(&[REMOTE_POD_A], false));
-            dp.set_config(lb_common::Config {
-                snat_addr_be: u32::from_ne_bytes(NODE.octets()),
-                snat_port_min: 61000,
-                snat_port_max: 61001,
-                snat_timeout_new_s: 3600,
-                snat_timeout_closing_s: 1,
-                ..lb_common::Config::default()
-            });
-            let flow = |port| Frame::tcp(SocketAddrV4::new(*client().ip(), port), node_port());
-            let snat_port = |out: &Outcome| parse(&out.frame).src.port();
-            let a = dp.xdp_on(&flow(40001).build(), eth0);
-            let b = dp.xdp_on(&flow(40002).build(), eth0);
-            assert_eq!((a.action, b.action), (XDP_TX, XDP_TX));
-            assert_ne!(snat_port(&a), snat_port(&b));
-            assert_eq!(dp.xdp_on(&flow(40003).build(), eth0).action, XDP_DROP);
-            assert_eq!(dp.count(Verdict::DropSnatExhausted), 1);
-            // Flow a ends: its RST goes out through the established path.
-            let mut rst = flow(40001);
-            rst.tcp_flags = 0x14; // RST+ACK
-            assert_eq!(dp.xdp_on(&rst.build(), eth0).action, XDP_TX);
-            std::thread::sleep(std::time::Duration::from_millis(2100));
-            let c = dp.xdp_on(&flow(40003).build(), eth0);
-            assert_eq!(c.action, XDP_TX, "the closed flow's port was not reclaimed");
-            assert_eq!(snat_port(&c), snat_port(&a));
-            let a_key_left = dp.conntrack().iter().any(|(k, _)| {
-                k.src_be == u32::from_ne_bytes(client().ip().octets())
-                    && k.sport_be == 40001u16.to_be()
-            });
-            assert!(
-                !a_key_left,
-                "the reclaimed flow's forward entry is still there"
-            );
-        })
-        .expect("enter netns");
+    on_node(|eth0, _| {
+        let mut dp = Datapath::load();
+        dp.program(&tomcat6(&[REMOTE_POD_A], false));
+        dp.set_config(lb_common::Config {
+            snat_addr_be: u32::from_ne_bytes(NODE.octets()),
+            snat_port_min: 61000,
+            snat_port_max: 61001,
+            snat_timeout_new_s: 3600,
+            snat_timeout_closing_s: 1,
+            ..lb_common::Config::default()
+        });
+        let flow = |port| Frame::tcp(SocketAddrV4::new(*client().ip(), port), node_port());
+        let snat_port = |out: &Outcome| parse(&out.frame).src.port();
+        let a = dp.xdp_on(&flow(40001).build(), eth0);
+        let b = dp.xdp_on(&flow(40002).build(), eth0);
+        assert_eq!((a.action, b.action), (XDP_TX, XDP_TX));
+        assert_ne!(snat_port(&a), snat_port(&b));
+        assert_eq!(dp.xdp_on(&flow(40003).build(), eth0).action, XDP_DROP);
+        assert_eq!(dp.count(Verdict::DropSnatExhausted), 1);
+        // Flow a ends: its RST goes out through the established path.
+        let mut rst = flow(40001);
+        rst.tcp_flags = 0x14; // RST+ACK
+        assert_eq!(dp.xdp_on(&rst.build(), eth0).action, XDP_TX);
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let c = dp.xdp_on(&flow(40003).build(), eth0);
+        assert_eq!(c.action, XDP_TX, "the closed flow's port was not reclaimed");
+        assert_eq!(snat_port(&c), snat_port(&a));
+        let a_key_left = dp.conntrack().iter().any(|(k, _)| {
+            k.src_be == u32::from_ne_bytes(client().ip().octets()) && k.sport_be == 40001u16.to_be()
+        });
+        assert!(
+            !a_key_left,
+            "the reclaimed flow's forward entry is still there"
+        );
+    });
 }
 
 /// Client ports of `client()` whose flows share one flow-table bucket (the small test table).
@@ -951,75 +947,71 @@ fn flows_of_a_full_bucket_overflow_to_conntrack_and_keep_working() {
     if !privileged("flows_of_a_full_bucket_overflow_to_conntrack_and_keep_working") {
         return;
     }
-    let node = node();
-    node.ns
-        .enter(|| {
-            let (eth0, lxc0) = (ifindex("eth0"), ifindex("lxc0"));
-            let mut dp = loaded(&[LOCAL_POD], false);
-            let ports = ports_in_one_bucket(&dp, lb_common::IPPROTO_TCP, 5);
-            assert_eq!(ports.len(), 5);
-            let flow = |port| Frame::tcp(SocketAddrV4::new(*client().ip(), port), node_port());
-            for &port in &ports {
-                let input = flow(port);
-                let out = dp.xdp_on(&input.build(), eth0);
-                assert_eq!(out.action, XDP_PASS);
-                assert_eq!(
-                    out.frame,
-                    translated(&input, None, Some(pod(LOCAL_POD))),
-                    "new flow from port {port}"
-                );
-            }
-            assert_eq!(dp.count(Verdict::NatNew), 5);
-            // 3 flows in the table (forward and reply entries each), 2 in the LRU map.
-            assert_eq!(dp.flow_table_entries().len(), 6);
-            assert_eq!(dp.overflow_conntrack().len(), 4);
-            for &port in &ports {
-                let input = flow(port);
-                let out = dp.xdp_on(&input.build(), eth0);
-                assert_eq!(
-                    out.frame,
-                    translated(&input, None, Some(pod(LOCAL_POD))),
-                    "established flow from port {port}"
-                );
-                let reply = Frame {
-                    src: pod(LOCAL_POD),
-                    dst: input.src,
-                    ..input
-                };
-                let out = dp.tc_on(&reply.build(), lxc0);
-                assert_eq!(out.action, TC_ACT_REDIRECT, "reply to port {port}");
-                assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
-                assert_valid(&out, "tc reply");
-            }
-            assert_eq!(dp.count(Verdict::NatEstablished), 5);
-            assert_eq!(dp.count(Verdict::ReverseNat), 5);
-
-            // With a 1 s idle timeout for UDP, a UDP flow of a full bucket takes the slot of
-            // one that went quiet instead of overflowing.
-            dp.set_config(lb_common::Config {
-                snat_addr_be: u32::from_ne_bytes(NODE.octets()),
-                snat_port_min: SNAT_PORTS.0,
-                snat_port_max: SNAT_PORTS.1,
-                snat_timeout_udp_established_s: 1,
-                ..lb_common::Config::default()
-            });
-            let udp_ports = ports_in_one_bucket(&dp, IPPROTO_UDP, 4);
-            let udp = |port| Frame::udp(SocketAddrV4::new(*client().ip(), port), node_port());
-            for &port in &udp_ports[..3] {
-                assert_eq!(dp.xdp_on(&udp(port).build(), eth0).action, XDP_PASS);
-            }
-            let overflowed = dp.overflow_conntrack().len();
-            std::thread::sleep(std::time::Duration::from_millis(2100));
-            let input = udp(udp_ports[3]);
+    on_node(|eth0, lxc0| {
+        let mut dp = loaded(&[LOCAL_POD], false);
+        let ports = ports_in_one_bucket(&dp, lb_common::IPPROTO_TCP, 5);
+        assert_eq!(ports.len(), 5);
+        let flow = |port| Frame::tcp(SocketAddrV4::new(*client().ip(), port), node_port());
+        for &port in &ports {
+            let input = flow(port);
             let out = dp.xdp_on(&input.build(), eth0);
-            assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
+            assert_eq!(out.action, XDP_PASS);
             assert_eq!(
-                dp.overflow_conntrack().len(),
-                overflowed,
-                "the new flow overflowed although a slot had expired"
+                out.frame,
+                translated(&input, None, Some(pod(LOCAL_POD))),
+                "new flow from port {port}"
             );
-        })
-        .expect("enter netns");
+        }
+        assert_eq!(dp.count(Verdict::NatNew), 5);
+        // 3 flows in the table (forward and reply entries each), 2 in the LRU map.
+        assert_eq!(dp.flow_table_entries().len(), 6);
+        assert_eq!(dp.overflow_conntrack().len(), 4);
+        for &port in &ports {
+            let input = flow(port);
+            let out = dp.xdp_on(&input.build(), eth0);
+            assert_eq!(
+                out.frame,
+                translated(&input, None, Some(pod(LOCAL_POD))),
+                "established flow from port {port}"
+            );
+            let reply = Frame {
+                src: pod(LOCAL_POD),
+                dst: input.src,
+                ..input
+            };
+            let out = dp.tc_on(&reply.build(), lxc0);
+            assert_eq!(out.action, TC_ACT_REDIRECT, "reply to port {port}");
+            assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
+            assert_valid(&out, "tc reply");
+        }
+        assert_eq!(dp.count(Verdict::NatEstablished), 5);
+        assert_eq!(dp.count(Verdict::ReverseNat), 5);
+
+        // With a 1 s idle timeout for UDP, a UDP flow of a full bucket takes the slot of
+        // one that went quiet instead of overflowing.
+        dp.set_config(lb_common::Config {
+            snat_addr_be: u32::from_ne_bytes(NODE.octets()),
+            snat_port_min: SNAT_PORTS.0,
+            snat_port_max: SNAT_PORTS.1,
+            snat_timeout_udp_established_s: 1,
+            ..lb_common::Config::default()
+        });
+        let udp_ports = ports_in_one_bucket(&dp, IPPROTO_UDP, 4);
+        let udp = |port| Frame::udp(SocketAddrV4::new(*client().ip(), port), node_port());
+        for &port in &udp_ports[..3] {
+            assert_eq!(dp.xdp_on(&udp(port).build(), eth0).action, XDP_PASS);
+        }
+        let overflowed = dp.overflow_conntrack().len();
+        std::thread::sleep(std::time::Duration::from_millis(2100));
+        let input = udp(udp_ports[3]);
+        let out = dp.xdp_on(&input.build(), eth0);
+        assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
+        assert_eq!(
+            dp.overflow_conntrack().len(),
+            overflowed,
+            "the new flow overflowed although a slot had expired"
+        );
+    });
 }
 
 /// A datapath that starts beside flows of a datapath without the flow table (their entries
@@ -1029,31 +1021,27 @@ fn flows_only_in_conntrack_are_found_once_the_table_is_marked() {
     if !privileged("flows_only_in_conntrack_are_found_once_the_table_is_marked") {
         return;
     }
-    let node = node();
-    node.ns
-        .enter(|| {
-            let (eth0, lxc0) = (ifindex("eth0"), ifindex("lxc0"));
-            let mut dp = loaded(&[LOCAL_POD], false);
-            let input = Frame::tcp(client(), node_port());
-            assert_eq!(dp.xdp_on(&input.build(), eth0).action, XDP_PASS);
-            // Move the flow from the table to the LRU map, as an older datapath kept it.
-            let entries = dp.flow_table_entries();
-            assert_eq!(entries.len(), 2);
-            dp.clear_flow_table();
-            dp.insert_conntrack(&entries);
-            let reply = Frame {
-                src: pod(LOCAL_POD),
-                dst: client(),
-                ..input.clone()
-            };
-            // Unmarked, the table misses: the reply is not translated.
-            assert_eq!(dp.tc_on(&reply.build(), lxc0).frame, reply.build());
-            dp.mark_flow_table_overflowed();
-            let out = dp.tc_on(&reply.build(), lxc0);
-            assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
-            let out = dp.xdp_on(&input.build(), eth0);
-            assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
-            assert_eq!(dp.count(Verdict::NatEstablished), 1);
-        })
-        .expect("enter netns");
+    on_node(|eth0, lxc0| {
+        let mut dp = loaded(&[LOCAL_POD], false);
+        let input = Frame::tcp(client(), node_port());
+        assert_eq!(dp.xdp_on(&input.build(), eth0).action, XDP_PASS);
+        // Move the flow from the table to the LRU map, as an older datapath kept it.
+        let entries = dp.flow_table_entries();
+        assert_eq!(entries.len(), 2);
+        dp.clear_flow_table();
+        dp.insert_conntrack(&entries);
+        let reply = Frame {
+            src: pod(LOCAL_POD),
+            dst: client(),
+            ..input.clone()
+        };
+        // Unmarked, the table misses: the reply is not translated.
+        assert_eq!(dp.tc_on(&reply.build(), lxc0).frame, reply.build());
+        dp.mark_flow_table_overflowed();
+        let out = dp.tc_on(&reply.build(), lxc0);
+        assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
+        let out = dp.xdp_on(&input.build(), eth0);
+        assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
+        assert_eq!(dp.count(Verdict::NatEstablished), 1);
+    });
 }
