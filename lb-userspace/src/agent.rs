@@ -92,6 +92,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         &maps.capacities(&cfg.capacities),
         Some(DatapathSources::open(&ebpf)?),
     )?);
+    start_overflow_sweeper(&ebpf)?;
     let health = Arc::new(Health::default());
     http::start(cfg.metrics_addr, cfg.health_addr, &metrics, &health).await?;
     let store = Arc::new(SharedStore::new());
@@ -278,6 +279,36 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
         info!(link = %stale, "removed the pinned link of an interface that is gone");
     }
     Ok((ebpf, maps, programmer))
+}
+
+/// How often the agent clears the overflow marks of flow-table buckets that have no flow in
+/// the LRU conntrack map any more.
+const OVERFLOW_SWEEP_INTERVAL: Duration = Duration::from_mins(1);
+
+/// Starts the thread that clears stale overflow marks of the flow table (see
+/// [`flows::FlowTable::clear_stale_overflow`]); it lives as long as the agent.
+fn start_overflow_sweeper(ebpf: &Ebpf) -> Result<(), AgentError> {
+    let table = flows::FlowTable::open(ebpf)?;
+    let ct = flows::open_conntrack(ebpf)?;
+    std::thread::Builder::new()
+        .name("xlb-flow-sweep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(OVERFLOW_SWEEP_INTERVAL);
+                match table.clear_stale_overflow(&ct) {
+                    Ok(s) if s.cleared > 0 => info!(
+                        marked = s.marked,
+                        cleared = s.cleared,
+                        "cleared the overflow marks of flow-table buckets with no flow left in \
+                         the conntrack map"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "sweeping the flow table's overflow marks"),
+                }
+            }
+        })
+        .map_err(|e| AgentError::Flows(FlowsError::Map(e)))?;
+    Ok(())
 }
 
 /// The datapath's node configuration: SNAT address and port range, the default idle timeouts,

@@ -10,8 +10,8 @@ use std::{
 use crate::mapmem::Pages;
 use aya::maps::{Array, Map, MapData};
 use lb_common::{
-    CT_FORWARD, CT_REVERSE, CtEntry, FLOW_BUCKET_OVERFLOW, FLOW_F_HAIRPIN, FLOW_F_SNAT, FlowBucket,
-    FlowKey, FlowSlot, HAIRPIN_ADDR, hash::flow_bucket,
+    CT_FORWARD, CT_REVERSE, CtEntry, FLOW_BUCKET_LOCKED, FLOW_BUCKET_OVERFLOW, FLOW_F_HAIRPIN,
+    FLOW_F_SNAT, FlowBucket, FlowKey, FlowSlot, HAIRPIN_ADDR, hash::flow_bucket,
 };
 
 /// Buckets mapped at a time while walking the table (8 MiB).
@@ -25,6 +25,29 @@ pub enum FlowsError {
     Layout(u32),
     #[error("mapping the flow table: {0}")]
     Mmap(#[source] io::Error),
+}
+
+/// The LRU conntrack map, as the agent reads it.
+pub type CtMap = aya::maps::HashMap<MapData, FlowKey, CtEntry>;
+
+/// A second handle on the LRU conntrack map of a loaded datapath.
+pub fn open_conntrack(ebpf: &aya::Ebpf) -> Result<CtMap, FlowsError> {
+    let err = |e: &dyn std::fmt::Display| FlowsError::Map(io::Error::other(e.to_string()));
+    let Some(Map::LruHashMap(data)) = ebpf.map(lb_common::map_names::CONNTRACK) else {
+        return Err(err(&"the datapath has no LRU conntrack map"));
+    };
+    let id = data.info().map_err(|e| err(&e))?.id();
+    let data = MapData::from_id(id).map_err(|e| err(&e))?;
+    CtMap::try_from(Map::LruHashMap(data)).map_err(|e| err(&e))
+}
+
+/// What [`FlowTable::clear_stale_overflow`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Buckets marked before the sweep.
+    pub marked: usize,
+    /// Marks cleared.
+    pub cleared: usize,
 }
 
 /// The flow table of a loaded or pinned datapath.
@@ -160,6 +183,62 @@ impl FlowTable {
             first += count;
         }
         Ok(self.buckets)
+    }
+
+    /// Clears the overflow mark of every bucket none of whose flows is in the LRU conntrack
+    /// map `ct` any more, so lookups that miss there stop asking the LRU map: after an upgrade
+    /// from a datapath without the table (which marks every bucket) once the old flows have
+    /// ended, and after a burst of full buckets. A bucket is cleared only if no writer touched
+    /// it between the first read of its header and the clear (a compare-and-swap against that
+    /// header): a writer holds its bucket until the LRU entries it sends there exist, so an
+    /// entry the walk of `ct` did not see can only belong to a writer that changed the header.
+    pub fn clear_stale_overflow(&self, ct: &CtMap) -> Result<Sweep, FlowsError> {
+        let mut marked = Vec::new();
+        self.visit(|i, b| {
+            if b.header & FLOW_BUCKET_OVERFLOW != 0 && b.header & FLOW_BUCKET_LOCKED == 0 {
+                marked.push((i, b.header));
+            }
+            true
+        })?;
+        let mut sweep = Sweep {
+            marked: marked.len(),
+            ..Sweep::default()
+        };
+        if marked.is_empty() {
+            return Ok(sweep);
+        }
+        let mask = self.buckets - 1;
+        let mut in_use = vec![0u64; (self.buckets as usize).div_ceil(64)];
+        for item in ct {
+            let (k, e) = item.map_err(|e| FlowsError::Map(io::Error::other(e)))?;
+            let client = if e.kind == CT_REVERSE {
+                (k.dst_be, k.dport_be)
+            } else {
+                (k.src_be, k.sport_be)
+            };
+            let i = flow_bucket(client.0, client.1, k.proto) & mask;
+            in_use[i as usize / 64] |= 1 << (i % 64);
+        }
+        for (i, header) in marked {
+            if in_use[i as usize / 64] & (1 << (i % 64)) != 0 {
+                continue;
+            }
+            let window = Window::map(self.data(), i, 1, true)?;
+            // SAFETY: the window maps bucket `i`, whose header is an aligned u64; the datapath
+            // changes headers only with compare-and-swap and the lock holder's stores.
+            let h = unsafe { AtomicU64::from_ptr(&raw mut (*window.bucket(0)).header) };
+            if h.compare_exchange(
+                header,
+                header & !FLOW_BUCKET_OVERFLOW,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_ok()
+            {
+                sweep.cleared += 1;
+            }
+        }
+        Ok(sweep)
     }
 
     /// The bucket a flow's client side hashes to.

@@ -5,11 +5,11 @@ use std::net::Ipv4Addr;
 use aya::{
     Ebpf,
     maps::{Array, HashMap, PerCpuArray},
-    programs::{ProgramError, TestRun as _, TestRunOptions, TestRunResult},
+    programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, TestRunResult},
 };
 use lb_common::{Config, Counter, CtEntry, FlowBucket, FlowKey, SnatEntry, Verdict, map_names};
 use lb_userspace::{
-    flows::FlowTable,
+    flows::{FlowTable, Sweep, open_conntrack},
     loader::{self, Capacities},
     maps::{AyaMaps, LbMaps as _, Op},
     programmer::Programmer,
@@ -113,6 +113,31 @@ impl Datapath {
         )
     }
 
+    /// Runs the pod program on each list of frames in its own thread, all at once (one
+    /// thread per CPU makes the runs concurrent), each list in order. Returns the outcomes in
+    /// the same shape.
+    #[must_use]
+    pub fn tc_concurrently(&mut self, lists: &[Vec<Vec<u8>>]) -> Vec<Vec<Outcome>> {
+        let prog: &SchedClassifier = loader::tc_program(&mut self.ebpf).expect("tc program");
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = lists
+                .iter()
+                .map(|frames| {
+                    scope.spawn(move || {
+                        frames
+                            .iter()
+                            .map(|f| run(|opts| prog.test_run(opts), f, None))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("test-run thread"))
+                .collect()
+        })
+    }
+
     /// Packets counted for `verdict`, summed over CPUs.
     #[must_use]
     pub fn count(&self, verdict: Verdict) -> u64 {
@@ -170,6 +195,26 @@ impl Datapath {
             .expect("flow table")
             .mark_all_overflowed()
             .expect("marking the flow table");
+    }
+
+    /// Clears the overflow marks of buckets without flows in the LRU map, as the agent does.
+    #[must_use]
+    pub fn sweep_overflow(&self) -> Sweep {
+        FlowTable::open(&self.ebpf)
+            .expect("flow table")
+            .clear_stale_overflow(&open_conntrack(&self.ebpf).expect("conntrack map"))
+            .expect("sweeping the flow table")
+    }
+
+    /// Removes every entry of the LRU conntrack map.
+    pub fn clear_conntrack(&mut self) {
+        let mut ct: HashMap<_, FlowKey, CtEntry> =
+            HashMap::try_from(self.ebpf.map_mut(map_names::CONNTRACK).expect("ct map"))
+                .expect("ct map type");
+        let keys: Vec<FlowKey> = ct.keys().filter_map(Result::ok).collect();
+        for k in keys {
+            ct.remove(&k).expect("ct remove");
+        }
     }
 
     /// Writes entries into the LRU conntrack map.

@@ -1015,7 +1015,8 @@ fn flows_of_a_full_bucket_overflow_to_conntrack_and_keep_working() {
 }
 
 /// A datapath that starts beside flows of a datapath without the flow table (their entries
-/// only in the LRU conntrack map) marks every bucket, and finds those flows and their replies.
+/// only in the LRU conntrack map) marks every bucket, and finds those flows and their replies;
+/// the agent's sweep later unmarks the buckets that have no flow in the LRU map.
 #[test]
 fn flows_only_in_conntrack_are_found_once_the_table_is_marked() {
     if !privileged("flows_only_in_conntrack_are_found_once_the_table_is_marked") {
@@ -1043,5 +1044,106 @@ fn flows_only_in_conntrack_are_found_once_the_table_is_marked() {
         let out = dp.xdp_on(&input.build(), eth0);
         assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
         assert_eq!(dp.count(Verdict::NatEstablished), 1);
+        // The agent's sweep clears every mark but that of the flow's bucket, which keeps
+        // working; once the flow has left the LRU map its mark goes too.
+        let buckets = dp.flow_buckets() as usize;
+        let sweep = dp.sweep_overflow();
+        assert_eq!((sweep.marked, sweep.cleared), (buckets, buckets - 1));
+        let out = dp.tc_on(&reply.build(), lxc0);
+        assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
+        dp.clear_conntrack();
+        let sweep = dp.sweep_overflow();
+        assert_eq!((sweep.marked, sweep.cleared), (1, 1));
+        assert_eq!(dp.sweep_overflow().marked, 0);
     });
+}
+
+/// Pods open connections to the ClusterIP from two CPUs at once, every flow landing in one of
+/// a few flow-table buckets (so the CPUs take the same buckets' locks, fill them and overflow
+/// to the LRU map): every flow is recorded exactly once, with the backend its first packet
+/// went to and a reply entry for that backend, and keeps that backend; no packet is dropped
+/// for a bucket that stayed locked. (Two writers inside one bucket's critical section, a few
+/// dozen instructions, are too rare here for this test to prove the lock itself.)
+#[test]
+fn concurrent_new_flows_in_shared_buckets_are_each_recorded_once() {
+    if !privileged("concurrent_new_flows_in_shared_buckets_are_each_recorded_once") {
+        return;
+    }
+    let mut dp = loaded(&[LOCAL_POD, REMOTE_POD_A, REMOTE_POD_B], false);
+    let buckets = dp.flow_buckets();
+    let bucket = |c: &SocketAddrV4| {
+        lb_common::hash::flow_bucket(
+            u32::from_ne_bytes(c.ip().octets()),
+            c.port().to_be(),
+            lb_common::IPPROTO_TCP,
+        ) & (buckets - 1)
+    };
+    // 400 pod clients (address, port) whose flows fall into 4 buckets, split between two
+    // threads alternately, so both threads write the same buckets at the same time.
+    let candidates = (10..250u8).flat_map(|host| {
+        (30_000..40_000u16)
+            .map(move |port| SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, host), port))
+    });
+    let targets: Vec<u32> = (0..4u16)
+        .map(|i| {
+            bucket(&SocketAddrV4::new(
+                Ipv4Addr::new(10, 244, 1, 10),
+                30_000 + i,
+            ))
+        })
+        .collect();
+    let clients: Vec<SocketAddrV4> = candidates
+        .filter(|c| targets.contains(&bucket(c)))
+        .take(400)
+        .collect();
+    assert_eq!(clients.len(), 400);
+    let syn = |c: &SocketAddrV4| Frame::tcp(*c, cluster_ip());
+    let lists: Vec<Vec<Vec<u8>>> = (0..2)
+        .map(|t| {
+            clients
+                .iter()
+                .skip(t)
+                .step_by(2)
+                .map(|c| syn(c).build())
+                .collect()
+        })
+        .collect();
+    let outs = dp.tc_concurrently(&lists);
+    let mut first = std::collections::BTreeMap::new();
+    for (t, out) in outs.iter().enumerate() {
+        for (c, o) in clients.iter().skip(t).step_by(2).zip(out) {
+            assert_eq!(o.action, TC_ACT_OK, "flow from {c}");
+            first.insert(*c, parse(&o.frame).dst);
+        }
+    }
+    assert_eq!(dp.count(Verdict::NatNew), 400);
+    let ct = dp.conntrack();
+    for (c, backend) in &first {
+        let (addr, port) = (u32::from_ne_bytes(c.ip().octets()), c.port().to_be());
+        let forward: Vec<_> = ct
+            .iter()
+            .filter(|(k, e)| {
+                e.kind == lb_common::CT_FORWARD && k.src_be == addr && k.sport_be == port
+            })
+            .collect();
+        assert_eq!(forward.len(), 1, "forward entries of {c}");
+        let reverse: Vec<_> = ct
+            .iter()
+            .filter(|(k, e)| {
+                e.kind == lb_common::CT_REVERSE && k.dst_be == addr && k.dport_be == port
+            })
+            .collect();
+        assert_eq!(reverse.len(), 1, "reply entries of {c}");
+        assert_eq!(
+            (reverse[0].0.src_be, u16::from_be(reverse[0].0.sport_be)),
+            (u32::from_ne_bytes(backend.ip().octets()), backend.port()),
+            "the reply entry of {c} names another backend than its first packet reached"
+        );
+        let again = dp.tc(&syn(c).build());
+        assert_eq!(parse(&again.frame).dst, *backend, "{c} moved");
+    }
+    assert!(
+        !dp.overflow_conntrack().is_empty(),
+        "the buckets never overflowed: the test did not exercise the LRU path"
+    );
 }
