@@ -92,7 +92,6 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
         &maps.capacities(&cfg.capacities),
         Some(DatapathSources::open(&ebpf)?),
     )?);
-    start_overflow_sweeper(&ebpf)?;
     let health = Arc::new(Health::default());
     http::start(cfg.metrics_addr, cfg.health_addr, &metrics, &health).await?;
     let store = Arc::new(SharedStore::new());
@@ -168,6 +167,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     attached.start(&mut ebpf, &cfg, &n, link_tx.clone())?;
                     finish_migration(&mut ebpf, &cfg.pin_dir);
                     attached.report(&metrics);
+                    // Only now: a previous datapath's programs, which record flows in the
+                    // conntrack map without marking buckets, are detached.
+                    start_overflow_sweeper(&ebpf, Arc::clone(&metrics))?;
                 }
                 if errors == 0 && !health.is_ready() {
                     health.set_ready();
@@ -287,7 +289,7 @@ const OVERFLOW_SWEEP_INTERVAL: Duration = Duration::from_mins(1);
 
 /// Starts the thread that clears stale overflow marks of the flow table (see
 /// [`flows::FlowTable::clear_stale_overflow`]); it lives as long as the agent.
-fn start_overflow_sweeper(ebpf: &Ebpf) -> Result<(), AgentError> {
+fn start_overflow_sweeper(ebpf: &Ebpf, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let table = flows::FlowTable::open(ebpf)?;
     let ct = flows::open_conntrack(ebpf)?;
     std::thread::Builder::new()
@@ -296,13 +298,17 @@ fn start_overflow_sweeper(ebpf: &Ebpf) -> Result<(), AgentError> {
             loop {
                 std::thread::sleep(OVERFLOW_SWEEP_INTERVAL);
                 match table.clear_stale_overflow(&ct) {
-                    Ok(s) if s.cleared > 0 => info!(
-                        marked = s.marked,
-                        cleared = s.cleared,
-                        "cleared the overflow marks of flow-table buckets with no flow left in \
-                         the conntrack map"
-                    ),
-                    Ok(_) => {}
+                    Ok(s) => {
+                        metrics.set_overflowed_buckets(s.marked - s.cleared);
+                        if s.cleared > 0 {
+                            info!(
+                                marked = s.marked,
+                                cleared = s.cleared,
+                                "cleared the overflow marks of flow-table buckets with no flow \
+                                 left in the conntrack map"
+                            );
+                        }
+                    }
                     Err(e) => warn!(error = %e, "sweeping the flow table's overflow marks"),
                 }
             }

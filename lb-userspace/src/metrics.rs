@@ -424,6 +424,7 @@ pub struct Metrics {
     invalid_total: Family<InvalidLabels, Counter>,
     invalid_current: Family<InvalidLabels, Gauge>,
     failed_services: Gauge,
+    overflowed_buckets: Gauge,
     map_entries: Family<MapLabels, Gauge>,
     attached: Family<MapLabels, Gauge>,
     /// Refused objects of the previous sync, with how many records each had.
@@ -492,6 +493,13 @@ impl Metrics {
              state stays programmed)",
             failed_services.clone(),
         );
+        let overflowed_buckets = Gauge::default();
+        registry.register(
+            "xlb_flow_table_overflowed_buckets",
+            "Flow-table buckets marked as having flows in the LRU conntrack map (their misses \
+             also look there), at the agent's last sweep",
+            overflowed_buckets.clone(),
+        );
         let map_entries = register_map_levels(&mut registry, caps);
         let attached = Family::<MapLabels, Gauge>::default();
         registry.register(
@@ -522,6 +530,7 @@ impl Metrics {
             invalid_total,
             invalid_current,
             failed_services,
+            overflowed_buckets,
             map_entries,
             attached,
             invalid_seen: Mutex::new(BTreeMap::new()),
@@ -607,6 +616,11 @@ impl Metrics {
                 .set(gauge(n));
         }
         *seen = now;
+    }
+
+    /// Records the flow-table buckets left marked as overflowed by a sweep.
+    pub fn set_overflowed_buckets(&self, n: usize) {
+        self.overflowed_buckets.set(gauge(n));
     }
 
     /// Records what the datapath is attached to.

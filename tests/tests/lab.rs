@@ -982,6 +982,8 @@ fn metrics_and_health_endpoints_report_the_datapath() {
     // tomcat6 has ClusterIP and NodePort (one node address) frontends, in two scopes each.
     assert_eq!(sample(&page, "xlb_map_entries{map=\"frontends\"}"), 4);
     assert_eq!(sample(&page, "xlb_map_entries{map=\"backends\"}"), 3);
+    // Exposed from the start (the first sweep comes a minute after attaching).
+    assert_eq!(sample(&page, "xlb_flow_table_overflowed_buckets"), 0);
     // That scrape started a walk of the flow table and the conntrack map; a later one
     // reports their counts (the flows are in the table, whose buckets are far from full).
     let deadline = Instant::now() + Duration::from_secs(10);
