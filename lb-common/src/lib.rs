@@ -377,24 +377,32 @@ pub const FLOW_BUCKET_LOCKED: u64 = 1;
 /// `FlowBucket::header` bit: a flow of this bucket (forward or reply side) may be in the LRU
 /// conntrack map, so a miss in the bucket must be looked up there too.
 pub const FLOW_BUCKET_OVERFLOW: u64 = 1 << 32;
-/// `FlowSlot::flags`: the flow is SNATed to the node's SNAT address (`Config::snat_addr_be`)
-/// and `nat_port_be`.
+/// `FlowSlot::flags`: the flow is SNATed to the node's SNAT address (`peer_addr_be`) and
+/// `nat_port_be`.
 pub const FLOW_F_SNAT: u8 = 1 << 0;
-/// `FlowSlot::flags`: a hairpin flow, SNATed to `HAIRPIN_ADDR` and `nat_port_be`.
+/// `FlowSlot::flags`: a hairpin flow, SNATed to `HAIRPIN_ADDR` (`peer_addr_be`) and
+/// `nat_port_be`.
 pub const FLOW_F_HAIRPIN: u8 = 1 << 1;
-/// `FlowSlot::flags`: a FIN or RST was seen; the slot may be reused after the closing timeout.
-pub const FLOW_F_CLOSING: u8 = 1 << 2;
+/// `FlowSlot::state`: a reply was seen (until then the slot may be reused after the timeout
+/// of unanswered flows). SNATed flows count as answered: their replies are seen in the SNAT
+/// map, which expires their ports itself.
+pub const FLOW_S_REPLIED: u8 = 1 << 0;
+/// `FlowSlot::state`: a FIN or RST was seen; the slot may be reused after the closing timeout.
+pub const FLOW_S_CLOSING: u8 = 1 << 1;
 
 /// One flow in the flow table. A slot serves both directions: the client's packets match
 /// (client, client port, frontend, frontend port, protocol); a reply of a flow that was not
 /// SNATed matches (backend, backend port) → (client, client port). `client_addr_be == 0`
-/// marks a free slot.
+/// marks a free slot. Everything but `last_seen_s` and `state` is written only by the holder
+/// of the bucket's lock; those two are refreshed by packets without it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct FlowSlot {
     pub client_addr_be: u32,
     pub frontend_addr_be: u32,
-    pub backend_addr_be: u32,
+    /// Flows not SNATed: the backend's address (their replies come from it). SNATed flows:
+    /// the address they are SNATed to (their replies are found in the SNAT map).
+    pub peer_addr_be: u32,
     pub client_port_be: u16,
     pub frontend_port_be: u16,
     pub backend_port_be: u16,
@@ -405,7 +413,8 @@ pub struct FlowSlot {
     pub last_seen_s: u32, // coarse seconds since boot; refreshed at most once a second
     pub proto: u8,
     pub flags: u8, // FLOW_F_*
-    pub _pad: u16,
+    pub state: u8, // FLOW_S_*
+    pub _pad: u8,
 }
 
 /// One bucket of the flow table, the datapath's conntrack fast path: an array map (memory-
@@ -488,6 +497,7 @@ assert_offset!(FlowSlot, backend_id, 20);
 assert_offset!(FlowSlot, last_seen_s, 32);
 assert_offset!(FlowSlot, proto, 36);
 assert_offset!(FlowSlot, flags, 37);
+assert_offset!(FlowSlot, state, 38);
 assert_layout!(FlowBucket, 128, 8);
 assert_offset!(FlowBucket, slots, 8);
 assert_offset!(SockKey, backend_addr_be, 8);

@@ -105,7 +105,7 @@ pub fn reply(b: *mut FlowBucket, k: &FlowKey) -> Probe {
     probe(b, |s| {
         s.client_addr_be == k.dst_be
             && s.client_port_be == k.dport_be
-            && s.backend_addr_be == k.src_be
+            && s.peer_addr_be == k.src_be
             && s.backend_port_be == k.sport_be
             && s.proto == k.proto
             && s.flags & (lb_common::FLOW_F_SNAT | lb_common::FLOW_F_HAIRPIN) == 0
@@ -141,7 +141,7 @@ impl Locked {
     /// hold live flows.
     #[inline(always)]
     pub fn choose(&self, k: &FlowKey, expired: impl Fn(&FlowSlot) -> bool) -> Option<usize> {
-        let mut free = None;
+        let (mut free, mut stale) = (None, None);
         for i in 0..FLOW_WAYS {
             // SAFETY: the bucket is ours; `i` is in bounds.
             let s = unsafe { &(*self.bucket).slots[i] };
@@ -151,11 +151,11 @@ impl Locked {
                 }
             } else if is_forward(s, k) {
                 return Some(i);
-            } else if free.is_none() && expired(s) {
-                free = Some(i);
+            } else if stale.is_none() && expired(s) {
+                stale = Some(i);
             }
         }
-        free
+        free.or(stale)
     }
 
     /// Writes slot `i`.
@@ -204,7 +204,9 @@ impl Drop for Locked {
     }
 }
 
-/// Compare-and-swap of a bucket's header.
+/// Compare-and-swap of a bucket's header. (With the plain loads and stores around it, the
+/// bucket protocol relies on x86-64's ordering of loads with loads and stores with stores,
+/// which the compiler fences keep in program order.)
 #[inline(always)]
 fn cas(b: *mut FlowBucket, old: u64, new: u64) -> bool {
     // SAFETY: the header is an aligned u64 inside a map value.

@@ -3,9 +3,9 @@
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, CT_FORWARD,
-    CT_REVERSE, Config, CtEntry, Event, FLOW_F_CLOSING, FLOW_F_HAIRPIN, FLOW_F_SNAT,
-    FRONTEND_F_SNAT_REMOTE, FlowKey, FlowSlot, Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP,
-    RING_LANES, SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, Scope, SnatEntry, Verdict,
+    CT_REVERSE, Config, CtEntry, Event, FLOW_F_HAIRPIN, FLOW_F_SNAT, FLOW_S_CLOSING,
+    FLOW_S_REPLIED, FRONTEND_F_SNAT_REMOTE, FlowKey, FlowSlot, Frontend, FrontendKey, HAIRPIN_ADDR,
+    IPPROTO_TCP, RING_LANES, SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, Scope, SnatEntry, Verdict,
     hash::flow_hash, snat_timeout,
 };
 
@@ -119,7 +119,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool) -> Tracked {
     if let Some(b) = flows::bucket(key.src_be, key.sport_be, key.proto) {
         match flows::forward(b, key) {
             Probe::Hit(p, s) => {
-                touch(p, &s, key.proto, tcp_flags);
+                touch(p, &s, key.proto, tcp_flags, false);
                 return match live(s.backend_id, s.backend_generation, key.proto, tcp_flags) {
                     Some(backend) => Tracked::Forward(Forward {
                         backend,
@@ -136,7 +136,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool) -> Tracked {
     if replies && let Some(b) = flows::bucket(key.dst_be, key.dport_be, key.proto) {
         match flows::reply(b, key) {
             Probe::Hit(p, s) => {
-                touch(p, &s, key.proto, tcp_flags);
+                touch(p, &s, key.proto, tcp_flags, true);
                 return Tracked::Reply(Reverse {
                     src: (s.frontend_addr_be, s.frontend_port_be),
                     dst: None,
@@ -162,41 +162,40 @@ fn live(id: u32, generation: u32, proto: u8, tcp_flags: u8) -> Option<Backend> {
         .then_some(b)
 }
 
-/// The new source of a flow-table flow that is SNATed.
+/// The new source of a flow-table flow that is SNATed (the address it was given then, even
+/// if the node's SNAT address changed since: its SNAT entry is keyed by that one).
 #[inline(always)]
 fn slot_snat(s: &FlowSlot) -> Option<(u32, u16)> {
-    if s.flags & FLOW_F_HAIRPIN != 0 {
-        Some((u32::from_ne_bytes(HAIRPIN_ADDR), s.nat_port_be))
-    } else if s.flags & FLOW_F_SNAT != 0 {
-        Some((config().map_or(0, |c| c.snat_addr_be), s.nat_port_be))
-    } else {
-        None
-    }
+    (s.flags & (FLOW_F_SNAT | FLOW_F_HAIRPIN) != 0).then_some((s.peer_addr_be, s.nat_port_be))
 }
 
-/// Notes a packet of a flow-table flow: refreshes its time (at most one write a second),
-/// marks a TCP flow closing at a FIN or RST, and open again at a SYN (a new connection on the
-/// same 5-tuple). Plain stores: a racing writer that reuses the slot meanwhile can at worst
-/// get a newer time or a wrong closing mark (its slot then idles out sooner or later).
+/// Notes a packet of a flow-table flow (`reply`: one from its backend): refreshes its time
+/// (at most one write a second), marks it answered at its first reply, closing at a FIN or
+/// RST, and new again at a client's SYN (a new connection on the same 5-tuple). Plain stores
+/// of the two fields packets own (`last_seen_s`, `state`): a racing writer that gives the
+/// slot to another flow meanwhile can at worst see a newer time or a wrong state, which only
+/// changes when the slot may be reused.
 #[inline(always)]
-fn touch(p: *mut FlowSlot, s: &FlowSlot, proto: u8, tcp_flags: u8) {
+fn touch(p: *mut FlowSlot, s: &FlowSlot, proto: u8, tcp_flags: u8, reply: bool) {
     let now = now_s();
-    let flags = if proto != IPPROTO_TCP {
-        s.flags
-    } else if tcp_flags & TCP_FIN_RST != 0 {
-        s.flags | FLOW_F_CLOSING
-    } else if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-        s.flags & !FLOW_F_CLOSING
-    } else {
-        s.flags
-    };
+    let mut state = s.state;
+    if reply {
+        state |= FLOW_S_REPLIED;
+    }
+    if proto == IPPROTO_TCP {
+        if tcp_flags & TCP_FIN_RST != 0 {
+            state |= FLOW_S_CLOSING;
+        } else if !reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
+            state &= !(FLOW_S_CLOSING | FLOW_S_REPLIED);
+        }
+    }
     // SAFETY: `p` points at a slot of the flow table (a map value).
     unsafe {
         if s.last_seen_s != now {
             (*p).last_seen_s = now;
         }
-        if flags != s.flags {
-            (*p).flags = flags;
+        if state != s.state {
+            (*p).state = state;
         }
     }
 }
@@ -267,7 +266,7 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
     let slot = FlowSlot {
         client_addr_be: f.src_be,
         frontend_addr_be: f.dst_be,
-        backend_addr_be: b.addr_be,
+        peer_addr_be: snat.map_or(b.addr_be, |s| s.0),
         client_port_be: f.sport_be,
         frontend_port_be: f.dport_be,
         backend_port_be: b.port_be,
@@ -278,9 +277,11 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
         last_seen_s: now_s(),
         proto: f.proto,
         flags,
+        // SNATed flows' replies are not seen here (see FLOW_S_REPLIED).
+        state: if snat.is_some() { FLOW_S_REPLIED } else { 0 },
         _pad: 0,
     };
-    record(key, &slot, snat)?;
+    record(key, &slot, snat, b.addr_be)?;
     Ok(Forward {
         backend: b,
         service_id: fe.service_id,
@@ -291,19 +292,33 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
 
 /// Records a new flow: in its flow-table bucket (its own old slot, a free one or an expired
 /// one), or, with every slot holding a live flow, in the LRU conntrack map, marking the
-/// bucket so lookups look there too. The bucket stays locked until the LRU entries exist,
-/// so a reader that sees the mark also finds them.
+/// bucket so lookups look there too. The mark is set (and the bucket released) before the
+/// LRU entries are written: nothing needs them before this packet has left, and no writer
+/// holds a bucket across helper calls. (The agent clears a mark only when two sweeps a
+/// minute apart found the bucket unchanged and without LRU entries.)
 #[inline(always)]
-fn record(key: &FlowKey, slot: &FlowSlot, snat: Option<(u32, u16)>) -> Result<(), Verdict> {
+fn record(
+    key: &FlowKey,
+    slot: &FlowSlot,
+    snat: Option<(u32, u16)>,
+    backend_addr_be: u32,
+) -> Result<(), Verdict> {
     let b = flows::bucket(key.src_be, key.sport_be, key.proto).ok_or(Verdict::DropMapFull)?;
-    let mut bucket = flows::Locked::take(b).ok_or(Verdict::DropMapFull)?;
-    let cfg = config();
-    let now = slot.last_seen_s;
-    if let Some(i) = bucket.choose(key, |s| slot_expired(s, now, cfg.as_ref())) {
-        bucket.write(i, *slot);
+    let placed = {
+        let mut bucket = flows::Locked::take(b).ok_or(Verdict::DropMapFull)?;
+        let cfg = CONFIG.get(0);
+        let now = slot.last_seen_s;
+        if let Some(i) = bucket.choose(key, |s| slot_expired(s, now, cfg)) {
+            bucket.write(i, *slot);
+            true
+        } else {
+            bucket.set_overflow();
+            false
+        }
+    };
+    if placed {
         return Ok(());
     }
-    bucket.set_overflow();
     let (nat_addr_be, nat_port_be) = snat.unwrap_or((0, 0));
     let entry = CtEntry {
         backend_id: slot.backend_id,
@@ -319,7 +334,7 @@ fn record(key: &FlowKey, slot: &FlowSlot, snat: Option<(u32, u16)>) -> Result<()
         // Replies come from the backend to the client; they must appear to come from the
         // frontend. (SNATed flows keep this in their SNAT entry.)
         let rev = conntrack::key(
-            slot.backend_addr_be,
+            backend_addr_be,
             key.src_be,
             slot.backend_port_be,
             key.sport_be,
@@ -357,11 +372,13 @@ fn forget(key: &FlowKey) -> bool {
 /// given to a new flow.
 #[inline(always)]
 fn slot_expired(s: &FlowSlot, now: u32, cfg: Option<&Config>) -> bool {
-    let timeout = if s.flags & FLOW_F_CLOSING != 0 {
+    let timeout = if s.state & FLOW_S_CLOSING != 0 {
         or_default(
             cfg.map_or(0, |c| c.snat_timeout_closing_s),
             snat_timeout::CLOSING,
         )
+    } else if s.state & FLOW_S_REPLIED == 0 {
+        or_default(cfg.map_or(0, |c| c.snat_timeout_new_s), snat_timeout::NEW)
     } else if s.proto == IPPROTO_TCP {
         or_default(
             cfg.map_or(0, |c| c.snat_timeout_tcp_established_s),

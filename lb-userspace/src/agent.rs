@@ -288,16 +288,17 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
 const OVERFLOW_SWEEP_INTERVAL: Duration = Duration::from_mins(1);
 
 /// Starts the thread that clears stale overflow marks of the flow table (see
-/// [`flows::FlowTable::clear_stale_overflow`]); it lives as long as the agent.
+/// [`flows::OverflowSweeper`]); it lives as long as the agent.
 fn start_overflow_sweeper(ebpf: &Ebpf, metrics: Arc<Metrics>) -> Result<(), AgentError> {
     let table = flows::FlowTable::open(ebpf)?;
     let ct = flows::open_conntrack(ebpf)?;
+    let mut sweeper = flows::OverflowSweeper::default();
     std::thread::Builder::new()
         .name("xlb-flow-sweep".into())
         .spawn(move || {
             loop {
                 std::thread::sleep(OVERFLOW_SWEEP_INTERVAL);
-                match table.clear_stale_overflow(&ct) {
+                match sweeper.sweep(&table, &ct) {
                     Ok(s) => {
                         metrics.set_overflowed_buckets(s.marked - s.cleared);
                         if s.cleared > 0 {

@@ -11,7 +11,7 @@ use crate::mapmem::Pages;
 use aya::maps::{Array, Map, MapData};
 use lb_common::{
     CT_FORWARD, CT_REVERSE, CtEntry, FLOW_BUCKET_LOCKED, FLOW_BUCKET_OVERFLOW, FLOW_F_HAIRPIN,
-    FLOW_F_SNAT, FlowBucket, FlowKey, FlowSlot, HAIRPIN_ADDR, hash::flow_bucket,
+    FLOW_F_SNAT, FlowBucket, FlowKey, FlowSlot, hash::flow_bucket,
 };
 
 /// Buckets mapped at a time while walking the table (8 MiB).
@@ -41,13 +41,59 @@ pub fn open_conntrack(ebpf: &aya::Ebpf) -> Result<CtMap, FlowsError> {
     CtMap::try_from(Map::LruHashMap(data)).map_err(|e| err(&e))
 }
 
-/// What [`FlowTable::clear_stale_overflow`] did.
+/// What one [`OverflowSweeper::sweep`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Sweep {
     /// Buckets marked before the sweep.
     pub marked: usize,
     /// Marks cleared.
     pub cleared: usize,
+}
+
+/// Clears the overflow marks of buckets none of whose flows is in the LRU conntrack map any
+/// more, so their misses stop asking it: after an upgrade from a datapath without the table
+/// (which marks every bucket) as the old entries go, and after bursts of full buckets.
+///
+/// A mark is cleared only if two sweeps in a row found the bucket marked with the same header
+/// and no flow of it in the LRU map, with a compare-and-swap against that header. The
+/// datapath marks a bucket (changing its header) before it writes the flow's LRU entries, so
+/// entries a sweep's walk could miss belong to a header that changed, or were written by the
+/// time of the next sweep's walk.
+#[derive(Debug, Default)]
+pub struct OverflowSweeper {
+    /// Buckets the last sweep found marked, unchanged and without LRU flows.
+    candidates: std::collections::HashMap<u32, u64>,
+}
+
+impl OverflowSweeper {
+    /// One sweep of `table` against the LRU conntrack map `ct`.
+    pub fn sweep(&mut self, table: &FlowTable, ct: &CtMap) -> Result<Sweep, FlowsError> {
+        let marked = table.marked()?;
+        let in_lru = table.in_lru(ct)?;
+        let idle: Vec<(u32, u64)> = marked
+            .iter()
+            .copied()
+            .filter(|(i, h)| {
+                h & FLOW_BUCKET_LOCKED == 0 && in_lru[*i as usize / 64] & (1 << (i % 64)) == 0
+            })
+            .collect();
+        let clear: Vec<(u32, u64)> = idle
+            .iter()
+            .copied()
+            .filter(|(i, h)| self.candidates.get(i) == Some(h))
+            .collect();
+        let cleared = table.clear_marks(&clear)?;
+        // The next sweep's candidates: this one's idle buckets it did not try to clear (a
+        // failed try means the header changed: the bucket starts over).
+        self.candidates = idle.into_iter().collect();
+        for (i, _) in &clear {
+            self.candidates.remove(i);
+        }
+        Ok(Sweep {
+            marked: marked.len(),
+            cleared,
+        })
+    }
 }
 
 /// The flow table of a loaded or pinned datapath.
@@ -107,11 +153,11 @@ impl FlowTable {
     }
 
     /// Every flow, as the conntrack entries it stands for (see [`entries`]).
-    pub fn all_entries(&self, snat_addr_be: u32) -> Result<Vec<(FlowKey, CtEntry)>, FlowsError> {
+    pub fn all_entries(&self) -> Result<Vec<(FlowKey, CtEntry)>, FlowsError> {
         let mut out = Vec::new();
         self.visit(|_, b| {
             for s in b.slots.iter().filter(|s| s.client_addr_be != 0) {
-                out.extend(entries(s, snat_addr_be));
+                out.extend(entries(s));
             }
             true
         })?;
@@ -185,60 +231,61 @@ impl FlowTable {
         Ok(self.buckets)
     }
 
-    /// Clears the overflow mark of every bucket none of whose flows is in the LRU conntrack
-    /// map `ct` any more, so lookups that miss there stop asking the LRU map: after an upgrade
-    /// from a datapath without the table (which marks every bucket) once the old flows have
-    /// ended, and after a burst of full buckets. A bucket is cleared only if no writer touched
-    /// it between the first read of its header and the clear (a compare-and-swap against that
-    /// header): a writer holds its bucket until the LRU entries it sends there exist, so an
-    /// entry the walk of `ct` did not see can only belong to a writer that changed the header.
-    pub fn clear_stale_overflow(&self, ct: &CtMap) -> Result<Sweep, FlowsError> {
+    /// Marked buckets (index, header), in index order.
+    fn marked(&self) -> Result<Vec<(u32, u64)>, FlowsError> {
         let mut marked = Vec::new();
         self.visit(|i, b| {
-            if b.header & FLOW_BUCKET_OVERFLOW != 0 && b.header & FLOW_BUCKET_LOCKED == 0 {
+            if b.header & FLOW_BUCKET_OVERFLOW != 0 {
                 marked.push((i, b.header));
             }
             true
         })?;
-        let mut sweep = Sweep {
-            marked: marked.len(),
-            ..Sweep::default()
-        };
-        if marked.is_empty() {
-            return Ok(sweep);
-        }
+        Ok(marked)
+    }
+
+    /// Buckets (a bit per bucket) that flows in the LRU conntrack map `ct` belong to.
+    fn in_lru(&self, ct: &CtMap) -> Result<Vec<u64>, FlowsError> {
         let mask = self.buckets - 1;
         let mut in_use = vec![0u64; (self.buckets as usize).div_ceil(64)];
         for item in ct {
             let (k, e) = item.map_err(|e| FlowsError::Map(io::Error::other(e)))?;
-            let client = if e.kind == CT_REVERSE {
+            let (addr, port) = if e.kind == CT_REVERSE {
                 (k.dst_be, k.dport_be)
             } else {
                 (k.src_be, k.sport_be)
             };
-            let i = flow_bucket(client.0, client.1, k.proto) & mask;
+            let i = flow_bucket(addr, port, k.proto) & mask;
             in_use[i as usize / 64] |= 1 << (i % 64);
         }
-        for (i, header) in marked {
-            if in_use[i as usize / 64] & (1 << (i % 64)) != 0 {
-                continue;
+        Ok(in_use)
+    }
+
+    /// Clears the marks of `clear` (bucket, the header it must still have; in index order),
+    /// a window of buckets at a time; returns how many it cleared.
+    fn clear_marks(&self, clear: &[(u32, u64)]) -> Result<usize, FlowsError> {
+        let mut cleared = 0;
+        let mut rest = clear;
+        while let Some(&(first, _)) = rest.first() {
+            let start = first / WINDOW_BUCKETS * WINDOW_BUCKETS;
+            let count = WINDOW_BUCKETS.min(self.buckets - start);
+            let window = Window::map(self.data(), start, count, true)?;
+            let n = rest.iter().take_while(|(i, _)| *i < start + count).count();
+            for &(i, header) in &rest[..n] {
+                // SAFETY: the window maps buckets start..start + count, `i` among them. The
+                // header is an aligned u64 that the datapath changes only by taking the
+                // bucket (compare-and-swap) and releasing it (the holder's store), so a
+                // compare-and-swap against an unlocked value cannot interleave with a holder.
+                let h = unsafe { AtomicU64::from_ptr(&raw mut (*window.bucket(i - start)).header) };
+                let unmarked = header & !FLOW_BUCKET_OVERFLOW;
+                if h.compare_exchange(header, unmarked, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+                {
+                    cleared += 1;
+                }
             }
-            let window = Window::map(self.data(), i, 1, true)?;
-            // SAFETY: the window maps bucket `i`, whose header is an aligned u64; the datapath
-            // changes headers only with compare-and-swap and the lock holder's stores.
-            let h = unsafe { AtomicU64::from_ptr(&raw mut (*window.bucket(0)).header) };
-            if h.compare_exchange(
-                header,
-                header & !FLOW_BUCKET_OVERFLOW,
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            )
-            .is_ok()
-            {
-                sweep.cleared += 1;
-            }
+            rest = &rest[n..];
         }
-        Ok(sweep)
+        Ok(cleared)
     }
 
     /// The bucket a flow's client side hashes to.
@@ -254,15 +301,15 @@ impl FlowTable {
 
     /// The conntrack entry the flow table holds for a packet's 5-tuple, as
     /// `lb-ebpf/src/select.rs` finds it: a client's packet in its source's bucket, a reply in
-    /// its destination's. `snat_addr_be`: the node's SNAT address (`Config`).
-    pub fn entry(&self, key: &FlowKey, snat_addr_be: u32) -> Result<Option<CtEntry>, FlowsError> {
+    /// its destination's.
+    pub fn entry(&self, key: &FlowKey) -> Result<Option<CtEntry>, FlowsError> {
         let b = self.bucket_of(key.src_be, key.sport_be, key.proto)?;
         if let Some(s) = b
             .slots
             .iter()
             .find(|s| s.client_addr_be != 0 && is_forward(s, key))
         {
-            return Ok(Some(forward_entry(s, snat_addr_be)));
+            return Ok(Some(forward_entry(s)));
         }
         let b = self.bucket_of(key.dst_be, key.dport_be, key.proto)?;
         Ok(b.slots
@@ -294,7 +341,7 @@ pub fn forward_key(s: &FlowSlot) -> FlowKey {
 #[must_use]
 pub fn reply_key(s: &FlowSlot) -> FlowKey {
     FlowKey {
-        src_be: s.backend_addr_be,
+        src_be: s.peer_addr_be,
         dst_be: s.client_addr_be,
         sport_be: s.backend_port_be,
         dport_be: s.client_port_be,
@@ -303,13 +350,11 @@ pub fn reply_key(s: &FlowSlot) -> FlowKey {
     }
 }
 
-fn forward_entry(s: &FlowSlot, snat_addr_be: u32) -> CtEntry {
-    let nat_addr_be = if s.flags & FLOW_F_HAIRPIN != 0 {
-        u32::from_ne_bytes(HAIRPIN_ADDR)
-    } else if s.flags & FLOW_F_SNAT != 0 {
-        snat_addr_be
-    } else {
+fn forward_entry(s: &FlowSlot) -> CtEntry {
+    let nat_addr_be = if s.flags & (FLOW_F_SNAT | FLOW_F_HAIRPIN) == 0 {
         0
+    } else {
+        s.peer_addr_be
     };
     CtEntry {
         backend_id: s.backend_id,
@@ -337,8 +382,8 @@ fn reverse_entry(s: &FlowSlot) -> CtEntry {
 /// The conntrack entries a flow-table slot stands for: its forward entry, and for a flow that
 /// is not SNATed the reverse entry of its replies (SNATed flows' replies are in the SNAT map).
 #[must_use]
-pub fn entries(s: &FlowSlot, snat_addr_be: u32) -> Vec<(FlowKey, CtEntry)> {
-    let mut out = vec![(forward_key(s), forward_entry(s, snat_addr_be))];
+pub fn entries(s: &FlowSlot) -> Vec<(FlowKey, CtEntry)> {
+    let mut out = vec![(forward_key(s), forward_entry(s))];
     if s.flags & (FLOW_F_SNAT | FLOW_F_HAIRPIN) == 0 {
         out.push((reply_key(s), reverse_entry(s)));
     }

@@ -9,7 +9,7 @@ use aya::{
 };
 use lb_common::{Config, Counter, CtEntry, FlowBucket, FlowKey, SnatEntry, Verdict, map_names};
 use lb_userspace::{
-    flows::{FlowTable, Sweep, open_conntrack},
+    flows::{FlowTable, OverflowSweeper, Sweep, open_conntrack},
     loader::{self, Capacities},
     maps::{AyaMaps, LbMaps as _, Op},
     programmer::Programmer,
@@ -163,10 +163,9 @@ impl Datapath {
     /// The conntrack entries the flow table's flows stand for.
     #[must_use]
     pub fn flow_table_entries(&self) -> Vec<(FlowKey, CtEntry)> {
-        let snat_addr = self.maps.config().expect("config").snat_addr_be;
         FlowTable::open(&self.ebpf)
             .expect("flow table")
-            .all_entries(snat_addr)
+            .all_entries()
             .expect("flow table read")
     }
 
@@ -197,12 +196,14 @@ impl Datapath {
             .expect("marking the flow table");
     }
 
-    /// Clears the overflow marks of buckets without flows in the LRU map, as the agent does.
+    /// One sweep of `sweeper` over the overflow marks, as the agent's sweeper thread does.
     #[must_use]
-    pub fn sweep_overflow(&self) -> Sweep {
-        FlowTable::open(&self.ebpf)
-            .expect("flow table")
-            .clear_stale_overflow(&open_conntrack(&self.ebpf).expect("conntrack map"))
+    pub fn sweep_overflow(&self, sweeper: &mut OverflowSweeper) -> Sweep {
+        sweeper
+            .sweep(
+                &FlowTable::open(&self.ebpf).expect("flow table"),
+                &open_conntrack(&self.ebpf).expect("conntrack map"),
+            )
             .expect("sweeping the flow table")
     }
 

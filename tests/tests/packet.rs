@@ -987,30 +987,50 @@ fn flows_of_a_full_bucket_overflow_to_conntrack_and_keep_working() {
         assert_eq!(dp.count(Verdict::NatEstablished), 5);
         assert_eq!(dp.count(Verdict::ReverseNat), 5);
 
-        // With a 1 s idle timeout for UDP, a UDP flow of a full bucket takes the slot of
-        // one that went quiet instead of overflowing.
+        // Unanswered flows give up their slots after the timeout of new flows (1 s here),
+        // answered ones only after theirs (an hour): of three UDP flows of one bucket, the
+        // one that got a reply keeps its slot, the two others give theirs to new flows, and
+        // the flow after those overflows.
         dp.set_config(lb_common::Config {
             snat_addr_be: u32::from_ne_bytes(NODE.octets()),
             snat_port_min: SNAT_PORTS.0,
             snat_port_max: SNAT_PORTS.1,
-            snat_timeout_udp_established_s: 1,
+            snat_timeout_new_s: 1,
+            snat_timeout_udp_established_s: 3600,
             ..lb_common::Config::default()
         });
-        let udp_ports = ports_in_one_bucket(&dp, IPPROTO_UDP, 4);
+        let udp_ports = ports_in_one_bucket(&dp, IPPROTO_UDP, 6);
         let udp = |port| Frame::udp(SocketAddrV4::new(*client().ip(), port), node_port());
         for &port in &udp_ports[..3] {
             assert_eq!(dp.xdp_on(&udp(port).build(), eth0).action, XDP_PASS);
         }
+        let answered = udp(udp_ports[0]);
+        let reply = Frame {
+            src: pod(LOCAL_POD),
+            dst: answered.src,
+            ..answered.clone()
+        };
+        assert_eq!(dp.tc_on(&reply.build(), lxc0).action, TC_ACT_REDIRECT);
         let overflowed = dp.overflow_conntrack().len();
         std::thread::sleep(std::time::Duration::from_millis(2100));
-        let input = udp(udp_ports[3]);
-        let out = dp.xdp_on(&input.build(), eth0);
-        assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
+        for &port in &udp_ports[3..5] {
+            let input = udp(port);
+            let out = dp.xdp_on(&input.build(), eth0);
+            assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
+        }
         assert_eq!(
             dp.overflow_conntrack().len(),
             overflowed,
-            "the new flow overflowed although a slot had expired"
+            "a new flow overflowed although an unanswered flow's slot had expired"
         );
+        assert_eq!(dp.xdp_on(&udp(udp_ports[5]).build(), eth0).action, XDP_PASS);
+        assert_eq!(
+            dp.overflow_conntrack().len(),
+            overflowed + 2,
+            "the answered flow's slot was given away"
+        );
+        let out = dp.tc_on(&reply.build(), lxc0);
+        assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
     });
 }
 
@@ -1044,17 +1064,22 @@ fn flows_only_in_conntrack_are_found_once_the_table_is_marked() {
         let out = dp.xdp_on(&input.build(), eth0);
         assert_eq!(out.frame, translated(&input, None, Some(pod(LOCAL_POD))));
         assert_eq!(dp.count(Verdict::NatEstablished), 1);
-        // The agent's sweep clears every mark but that of the flow's bucket, which keeps
-        // working; once the flow has left the LRU map its mark goes too.
+        // The agent's sweeps clear every mark but that of the flow's bucket (a bucket must
+        // be found idle twice), which keeps working; once the flow has left the LRU map its
+        // mark goes too. A bucket a new flow marks between two sweeps keeps its mark.
         let buckets = dp.flow_buckets() as usize;
-        let sweep = dp.sweep_overflow();
+        let mut sweeper = lb_userspace::flows::OverflowSweeper::default();
+        let sweep = dp.sweep_overflow(&mut sweeper);
+        assert_eq!((sweep.marked, sweep.cleared), (buckets, 0));
+        let sweep = dp.sweep_overflow(&mut sweeper);
         assert_eq!((sweep.marked, sweep.cleared), (buckets, buckets - 1));
         let out = dp.tc_on(&reply.build(), lxc0);
         assert_eq!(out.frame, translated(&reply, Some(node_port()), None));
         dp.clear_conntrack();
-        let sweep = dp.sweep_overflow();
+        assert_eq!(dp.sweep_overflow(&mut sweeper).cleared, 0);
+        let sweep = dp.sweep_overflow(&mut sweeper);
         assert_eq!((sweep.marked, sweep.cleared), (1, 1));
-        assert_eq!(dp.sweep_overflow().marked, 0);
+        assert_eq!(dp.sweep_overflow(&mut sweeper).marked, 0);
     });
 }
 

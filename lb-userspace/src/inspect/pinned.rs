@@ -173,13 +173,6 @@ impl PinnedMaps {
     }
 }
 
-impl PinnedMaps {
-    /// The node's SNAT address, the new source of SNATed flows.
-    fn snat_addr(&self) -> Result<u32, InspectError> {
-        Ok(self.config()?.map_or(0, |c| c.snat_addr_be))
-    }
-}
-
 fn read(map: &'static str) -> impl Fn(MapError) -> InspectError {
     move |source| InspectError::Read { map, source }
 }
@@ -261,7 +254,7 @@ impl MapSource for PinnedMaps {
     /// As the datapath looks it up: the flow table, then the LRU map.
     fn conntrack_entry(&self, key: &FlowKey) -> Result<Option<CtEntry>, InspectError> {
         if let Some(table) = &self.flows
-            && let Some(e) = table.entry(key, self.snat_addr()?)?
+            && let Some(e) = table.entry(key)?
         {
             return Ok(Some(e));
         }
@@ -273,11 +266,10 @@ impl MapSource for PinnedMaps {
         visit: &mut dyn FnMut(&FlowKey, &CtEntry) -> bool,
     ) -> Result<(), InspectError> {
         if let Some(table) = &self.flows {
-            let snat_addr = self.snat_addr()?;
             let mut go_on = true;
             table.visit(|_, b| {
                 for s in b.slots.iter().filter(|s| s.client_addr_be != 0) {
-                    for (k, v) in flows::entries(s, snat_addr) {
+                    for (k, v) in flows::entries(s) {
                         go_on = go_on && visit(&k, &v);
                     }
                 }
