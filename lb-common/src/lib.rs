@@ -194,6 +194,11 @@ pub mod snat_timeout {
     pub const CLOSING: u32 = 120;
 }
 
+/// `Config::flags`: also record every new flow in the LRU conntrack map, as a datapath
+/// without the flow table does: set while such a datapath's programs may still run on some
+/// interface (an upgrade from it is under way), so they find the flows the new ones make.
+pub const CONFIG_F_CONNTRACK_TOO: u32 = 1 << 0;
+
 /// Maximum node addresses the datapath knows of.
 pub const MAX_NODE_ADDRS: usize = 8;
 
@@ -205,7 +210,7 @@ pub struct Config {
     pub snat_port_min: u16,   // SNAT port range, host order, inclusive
     pub snat_port_max: u16,   // inclusive
     pub node_addr_count: u32, // valid entries in node_addrs_be
-    pub flags: u32,
+    pub flags: u32,           // CONFIG_F_*
     pub node_addrs_be: [u32; MAX_NODE_ADDRS],
     pub snat_timeout_new_s: u32, // idle timeouts of SNAT entries by state (snat_timeout::*)
     pub snat_timeout_tcp_established_s: u32,

@@ -2,11 +2,11 @@
 //! backend lives; a reply finds its translation), then the frontend and Maglev for new flows.
 use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
-    AffinityEntry, AffinityKey, BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, CT_FORWARD,
-    CT_REVERSE, Config, CtEntry, Event, FLOW_F_HAIRPIN, FLOW_F_SNAT, FLOW_S_CLOSING,
-    FLOW_S_REPLIED, FRONTEND_F_SNAT_REMOTE, FlowKey, FlowSlot, Frontend, FrontendKey, HAIRPIN_ADDR,
-    IPPROTO_TCP, RING_LANES, SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, Scope, SnatEntry, Verdict,
-    hash::flow_hash, snat_timeout,
+    AffinityEntry, AffinityKey, BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend,
+    CONFIG_F_CONNTRACK_TOO, CT_FORWARD, CT_REVERSE, Config, CtEntry, Event, FLOW_F_HAIRPIN,
+    FLOW_F_SNAT, FLOW_S_CLOSING, FLOW_S_REPLIED, FRONTEND_F_SNAT_REMOTE, FlowKey, FlowSlot,
+    Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP, RING_LANES, SNAT_CLOSING, SNAT_ESTABLISHED,
+    SNAT_NEW, Scope, SnatEntry, Verdict, hash::flow_hash, snat_timeout,
 };
 
 use crate::{
@@ -292,7 +292,8 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
 
 /// Records a new flow: in its flow-table bucket (its own old slot, a free one or an expired
 /// one), or, with every slot holding a live flow, in the LRU conntrack map, marking the
-/// bucket so lookups look there too. The mark is set (and the bucket released) before the
+/// bucket so lookups look there too (and in both while `CONFIG_F_CONNTRACK_TOO` is set, for
+/// the programs of an older datapath that may still run). The mark is set (and the bucket released) before the
 /// LRU entries are written: nothing needs them before this packet has left, and no writer
 /// holds a bucket across helper calls. (The agent clears a mark only when two sweeps a
 /// minute apart found the bucket unchanged and without LRU entries.)
@@ -304,9 +305,9 @@ fn record(
     backend_addr_be: u32,
 ) -> Result<(), Verdict> {
     let b = flows::bucket(key.src_be, key.sport_be, key.proto).ok_or(Verdict::DropMapFull)?;
+    let cfg = CONFIG.get(0);
     let placed = {
         let mut bucket = flows::Locked::take(b).ok_or(Verdict::DropMapFull)?;
-        let cfg = CONFIG.get(0);
         let now = slot.last_seen_s;
         if let Some(i) = bucket.choose(key, |s| slot_expired(s, now, cfg)) {
             bucket.write(i, *slot);
@@ -316,7 +317,7 @@ fn record(
             false
         }
     };
-    if placed {
+    if placed && cfg.is_none_or(|c| c.flags & CONFIG_F_CONNTRACK_TOO == 0) {
         return Ok(());
     }
     let (nat_addr_be, nat_port_be) = snat.unwrap_or((0, 0));

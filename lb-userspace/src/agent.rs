@@ -87,11 +87,11 @@ pub enum AgentError {
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
-    let (mut ebpf, mut maps, mut programmer) = load_datapath(&cfg)?;
-    let metrics = Arc::new(Metrics::new(
-        &maps.capacities(&cfg.capacities),
-        Some(DatapathSources::open(&ebpf)?),
-    )?);
+    let (mut ebpf, mut maps, mut programmer, older_datapath) = load_datapath(&cfg)?;
+    let mut caps = maps.capacities(&cfg.capacities);
+    // A pinned flow table keeps its size.
+    caps.flow_buckets = flows::FlowTable::open(&ebpf)?.buckets();
+    let metrics = Arc::new(Metrics::new(&caps, Some(DatapathSources::open(&ebpf)?))?);
     let health = Arc::new(Health::default());
     http::start(cfg.metrics_addr, cfg.health_addr, &metrics, &health).await?;
     let store = Arc::new(SharedStore::new());
@@ -116,7 +116,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let mut translator = Translator::new(cfg.model.clone());
     let mut published_services = None;
     let mut last_trim = Instant::now();
-    let mut attached = Attached::default();
+    let mut attached = Attached {
+        conntrack_too: older_datapath,
+        ..Attached::default()
+    };
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
     let mut node: Option<NodeInfo> = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -136,7 +139,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     continue;
                 };
                 if node.as_ref() != Some(&n) {
-                    write_config(&mut maps, &cfg, &n)?;
+                    write_config(&mut maps, &cfg, &n, attached.conntrack_too)?;
                     node = Some(n.clone());
                 }
                 let mut state = SyncState {
@@ -167,9 +170,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     attached.start(&mut ebpf, &cfg, &n, link_tx.clone())?;
                     finish_migration(&mut ebpf, &cfg.pin_dir);
                     attached.report(&metrics);
-                    // Only now: a previous datapath's programs, which record flows in the
-                    // conntrack map without marking buckets, are detached.
-                    start_overflow_sweeper(&ebpf, Arc::clone(&metrics))?;
+                    attached.end_upgrade_window(&ebpf, &mut maps, &cfg, &n, &metrics)?;
                 }
                 if errors == 0 && !health.is_ready() {
                     health.set_ready();
@@ -193,7 +194,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
 }
 
 /// Loads the datapath with its maps pinned, adopting what a previous agent left there.
-fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), AgentError> {
+/// Also returns whether the conntrack map came from a datapath without the flow table (see
+/// `CONFIG_F_CONNTRACK_TOO`).
+fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer, bool), AgentError> {
     let other_versions = other_layout_versions(&cfg.pin_dir);
     if !other_versions.is_empty() {
         warn!(
@@ -216,7 +219,8 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     let other_versions = other_layout_versions(&cfg.pin_dir);
     let (mut ebpf, mut adopted) = loader::load_pinned(&cfg.capacities, &cfg.pin_dir)?;
     let had = |name: &str| adopted.maps.contains(&name);
-    if had(lb_common::map_names::CONNTRACK) && !had(lb_common::map_names::FLOWS) {
+    let older_datapath = had(lb_common::map_names::CONNTRACK) && !had(lb_common::map_names::FLOWS);
+    if older_datapath {
         // The conntrack map comes from a datapath without the flow table, whose programs
         // keep recording flows there until the swap: every lookup must reach it.
         let marked = flows::FlowTable::open(&ebpf).and_then(|t| t.mark_all_overflowed())?;
@@ -280,7 +284,7 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer), Agent
     for stale in loader::remove_stale_links(&cfg.pin_dir) {
         info!(link = %stale, "removed the pinned link of an interface that is gone");
     }
-    Ok((ebpf, maps, programmer))
+    Ok((ebpf, maps, programmer, older_datapath))
 }
 
 /// How often the agent clears the overflow marks of flow-table buckets that have no flow in
@@ -289,9 +293,15 @@ const OVERFLOW_SWEEP_INTERVAL: Duration = Duration::from_mins(1);
 
 /// Starts the thread that clears stale overflow marks of the flow table (see
 /// [`flows::OverflowSweeper`]); it lives as long as the agent.
-fn start_overflow_sweeper(ebpf: &Ebpf, metrics: Arc<Metrics>) -> Result<(), AgentError> {
-    let table = flows::FlowTable::open(ebpf)?;
-    let ct = flows::open_conntrack(ebpf)?;
+fn start_overflow_sweeper(ebpf: &Ebpf, metrics: Arc<Metrics>) {
+    let opened = flows::FlowTable::open(ebpf).and_then(|t| Ok((t, flows::open_conntrack(ebpf)?)));
+    let (table, ct) = match opened {
+        Ok(maps) => maps,
+        Err(e) => {
+            warn!(error = %e, "flow-table marks will not be swept");
+            return;
+        }
+    };
     let mut sweeper = flows::OverflowSweeper::default();
     std::thread::Builder::new()
         .name("xlb-flow-sweep".into())
@@ -314,8 +324,10 @@ fn start_overflow_sweeper(ebpf: &Ebpf, metrics: Arc<Metrics>) -> Result<(), Agen
                 }
             }
         })
-        .map_err(|e| AgentError::Flows(FlowsError::Map(e)))?;
-    Ok(())
+        .map_or_else(
+            |e| warn!(error = %e, "flow-table marks will not be swept"),
+            drop,
+        );
 }
 
 /// The datapath's node configuration: SNAT address and port range, the default idle timeouts,
@@ -323,6 +335,7 @@ fn start_overflow_sweeper(ebpf: &Ebpf, metrics: Arc<Metrics>) -> Result<(), Agen
 #[must_use]
 pub fn node_config(snat: Ipv4Addr, snat_ports: (u16, u16), addresses: &[Ipv4Addr]) -> Config {
     let mut c = Config {
+        flags: 0,
         snat_addr_be: u32::from_ne_bytes(snat.octets()),
         snat_port_min: snat_ports.0,
         snat_port_max: snat_ports.1,
@@ -399,12 +412,22 @@ async fn debounce(changes: &mut tokio::sync::watch::Receiver<u64>, quiet: Durati
     }
 }
 
-fn write_config(maps: &mut AyaMaps, cfg: &AgentConfig, node: &NodeInfo) -> Result<(), AgentError> {
+/// Writes the node configuration; `conntrack_too`: an older datapath's programs may still run
+/// (see `CONFIG_F_CONNTRACK_TOO`).
+fn write_config(
+    maps: &mut AyaMaps,
+    cfg: &AgentConfig,
+    node: &NodeInfo,
+    conntrack_too: bool,
+) -> Result<(), AgentError> {
     let snat = cfg
         .snat_addr
         .or_else(|| node.addresses.first().copied())
         .ok_or(AgentError::NoSnatAddress)?;
-    let c = node_config(snat, cfg.snat_ports, &node.addresses);
+    let mut c = node_config(snat, cfg.snat_ports, &node.addresses);
+    if conntrack_too {
+        c.flags |= lb_common::CONFIG_F_CONNTRACK_TOO;
+    }
     maps.apply(&Op::SetConfig(c))?;
     info!(snat = %snat, ports = ?cfg.snat_ports, addresses = ?node.addresses, "node configuration written");
     Ok(())
@@ -571,12 +594,48 @@ fn release_free_memory() {
 #[derive(Default)]
 struct Attached {
     started: bool,
+    /// Attachments that failed (an interface may keep a previous datapath's programs).
+    failures: usize,
+    /// A datapath without the flow table may still run on some interface (see
+    /// `CONFIG_F_CONNTRACK_TOO`).
+    conntrack_too: bool,
     nics: Vec<String>,
     pod_ifaces: std::collections::BTreeSet<String>,
     sock: bool,
 }
 
 impl Attached {
+    /// Once the datapath is attached: if every attachment succeeded, no previous datapath's
+    /// program runs any more, so new flows go to the flow table only and the overflow marks
+    /// may be swept; otherwise an interface may still run one, which records flows only in
+    /// the conntrack map, so both stay as they are.
+    fn end_upgrade_window(
+        &mut self,
+        ebpf: &Ebpf,
+        maps: &mut AyaMaps,
+        cfg: &AgentConfig,
+        node: &NodeInfo,
+        metrics: &Arc<Metrics>,
+    ) -> Result<(), AgentError> {
+        if self.failures > 0 {
+            warn!(
+                failures = self.failures,
+                "some attachments failed: new flows keep being recorded in the conntrack map \
+                 too, and flow-table marks are not swept"
+            );
+            return Ok(());
+        }
+        if self.conntrack_too {
+            self.conntrack_too = false;
+            write_config(maps, cfg, node, false)?;
+            info!(
+                "the previous datapath is detached everywhere: new flows go to the flow table only"
+            );
+        }
+        start_overflow_sweeper(ebpf, Arc::clone(metrics));
+        Ok(())
+    }
+
     /// Attaches XDP to the NICs and TC to matching pod interfaces, then follows new links.
     fn start(
         &mut self,
@@ -601,7 +660,10 @@ impl Attached {
                     set_accept_local(nic);
                     info!(nic = %nic, how = ?how, "XDP attached");
                 }
-                Err(e) => warn!(nic = %nic, error = %e, "XDP attach failed"),
+                Err(e) => {
+                    self.failures += 1;
+                    warn!(nic = %nic, error = %e, "XDP attach failed");
+                }
             }
         }
         if self.nics.is_empty() {
@@ -666,7 +728,10 @@ impl Attached {
                         info!(iface = %name, how = ?how, "TC attached");
                         self.pod_ifaces.insert(name.clone());
                     }
-                    Err(e) => warn!(iface = %name, error = %e, "TC attach failed"),
+                    Err(e) => {
+                        self.failures += 1;
+                        warn!(iface = %name, error = %e, "TC attach failed");
+                    }
                 }
             }
             LinkEvent::Removed { name, .. } => {

@@ -164,6 +164,12 @@ impl FlowTable {
         Ok(out)
     }
 
+    /// Buckets in the table.
+    #[must_use]
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
     /// Slots in the table (flows it can hold).
     #[must_use]
     pub fn capacity(&self) -> u64 {

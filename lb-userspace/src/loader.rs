@@ -67,6 +67,11 @@ pub enum LoaderError {
         #[source]
         source: io::Error,
     },
+    #[error(
+        "the pinned flow table has {0} buckets, not a power of two: not this xlb's (run \
+         `xlb cleanup` to start afresh)"
+    )]
+    FlowTable(u32),
     #[error("pinned link {path}: {message}")]
     Link { path: PathBuf, message: String },
 }
@@ -188,7 +193,11 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
         .map_max_entries(map_names::FLOWS, buckets);
     // The datapath masks its bucket hash with this; it must match the map's size, which is
     // the pinned map's own when one is reused.
-    let mask = pinned_flow_buckets(&paths).unwrap_or(buckets) - 1;
+    let pinned = pinned_flow_buckets(&paths);
+    if let Some(n) = pinned.filter(|n| !n.is_power_of_two()) {
+        return Err(LoaderError::FlowTable(n));
+    }
+    let mask = pinned.unwrap_or(buckets) - 1;
     loader.override_global(FLOW_BUCKET_MASK, &mask, true);
     let mut ebpf = loader.load(DATAPATH).map_err(LoaderError::Load)?;
     xdp_program(&mut ebpf)?
@@ -219,7 +228,7 @@ fn pinned_flow_buckets(paths: &[(&str, PathBuf)]) -> Option<u32> {
         return None;
     }
     let info = aya::maps::MapData::from_pin(path).ok()?.info().ok()?;
-    Some(info.max_entries()).filter(|n| n.is_power_of_two())
+    Some(info.max_entries())
 }
 
 pub fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, LoaderError> {

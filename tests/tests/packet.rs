@@ -1172,3 +1172,30 @@ fn concurrent_new_flows_in_shared_buckets_are_each_recorded_once() {
         "the buckets never overflowed: the test did not exercise the LRU path"
     );
 }
+
+/// While an older datapath (without the flow table) may still run on some interface, the
+/// agent sets `CONFIG_F_CONNTRACK_TOO`: new flows are recorded in the LRU conntrack map too,
+/// where those programs look, with the same backend and reply entry.
+#[test]
+fn new_flows_also_go_to_conntrack_while_an_older_datapath_may_run() {
+    if !privileged("new_flows_also_go_to_conntrack_while_an_older_datapath_may_run") {
+        return;
+    }
+    let mut dp = loaded(&[LOCAL_POD, REMOTE_POD_A, REMOTE_POD_B], false);
+    dp.set_config(lb_common::Config {
+        flags: lb_common::CONFIG_F_CONNTRACK_TOO,
+        ..lb_common::Config::default()
+    });
+    let src = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 9), 41000);
+    let out = dp.tc(&Frame::tcp(src, cluster_ip()).build());
+    assert_eq!(out.action, TC_ACT_OK);
+    let mut table = dp.flow_table_entries();
+    let mut lru = dp.overflow_conntrack();
+    table.sort_by_key(|(k, _)| (k.src_be, k.sport_be));
+    lru.sort_by_key(|(k, _)| (k.src_be, k.sport_be));
+    assert_eq!(table.len(), 2, "forward and reply entries in the table");
+    assert_eq!(lru, table, "the LRU map holds the same entries");
+    let backend = parse(&out.frame).dst;
+    assert!(lru.iter().any(|(k, e)| e.kind == lb_common::CT_REVERSE
+        && k.src_be == u32::from_ne_bytes(backend.ip().octets())));
+}
