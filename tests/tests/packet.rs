@@ -1199,3 +1199,34 @@ fn new_flows_also_go_to_conntrack_while_an_older_datapath_may_run() {
     assert!(lru.iter().any(|(k, e)| e.kind == lb_common::CT_REVERSE
         && k.src_be == u32::from_ne_bytes(backend.ip().octets())));
 }
+
+/// An established SNATed flow keeps the source address it was given when the node's SNAT
+/// address changes (its SNAT entry, which its replies find, is keyed by that address); new
+/// flows take the new one.
+#[test]
+fn snat_flow_keeps_its_address_when_the_node_address_changes() {
+    if !privileged("snat_flow_keeps_its_address_when_the_node_address_changes") {
+        return;
+    }
+    on_node(|eth0, _| {
+        let mut dp = loaded(&[REMOTE_POD_A], false);
+        let input = Frame::tcp(client(), node_port());
+        let first = dp.xdp_on(&input.build(), eth0);
+        assert_eq!(first.action, XDP_TX);
+        let source = parse(&first.frame).src;
+        assert_eq!(*source.ip(), NODE);
+        let other = Ipv4Addr::new(192, 168, 50, 99);
+        dp.set_snat(other, SNAT_PORTS);
+        let mut ack = input.clone();
+        ack.tcp_flags = 0x10;
+        let next = dp.xdp_on(&ack.build(), eth0);
+        assert_eq!(parse(&next.frame).src, source, "the flow's source moved");
+        let new = Frame::tcp(SocketAddrV4::new(*client().ip(), 40999), node_port());
+        let out = dp.xdp_on(&new.build(), eth0);
+        assert_eq!(
+            *parse(&out.frame).src.ip(),
+            other,
+            "a new flow kept the old address"
+        );
+    });
+}
