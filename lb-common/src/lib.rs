@@ -28,6 +28,8 @@ pub mod map_names {
     pub const EVENTS: &str = "xlb_events_v1";
     pub const SOCK_NETNS: &str = "xlb_sock_netns_v1";
     pub const FLOWS: &str = "xlb_flows_v1";
+    pub const POD_IFACES: &str = "xlb_pod_ifaces_v1";
+    pub const HOST_ROUTING: &str = "xlb_host_routing_v1";
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -49,6 +51,8 @@ pub mod capacity {
     pub const SOCK_REVNAT: u32 = 256 * 1024;
     /// (client, service port) pairs of Services with `sessionAffinity: ClientIP`.
     pub const AFFINITY: u32 = 256 * 1024;
+    /// Pod interfaces that BPF host routing may deliver to.
+    pub const POD_IFACES: u32 = 4096;
 }
 
 /// Ring slots per element of the ring slab map. The kernel stores array elements at an 8-byte
@@ -198,6 +202,37 @@ pub mod snat_timeout {
 /// without the flow table does: set while such a datapath's programs may still run on some
 /// interface (an upgrade from it is under way), so they find the flows the new ones make.
 pub const CONFIG_F_CONNTRACK_TOO: u32 = 1 << 0;
+
+/// XDP metadata word in front of a frame that the NIC program translated to a backend on this
+/// node, when BPF host routing is on: the NIC's TC ingress program then delivers it to the
+/// pod's interface itself (`bpf_redirect_peer`) instead of the kernel's forwarding path.
+pub const XDP_META_TO_POD: u32 = u32::from_be_bytes(*b"xlbP");
+
+/// Counters of BPF host routing (index of the host-routing map, per CPU).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HostRouting {
+    /// Delivered straight into the pod's network namespace.
+    Redirected = 0,
+    /// Left to the kernel's forwarding: the route does not lead to a pod interface xlb knows
+    /// (a bridge, another node), or the TTL would expire.
+    Kernel = 1,
+}
+
+impl HostRouting {
+    pub const COUNT: u32 = 2;
+    pub const ALL: [HostRouting; Self::COUNT as usize] =
+        [HostRouting::Redirected, HostRouting::Kernel];
+
+    /// Metric label value.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            HostRouting::Redirected => "host_routing_redirected",
+            HostRouting::Kernel => "host_routing_kernel",
+        }
+    }
+}
 
 /// Maximum node addresses the datapath knows of.
 pub const MAX_NODE_ADDRS: usize = 8;

@@ -18,6 +18,7 @@ mod flows;
 mod maps;
 mod nat;
 mod parse;
+mod routing;
 mod select;
 mod sock;
 mod stats;
@@ -83,10 +84,10 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
     select::snat_forward_closing(&f, &fwd);
     let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
     match fwd.snat {
-        // A local backend: the kernel delivers it to the pod.
+        // A local backend: the kernel delivers it to the pod (or BPF host routing does).
         None => {
             if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, None, dst, false) {
-                (fwd.verdict, xdp_action::XDP_PASS)
+                (fwd.verdict, routing::to_local_pod(ctx))
             } else {
                 (Verdict::PassMalformed, xdp_action::XDP_PASS)
             }
@@ -108,9 +109,9 @@ fn nic_reply(ctx: &XdpContext, f: &Flow, rev: Reverse) -> (Verdict, u32) {
     } = rev;
     stats::count_service(service_id, (ctx.data_end() - ctx.data()) as u64);
     if dst.is_none() {
-        // Reply to a client on this node (a pod): the kernel delivers it.
+        // Reply to a client on this node (a pod): the kernel delivers it (or BPF host routing).
         if nat::xdp_rewrite(ctx.data(), ctx.data_end(), f, Some(src), None, false) {
-            return (Verdict::ReverseNat, xdp_action::XDP_PASS);
+            return (Verdict::ReverseNat, routing::to_local_pod(ctx));
         }
         return (Verdict::PassMalformed, xdp_action::XDP_PASS);
     }
@@ -170,6 +171,13 @@ fn nic_transmit(
 #[xdp]
 pub fn xlb_noop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
+}
+
+/// NIC TC ingress, attached only with BPF host routing: frames that `xlb_nic` translated to a
+/// pod of this node go straight into the pod (see `routing`).
+#[classifier]
+pub fn xlb_nic_ingress(ctx: TcContext) -> i32 {
+    routing::nic_ingress(&ctx)
 }
 
 /// Pod interfaces (TC ingress = what the pod sends): pod → service, and replies of local

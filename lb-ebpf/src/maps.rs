@@ -6,8 +6,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     AffinityEntry, AffinityKey, Backend, Config, Counter, CtEntry, Event, FlowBucket, FlowKey,
-    Frontend, FrontendKey, RING_LANES, RingChunk, SnatEntry, SockKey, SockRevNat, Verdict,
-    capacity,
+    Frontend, FrontendKey, HostRouting, RING_LANES, RingChunk, SnatEntry, SockKey, SockRevNat,
+    Verdict, capacity,
 };
 
 /// Frontends: (address, port, protocol, scope) → the service's Maglev ring region.
@@ -79,3 +79,13 @@ pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Event::COUNT
 /// the host's, where the agent runs. 0 = any (not written yet).
 #[map(name = "xlb_sock_netns_v1")]
 pub static SOCK_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+
+/// BPF host routing: the pod interfaces (ifindex → 1) that the NIC's TC program may hand a
+/// translated frame to with `bpf_redirect_peer`; the agent keeps it to the interfaces it
+/// attached to (veth or netkit devices, whose peer is in the pod).
+#[map(name = "xlb_pod_ifaces_v1")]
+pub static POD_IFACES: HashMap<u32, u32> = HashMap::with_max_entries(capacity::POD_IFACES, 0);
+
+/// BPF host routing counters, per CPU (index: `HostRouting as u32`).
+#[map(name = "xlb_host_routing_v1")]
+pub static HOST_ROUTING: PerCpuArray<u64> = PerCpuArray::with_max_entries(HostRouting::COUNT, 0);

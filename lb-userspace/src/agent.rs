@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use crate::{
     flows::{self, FlowsError},
     http::{self, Health, HttpError},
-    loader::{self, Capacities, LoaderError},
+    loader::{self, Capacities, HostRouting, LoaderError},
     maps::{AyaMaps, LbMaps as _, MapsError, Op},
     metrics::{DatapathSources, Metrics, MetricsError, SyncReport},
     model::{ModelOptions, NodeInfo, Translator},
@@ -54,6 +54,8 @@ pub struct AgentConfig {
     /// Longest a change waits for a quiet period.
     pub max_delay: Duration,
     pub capacities: Capacities,
+    /// How frames translated to a pod of this node reach it.
+    pub host_routing: HostRouting,
     pub model: ModelOptions,
     /// How often manifest files are checked for changes.
     pub manifest_poll: Duration,
@@ -217,7 +219,8 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer, bool),
         );
     }
     let other_versions = other_layout_versions(&cfg.pin_dir);
-    let (mut ebpf, mut adopted) = loader::load_pinned(&cfg.capacities, &cfg.pin_dir)?;
+    let (mut ebpf, mut adopted) =
+        loader::load_pinned(&cfg.capacities, &cfg.pin_dir, cfg.host_routing)?;
     let had = |name: &str| adopted.maps.contains(&name);
     let older_datapath = had(lb_common::map_names::CONNTRACK) && !had(lb_common::map_names::FLOWS);
     if older_datapath {
@@ -669,6 +672,7 @@ impl Attached {
         if self.nics.is_empty() {
             return Err(AgentError::NoNic(nics.join(",")));
         }
+        self.start_host_routing(ebpf, cfg);
         match &cfg.socket_lb_cgroup {
             // A failure here must not stop the agent: the NICs run the new programs already.
             Some(cgroup) => match loader::attach_sock_pinned(ebpf, cgroup, &cfg.pin_dir) {
@@ -727,6 +731,11 @@ impl Attached {
                     Ok(how) => {
                         info!(iface = %name, how = ?how, "TC attached");
                         self.pod_ifaces.insert(name.clone());
+                        if cfg.host_routing == HostRouting::Bpf
+                            && let LinkEvent::New { index, .. } = event
+                        {
+                            set_pod_iface(ebpf, *index, true);
+                        }
                     }
                     Err(e) => {
                         self.failures += 1;
@@ -734,12 +743,70 @@ impl Attached {
                     }
                 }
             }
-            LinkEvent::Removed { name, .. } => {
+            LinkEvent::Removed { name, index } => {
                 // The kernel removed the tcx link with the interface; drop its pin.
-                self.pod_ifaces.remove(name);
+                if self.pod_ifaces.remove(name) {
+                    set_pod_iface(ebpf, *index, false);
+                }
                 loader::unpin_pod_link(&cfg.pin_dir, name);
             }
         }
+    }
+}
+
+impl Attached {
+    /// BPF host routing: the NICs' TC ingress program, and an empty pod-interface map that
+    /// `on_link` fills (a previous agent's entries may name interfaces gone since). With it
+    /// off, a previous agent's NIC ingress links are removed.
+    fn start_host_routing(&mut self, ebpf: &mut Ebpf, cfg: &AgentConfig) {
+        if cfg.host_routing == HostRouting::Kernel {
+            for link in loader::remove_nic_ingress_links(&cfg.pin_dir) {
+                info!(link = %link, "BPF host routing detached (not asked for)");
+            }
+            return;
+        }
+        if let Some(mut m) = pod_iface_map(ebpf) {
+            let keys: Vec<u32> = m.keys().filter_map(Result::ok).collect();
+            for k in keys {
+                let _ = m.remove(&k);
+            }
+        }
+        for nic in &self.nics {
+            match loader::attach_nic_ingress_pinned(ebpf, nic, &cfg.pin_dir) {
+                Ok(how) => info!(nic = %nic, how = ?how, "BPF host routing attached (TC ingress)"),
+                Err(e) => {
+                    self.failures += 1;
+                    warn!(
+                        nic = %nic,
+                        error = %e,
+                        "BPF host routing NOT attached: the kernel forwards to pods"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn pod_iface_map(ebpf: &mut Ebpf) -> Option<aya::maps::HashMap<&mut aya::maps::MapData, u32, u32>> {
+    ebpf.map_mut(lb_common::map_names::POD_IFACES)
+        .and_then(|m| aya::maps::HashMap::try_from(m).ok())
+}
+
+/// Adds or removes a pod interface that BPF host routing may deliver to.
+fn set_pod_iface(ebpf: &mut Ebpf, ifindex: u32, present: bool) {
+    let Some(mut m) = pod_iface_map(ebpf) else {
+        warn!("the pod interface map is missing: BPF host routing leaves pods to the kernel");
+        return;
+    };
+    let r = if present {
+        m.insert(ifindex, 1, 0)
+    } else {
+        m.remove(&ifindex)
+    };
+    if let Err(e) = r
+        && present
+    {
+        warn!(ifindex, error = %e, "pod interface not added: the kernel forwards to it");
     }
 }
 

@@ -26,6 +26,8 @@ pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// Program names in the object.
 pub const PROG_NIC: &str = "xlb_nic";
 pub const PROG_POD: &str = "xlb_pod";
+/// The NIC's TC ingress program of BPF host routing (attached only with it).
+pub const PROG_NIC_INGRESS: &str = "xlb_nic_ingress";
 /// The benchmark floor (an XDP program that only returns `XDP_PASS`). [`load`] leaves it out:
 /// only the benchmark loads it, through [`floor_program`].
 pub const PROG_FLOOR: &str = "xlb_noop";
@@ -77,7 +79,7 @@ pub enum LoaderError {
 }
 
 /// Every map of the datapath, by name.
-pub const MAP_NAMES: [&str; 13] = [
+pub const MAP_NAMES: [&str; 15] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::RINGS,
@@ -91,6 +93,8 @@ pub const MAP_NAMES: [&str; 13] = [
     map_names::EVENTS,
     map_names::SOCK_NETNS,
     map_names::FLOWS,
+    map_names::POD_IFACES,
+    map_names::HOST_ROUTING,
 ];
 
 /// Map capacities, chosen at load time.
@@ -133,9 +137,26 @@ impl Capacities {
     }
 }
 
+/// How frames translated to a pod of this node reach it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostRouting {
+    /// The kernel forwards them (routing, netfilter's FORWARD chain), as with kube-proxy.
+    #[default]
+    Kernel,
+    /// The datapath hands them to the pod's interface itself (`bpf_redirect_peer` from the
+    /// NIC's TC ingress): faster, but the node's netfilter does not see them, so a network
+    /// policy enforced there (e.g. by a CNI's iptables rules) does not apply to them.
+    Bpf,
+}
+
 /// Loads the embedded datapath with the given capacities (programs loaded, not attached).
 pub fn load(caps: &Capacities) -> Result<Ebpf, LoaderError> {
-    load_with(caps, None)
+    load_with(caps, None, HostRouting::Kernel)
+}
+
+/// [`load`] with a choice of host routing.
+pub fn load_routing(caps: &Capacities, routing: HostRouting) -> Result<Ebpf, LoaderError> {
+    load_with(caps, None, routing)
 }
 
 /// Which pinned maps a load found and reused.
@@ -147,7 +168,11 @@ pub struct Adopted {
 /// Loads the datapath with its maps pinned under `dir` (created with mode 0700): maps already
 /// pinned there are reused with their contents (and their capacities), missing ones are
 /// created and pinned. Returns which maps were reused.
-pub fn load_pinned(caps: &Capacities, dir: &Path) -> Result<(Ebpf, Adopted), LoaderError> {
+pub fn load_pinned(
+    caps: &Capacities,
+    dir: &Path,
+    routing: HostRouting,
+) -> Result<(Ebpf, Adopted), LoaderError> {
     let pin_err = |source| LoaderError::PinDir {
         path: dir.to_owned(),
         source,
@@ -160,10 +185,14 @@ pub fn load_pinned(caps: &Capacities, dir: &Path) -> Result<(Ebpf, Adopted), Loa
             .filter(|n| pin::map_path(dir, n).exists())
             .collect(),
     };
-    Ok((load_with(caps, Some(dir))?, adopted))
+    Ok((load_with(caps, Some(dir), routing)?, adopted))
 }
 
-fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderError> {
+fn load_with(
+    caps: &Capacities,
+    pin_dir: Option<&Path>,
+    routing: HostRouting,
+) -> Result<Ebpf, LoaderError> {
     if DATAPATH.is_empty() {
         return Err(LoaderError::NoDatapath);
     }
@@ -199,6 +228,8 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
     }
     let mask = pinned.unwrap_or(buckets) - 1;
     loader.override_global(FLOW_BUCKET_MASK, &mask, true);
+    let bpf_routing = u32::from(routing == HostRouting::Bpf);
+    loader.override_global(HOST_ROUTING_BPF, &bpf_routing, true);
     let mut ebpf = loader.load(DATAPATH).map_err(LoaderError::Load)?;
     xdp_program(&mut ebpf)?
         .load()
@@ -206,8 +237,16 @@ fn load_with(caps: &Capacities, pin_dir: Option<&Path>) -> Result<Ebpf, LoaderEr
     tc_program(&mut ebpf)?
         .load()
         .map_err(|e| LoaderError::Program(PROG_POD, e))?;
+    if routing == HostRouting::Bpf {
+        nic_ingress_program(&mut ebpf)?
+            .load()
+            .map_err(|e| LoaderError::Program(PROG_NIC_INGRESS, e))?;
+    }
     Ok(ebpf)
 }
+
+/// The datapath's global that turns BPF host routing on.
+const HOST_ROUTING_BPF: &str = "HOST_ROUTING_BPF";
 
 /// The datapath's global holding the flow table's bucket mask.
 const FLOW_BUCKET_MASK: &str = "FLOW_BUCKET_MASK";
@@ -241,6 +280,13 @@ pub fn tc_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoaderError> 
     ebpf.program_mut(PROG_POD)
         .and_then(|p| p.try_into().ok())
         .ok_or(LoaderError::MissingProgram(PROG_POD))
+}
+
+/// The NIC's TC ingress program (BPF host routing).
+pub fn nic_ingress_program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, LoaderError> {
+    ebpf.program_mut(PROG_NIC_INGRESS)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoaderError::MissingProgram(PROG_NIC_INGRESS))
 }
 
 /// The benchmark floor program of a loaded datapath (not loaded into the kernel by [`load`]).
@@ -312,6 +358,44 @@ pub fn attach_nic_pinned(
         let id = prog.attach(iface, XdpMode::Driver)?;
         prog.take_link(id).map(Some)
     })
+}
+
+/// Pinned links of the NIC's TC ingress program (BPF host routing) start with this.
+const NIC_INGRESS_HOOK: &str = "tcnic";
+
+/// Attaches the NIC's TC ingress program (BPF host routing) to `iface`, pinned under `dir`;
+/// takes over a pinned attachment.
+pub fn attach_nic_ingress_pinned(
+    ebpf: &mut Ebpf,
+    iface: &str,
+    dir: &Path,
+) -> Result<Attachment, LoaderError> {
+    let path = link_pin_path(dir, NIC_INGRESS_HOOK, iface, existing_ifindex(iface)?);
+    let prog = nic_ingress_program(ebpf)?;
+    attach_pinned(&path, PROG_NIC_INGRESS, |old| {
+        if let Some(link) = old {
+            return prog.attach_to_link(link).map(|_| None);
+        }
+        let id = prog.attach(iface, TcAttachType::Ingress)?;
+        prog.take_link(id).map(Some)
+    })
+}
+
+/// Removes the pinned TC ingress links of NICs under `dir` (which detaches them): BPF host
+/// routing is off. Returns their names.
+#[must_use]
+pub fn remove_nic_ingress_links(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let prefix = format!("{NIC_INGRESS_HOOK}-");
+    if let Ok(entries) = fs::read_dir(pin::links_dir(dir)) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && fs::remove_file(e.path()).is_ok() {
+                removed.push(name);
+            }
+        }
+    }
+    removed
 }
 
 /// Attaches the socket-level load-balancing programs to the cgroup (v2) directory `cgroup`,

@@ -14,7 +14,7 @@ use lb_userspace::{
     inspect::{
         self, AddrFilter, CtFilter, ExplainQuery, InspectError, Target, pinned::PinnedMaps, render,
     },
-    loader::{self, Capacities},
+    loader::{self, Capacities, HostRouting},
     model::ModelOptions,
     pin,
     state::Scope,
@@ -183,6 +183,12 @@ struct AgentArgs {
     /// kube-proxy's OUTPUT rules do. Off when not given.
     #[arg(long, value_name = "CGROUP_DIR")]
     socket_lb_cgroup: Option<PathBuf>,
+    /// How packets that the NIC program translated to a pod of this node reach it: `kernel`
+    /// (the node's IP forwarding and netfilter, as with kube-proxy) or `bpf` (handed to the
+    /// pod's interface from the NIC's TC ingress hook: faster, but netfilter's FORWARD chain
+    /// does not see them, so do not use it where a network policy is enforced there).
+    #[arg(long, value_enum, default_value_t = HostRouting::Kernel)]
+    host_routing: HostRouting,
     /// Source address of SNATed flows. Default: the node's first address.
     #[arg(long)]
     snat_addr: Option<Ipv4Addr>,
@@ -254,6 +260,7 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
             snat: a.max_snat,
             flow_buckets: a.flow_buckets,
         },
+        host_routing: a.host_routing,
         model: ModelOptions {
             service_proxy_name: a.service_proxy_name,
             ..ModelOptions::default()

@@ -23,7 +23,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    Counter as VerdictCounter, CtEntry, Event, FlowKey, SnatEntry, Verdict, map_names,
+    Counter as VerdictCounter, CtEntry, Event, FlowKey, HostRouting, SnatEntry, Verdict, map_names,
 };
 use prometheus_client::{
     collector::Collector,
@@ -105,23 +105,36 @@ impl VerdictCounters for PerCpuArray<MapData, VerdictCounter> {
 /// The datapath's event counts (socket-level load balancing, session affinity), summed over
 /// CPUs.
 pub trait EventCounters: Send + Sync + 'static {
-    fn read(&self) -> Result<Vec<(Event, u64)>, MetricsError>;
+    /// (label, count) pairs.
+    fn read(&self) -> Result<Vec<(&'static str, u64)>, MetricsError>;
 }
 
-impl EventCounters for PerCpuArray<MapData, u64> {
-    fn read(&self) -> Result<Vec<(Event, u64)>, MetricsError> {
-        Event::ALL
-            .iter()
-            .map(|&e| {
-                let per_cpu = self
-                    .get(&(e as u32), 0)
-                    .map_err(|source| MetricsError::Map {
-                        name: map_names::EVENTS,
-                        source,
-                    })?;
-                Ok((e, per_cpu.iter().fold(0u64, |a, n| a.wrapping_add(*n))))
-            })
-            .collect()
+/// The event map and the BPF host-routing counters: both are events by the metric's label.
+struct EventMaps {
+    events: PerCpuArray<MapData, u64>,
+    routing: PerCpuArray<MapData, u64>,
+}
+
+fn per_cpu_sum(
+    map: &PerCpuArray<MapData, u64>,
+    name: &'static str,
+    index: u32,
+) -> Result<u64, MetricsError> {
+    let per_cpu = map
+        .get(&index, 0)
+        .map_err(|source| MetricsError::Map { name, source })?;
+    Ok(per_cpu.iter().fold(0u64, |a, n| a.wrapping_add(*n)))
+}
+
+impl EventCounters for EventMaps {
+    fn read(&self) -> Result<Vec<(&'static str, u64)>, MetricsError> {
+        let events = Event::ALL.iter().map(|&e| {
+            per_cpu_sum(&self.events, map_names::EVENTS, e as u32).map(|n| (e.name(), n))
+        });
+        let routing = HostRouting::ALL.iter().map(|&h| {
+            per_cpu_sum(&self.routing, map_names::HOST_ROUTING, h as u32).map(|n| (h.name(), n))
+        });
+        events.chain(routing).collect()
     }
 }
 
@@ -199,9 +212,12 @@ impl DatapathSources {
         let verdicts: PerCpuArray<MapData, VerdictCounter> =
             PerCpuArray::try_from(reopen(ebpf, map_names::STATS)?)
                 .map_err(err(map_names::STATS))?;
-        let events: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(reopen(ebpf, map_names::EVENTS)?)
-                .map_err(err(map_names::EVENTS))?;
+        let events = EventMaps {
+            events: PerCpuArray::try_from(reopen(ebpf, map_names::EVENTS)?)
+                .map_err(err(map_names::EVENTS))?,
+            routing: PerCpuArray::try_from(reopen(ebpf, map_names::HOST_ROUTING)?)
+                .map_err(err(map_names::HOST_ROUTING))?,
+        };
         let services: PerCpuArray<MapData, VerdictCounter> =
             PerCpuArray::try_from(reopen(ebpf, map_names::SERVICE_STATS)?)
                 .map_err(err(map_names::SERVICE_STATS))?;
@@ -276,12 +292,13 @@ impl Collector for DatapathCollector {
                 let mut family = encoder.encode_descriptor(
                     "xlb_datapath_events",
                     "Datapath decisions that are not per-packet verdicts (socket-level load \
-                     balancing of the node's own processes, session affinity), summed over CPUs.",
+                     balancing of the node's own processes, session affinity, BPF host \
+                     routing), summed over CPUs.",
                     None,
                     MetricType::Counter,
                 )?;
                 for (e, n) in events {
-                    let labels = [("event", e.name())];
+                    let labels = [("event", e)];
                     ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
                 }
             }
@@ -876,10 +893,10 @@ mod tests {
     struct FakeEvents;
 
     impl EventCounters for FakeEvents {
-        fn read(&self) -> Result<Vec<(Event, u64)>, MetricsError> {
+        fn read(&self) -> Result<Vec<(&'static str, u64)>, MetricsError> {
             Ok(Event::ALL
                 .iter()
-                .map(|&e| (e, 10 + u64::from(e as u32)))
+                .map(|&e| (e.name(), 10 + u64::from(e as u32)))
                 .collect())
         }
     }

@@ -10,7 +10,7 @@ use aya::{
 use lb_common::{Config, Counter, CtEntry, FlowBucket, FlowKey, SnatEntry, Verdict, map_names};
 use lb_userspace::{
     flows::{FlowTable, OverflowSweeper, Sweep, open_conntrack},
-    loader::{self, Capacities},
+    loader::{self, Capacities, HostRouting},
     maps::{AyaMaps, LbMaps as _, Op},
     programmer::Programmer,
     state::DesiredState,
@@ -33,8 +33,14 @@ pub struct Outcome {
 impl Datapath {
     #[must_use]
     pub fn load() -> Self {
+        Self::load_routing(HostRouting::Kernel)
+    }
+
+    /// The datapath loaded with the given host routing.
+    #[must_use]
+    pub fn load_routing(routing: HostRouting) -> Self {
         let caps = Capacities::small();
-        let mut ebpf = loader::load(&caps).expect("loading the datapath");
+        let mut ebpf = loader::load_routing(&caps, routing).expect("loading the datapath");
         let maps = AyaMaps::new(&mut ebpf).expect("datapath maps");
         Self {
             ebpf,

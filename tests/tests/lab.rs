@@ -1005,6 +1005,94 @@ fn metrics_and_health_endpoints_report_the_datapath() {
     }
 }
 
+/// BPF host routing (`--host-routing bpf`): NodePort traffic to a pod of the node goes
+/// straight into the pod, remote pods are reached as before, every client sees the same
+/// answers and addresses as with the kernel's forwarding. Restarted without the option, the
+/// agent detaches the NICs' TC program and the kernel forwards again, with no connection lost.
+#[test]
+fn bpf_host_routing_delivers_to_local_pods() {
+    if !privileged("bpf_host_routing_delivers_to_local_pods") {
+        return;
+    }
+    let t = Tomcat6::start(
+        "hostrt",
+        3,
+        3,
+        &xlb_bin(),
+        &echo_bin(),
+        &["--host-routing", "bpf"],
+    )
+    .expect("lab");
+    t.wait_ready(Duration::from_secs(20)).expect("agents ready");
+    let c = &t.cluster;
+    let redirected = |node: usize| {
+        let page = local_get(&c.nodes[node].ns, 10249, "/metrics").1;
+        sample(
+            &page,
+            "xlb_datapath_events_total{event=\"host_routing_redirected\"}",
+        )
+    };
+    let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, node) in c.nodes.iter().enumerate() {
+        for _ in 0..12 {
+            let a = get(&c.client, t.node_port(i));
+            let pod = c.pod(&a.pod).expect("known pod");
+            let expected = if pod.node == i { CLIENT_IP } else { node.ip };
+            assert_eq!(
+                ip_of(&a),
+                IpAddr::V4(expected),
+                "{} via {}",
+                a.pod,
+                node.name
+            );
+            *by_pod.entry(a.pod).or_default() += 1;
+        }
+    }
+    assert_eq!(by_pod.len(), 3, "not every pod answered: {by_pod:?}");
+    let before = redirected(0);
+    assert!(before > 0, "no packet went straight to a pod");
+    let links = |node: usize| -> Vec<String> {
+        std::fs::read_dir(c.pin_dir(node).join("links"))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        links(0).iter().any(|l| l.starts_with("tcnic-eth0-")),
+        "{:?}",
+        links(0)
+    );
+
+    // Back to the kernel's forwarding, across a connection that stays open.
+    let addr = t.node_port(0);
+    let mut keep = keepalives(c, addr, 6);
+    let before = redirected(0);
+    let syncs = c.agent_syncs(0);
+    c.lab.kill(t.agents[0]);
+    c.start_agent(0, &xlb_bin(), &[]).expect("restart");
+    let deadline = Instant::now() + SYNC;
+    while c.agent_syncs(0) <= syncs {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted agent never synced"
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+    wait_for_log(c, "agent-node1.log", "BPF host routing detached");
+    assert!(
+        !links(0).iter().any(|l| l.starts_with("tcnic-")),
+        "{:?}",
+        links(0)
+    );
+    check_keepalives(&t, &mut keep);
+    let seen = new_connections(&t, addr, 30);
+    assert_eq!(seen.values().sum::<usize>(), 30, "{seen:?}");
+    assert_eq!(redirected(0), before, "packets still redirected by BPF");
+}
+
 /// The bytes on the wire carry valid checksums, checked by recomputing them on frames
 /// captured where they cross a wire: replies of a local pod to an outside client (packets
 /// from a local socket, `CHECKSUM_PARTIAL`, rewritten by TC and finished by the NIC, which has

@@ -7,8 +7,9 @@
 //! (on other nodes); this node is 192.168.50.11; the client is 203.0.113.7.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb_common::{IPPROTO_UDP, Verdict, hash::flow_hash};
+use lb_common::{IPPROTO_UDP, Verdict, XDP_META_TO_POD, hash::flow_hash};
 use lb_lab::{Lab, Netns};
+use lb_userspace::loader::HostRouting;
 use lb_userspace::state::{
     BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, Proto, Scope,
     ServicePortRef,
@@ -389,6 +390,39 @@ fn nic_new_flow_to_local_backend_is_dnatted_exactly() {
         }
     }
     assert_eq!(dp.count(Verdict::NatNew), cases.len() as u64);
+}
+
+/// With BPF host routing, a frame translated to a pod of this node carries the metadata word
+/// that has the NIC's TC program deliver it (in front of exactly the translated frame); a
+/// frame left to the kernel (not service traffic) and any frame without the option carry none.
+#[test]
+fn bpf_host_routing_marks_frames_translated_to_local_pods() {
+    if !privileged("bpf_host_routing_marks_frames_translated_to_local_pods") {
+        return;
+    }
+    let input = Frame::tcp(client(), node_port());
+    let expected = translated(&input, None, Some(pod(LOCAL_POD)));
+    let mut marked = expected.clone();
+    marked.splice(0..0, XDP_META_TO_POD.to_ne_bytes());
+
+    let mut dp = Datapath::load_routing(HostRouting::Bpf);
+    dp.program(&tomcat6(&[LOCAL_POD], false));
+    dp.set_snat(NODE, SNAT_PORTS);
+    let out = dp.xdp(&input.build());
+    assert_eq!(out.action, XDP_PASS);
+    assert_eq!(out.frame, marked, "new flow: mark + translated frame");
+    let out = dp.xdp(&input.build());
+    assert_eq!(
+        out.frame, marked,
+        "established flow: mark + translated frame"
+    );
+    let other = Frame::tcp(client(), SocketAddrV4::new(NODE, 22)).build();
+    let out = dp.xdp(&other);
+    assert_eq!(out.frame, other, "not service traffic: no mark, untouched");
+
+    let mut dp = loaded(&[LOCAL_POD], false);
+    let out = dp.xdp(&input.build());
+    assert_eq!(out.frame, expected, "kernel host routing: no mark");
 }
 
 /// An established flow keeps its backend when its ring is rewritten, and is re-balanced

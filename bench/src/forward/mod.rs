@@ -40,6 +40,9 @@ pub enum Dataplane {
     XdpPass,
     /// xlb's agent on the node (XDP on its NIC, TC on pod interfaces).
     Xlb,
+    /// xlb with BPF host routing (`--host-routing bpf`): frames for the pods go from the NIC's
+    /// TC ingress straight into the pods, past the node's forwarding.
+    XlbBpf,
     /// kube-proxy's iptables ruleset (iptables-legacy).
     Iptables,
     /// kube-proxy's nftables ruleset.
@@ -53,6 +56,7 @@ impl Dataplane {
             Dataplane::NoNat => "nonat",
             Dataplane::XdpPass => "xdppass",
             Dataplane::Xlb => "xlb",
+            Dataplane::XlbBpf => "xlbbpf",
             Dataplane::Iptables => "iptables",
             Dataplane::Nftables => "nftables",
         }
@@ -64,6 +68,7 @@ impl Dataplane {
             Dataplane::NoNat => "no-NAT ceiling",
             Dataplane::XdpPass => "no-NAT + XDP no-op",
             Dataplane::Xlb => "xlb",
+            Dataplane::XlbBpf => "xlb, BPF routing",
             Dataplane::Iptables => "kube-proxy iptables",
             Dataplane::Nftables => "kube-proxy nftables",
         }
@@ -111,14 +116,16 @@ impl Plan {
 
 /// The trials of one repetition, in order.
 #[must_use]
-pub fn trial_order(many: usize) -> [(Dataplane, usize); 8] {
+pub fn trial_order(many: usize) -> [(Dataplane, usize); 10] {
     [
         (Dataplane::NoNat, 1),
         (Dataplane::XdpPass, 1),
         (Dataplane::Xlb, 1),
+        (Dataplane::XlbBpf, 1),
         (Dataplane::Iptables, 1),
         (Dataplane::Nftables, 1),
         (Dataplane::Xlb, many),
+        (Dataplane::XlbBpf, many),
         (Dataplane::Iptables, many),
         (Dataplane::Nftables, many),
     ]
@@ -486,9 +493,14 @@ fn install(
                 "xdp".as_ref(),
             ])?;
         }
-        Dataplane::Xlb => {
+        Dataplane::Xlb | Dataplane::XlbBpf => {
             c.write_manifest("bench.yaml", &scenario::manifests(&ports, &node.name))?;
-            c.start_agent(0, &bins.xlb, &[])?;
+            let routing = if dataplane == Dataplane::XlbBpf {
+                "bpf"
+            } else {
+                "kernel"
+            };
+            c.start_agent(0, &bins.xlb, &["--host-routing", routing])?;
         }
         Dataplane::Iptables => {
             let path = c.dir.join("iptables.rules");

@@ -162,41 +162,44 @@ pub fn ratios(r: &Results) -> Vec<Ratio> {
     );
     let mut out = Vec::new();
     let nf = MixKind::NewFlows;
-    out.extend(ratio(
-        "new flows: xlb / iptables, 1 service".into(),
-        (xlb, 1),
-        (ipt, 1),
-        nf,
-        Target::AtLeast(2.0),
-    ));
-    out.extend(ratio(
-        "new flows: xlb / iptables, 10k services".into(),
-        (xlb, many),
-        (ipt, many),
-        nf,
-        Target::AtLeast(15.0),
-    ));
-    for mix in MixKind::ALL {
-        for n in [1, many] {
+    // The targets, for xlb as deployed by default and with BPF host routing.
+    for (x, name) in [(xlb, "xlb"), (Dataplane::XlbBpf, "xlb-bpf")] {
+        out.extend(ratio(
+            format!("new flows: {name} / iptables, 1 service"),
+            (x, 1),
+            (ipt, 1),
+            nf,
+            Target::AtLeast(2.0),
+        ));
+        out.extend(ratio(
+            format!("new flows: {name} / iptables, 10k services"),
+            (x, many),
+            (ipt, many),
+            nf,
+            Target::AtLeast(15.0),
+        ));
+        for mix in MixKind::ALL {
+            for n in [1, many] {
+                out.extend(ratio(
+                    format!(
+                        "{}: {name} / no-NAT ceiling, {} svc",
+                        mix.label(),
+                        scale_name(n)
+                    ),
+                    (x, n),
+                    (nonat, 1),
+                    mix,
+                    Target::AtLeast(0.95),
+                ));
+            }
             out.extend(ratio(
-                format!(
-                    "{}: xlb / no-NAT ceiling, {} svc",
-                    mix.label(),
-                    scale_name(n)
-                ),
-                (xlb, n),
-                (nonat, 1),
+                format!("{}: {name} 10k / {name} 1", mix.label()),
+                (x, many),
+                (x, 1),
                 mix,
-                Target::AtLeast(0.95),
+                Target::Within(0.10),
             ));
         }
-        out.extend(ratio(
-            format!("{}: xlb 10k / xlb 1", mix.label()),
-            (xlb, many),
-            (xlb, 1),
-            mix,
-            Target::Within(0.10),
-        ));
     }
     for mix in MixKind::ALL {
         out.extend(ratio(
@@ -222,20 +225,15 @@ pub fn ratios(r: &Results) -> Vec<Ratio> {
                 Target::None,
             ));
         }
-        out.extend(ratio(
-            format!("{}: iptables 10k / iptables 1", mix.label()),
-            (ipt, many),
-            (ipt, 1),
-            mix,
-            Target::None,
-        ));
-        out.extend(ratio(
-            format!("{}: nftables 10k / nftables 1", mix.label()),
-            (nft, many),
-            (nft, 1),
-            mix,
-            Target::None,
-        ));
+        for (k, name) in [(ipt, "iptables"), (nft, "nftables")] {
+            out.extend(ratio(
+                format!("{}: {name} 10k / {name} 1", mix.label()),
+                (k, many),
+                (k, 1),
+                mix,
+                Target::None,
+            ));
+        }
     }
     out
 }
@@ -343,7 +341,7 @@ pub fn table(r: &Results, machine: &Machine, quick: bool) -> String {
         };
         let _ = writeln!(
             o,
-            "  {:<44} {:>6.2}x [{:.2}-{:.2}]  {:<9} {met}",
+            "  {:<48} {:>6.2}x [{:.2}-{:.2}]  {:<9} {met}",
             ratio.name,
             ratio.value.median,
             ratio.value.min,

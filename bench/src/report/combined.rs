@@ -123,8 +123,9 @@ pub fn write(dir: &Path) -> anyhow::Result<Written> {
     })
 }
 
-const DATAPLANES: [(&str, &str); 5] = [
+const DATAPLANES: [(&str, &str); 6] = [
     ("xlb", "xlb"),
+    ("xlbbpf", "xlb, BPF host routing"),
     ("iptables", "kube-proxy iptables"),
     ("nftables", "kube-proxy nftables"),
     ("nonat", "no-NAT ceiling"),
