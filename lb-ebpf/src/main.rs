@@ -26,7 +26,7 @@ mod stats;
 use aya_ebpf::macros::{cgroup_sock_addr, classifier, xdp};
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{TC_ACT_OK, TC_ACT_SHOT, xdp_action},
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
 use lb_common::{Scope, Verdict};
@@ -190,6 +190,11 @@ pub fn xlb_pod(ctx: TcContext) -> i32 {
     action
 }
 
+/// What the pod program returns for a packet it passes on, translated or not: tcx's "next"
+/// (`TCX_NEXT`, = `TC_ACT_UNSPEC`), so the programs and filters attached after it on the pod's
+/// interface (a CNI's policy, say) still see the packet; `TC_ACT_OK` would end the chain.
+const TC_NEXT: i32 = TC_ACT_UNSPEC;
+
 /// Bytes that must be in the linear part of the skb for parsing: Ethernet, the largest IPv4
 /// header, TCP without options.
 const PARSE_LEN: u32 = 14 + 60 + 20;
@@ -204,7 +209,7 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
     }
     let f = match parse::ipv4_flow(ctx.data(), ctx.data_end(), len as usize) {
         Ok(f) => f,
-        Err(v) => return (v, TC_ACT_OK),
+        Err(v) => return (v, TC_NEXT),
     };
     let key = conntrack::flow_key(&f);
     let fwd = match select::tracked(&key, f.tcp_flags, true) {
@@ -215,7 +220,7 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
                 let cfg = select::config();
                 return match select::snat_reply(&f, &key, cfg.as_ref()) {
                     Some(rev) => pod_reply(ctx, &f, rev),
-                    None => (Verdict::PassNotService, TC_ACT_OK),
+                    None => (Verdict::PassNotService, TC_NEXT),
                 };
             };
             match select::new_flow(&f, &key, &fe, Hook::Pod) {
@@ -234,7 +239,7 @@ fn pod(ctx: &TcContext) -> (Verdict, i32) {
         // Hairpin: back out of the interface it came from.
         return (fwd.verdict, tc_send(ctx, &f, src.0, dst.0));
     }
-    (fwd.verdict, TC_ACT_OK)
+    (fwd.verdict, TC_NEXT)
 }
 
 /// A reply of a translated flow leaving a pod.
@@ -265,7 +270,7 @@ fn tc_send(ctx: &TcContext, f: &Flow, src_be: u32, dst_be: u32) -> i32 {
     match fib::lookup(ctx.as_ptr(), ifindex, src_be, dst_be, f.proto, 0) {
         Lookup::Found(r) => fib::tc_redirect_neigh(r.ifindex),
         Lookup::NoNeighbour(ifindex) => fib::tc_redirect_neigh(ifindex),
-        Lookup::Fail => TC_ACT_OK,
+        Lookup::Fail => TC_NEXT,
     }
 }
 

@@ -9,7 +9,7 @@ use core::ptr::{addr_of, read_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{TC_ACT_OK, xdp_action::XDP_PASS},
+    bindings::{TC_ACT_UNSPEC, xdp_action::XDP_PASS},
     helpers::{bpf_redirect_peer, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
@@ -21,6 +21,11 @@ use crate::{
     parse::{ETH_HLEN, Ipv4Hdr, ptr_at, ptr_at_mut},
     stats,
 };
+
+/// tcx: "no verdict, run the next program" (`TCX_NEXT`, = `TC_ACT_UNSPEC`). Everything this
+/// program leaves alone goes on to the other programs and filters on the NIC's ingress, then
+/// to the kernel; `TC_ACT_OK` would end the chain there.
+const NEXT: i32 = TC_ACT_UNSPEC;
 
 /// Bytes of XDP metadata the NIC program adds: the mark word.
 const META_LEN: i32 = 4;
@@ -56,21 +61,21 @@ pub fn to_local_pod(ctx: &XdpContext) -> u32 {
 
 /// TC ingress of a NIC: delivers a frame that the NIC program marked for a pod of this node.
 /// Anything else (no mark, the route does not lead to a pod interface, TTL about to expire)
-/// goes on to the kernel untouched.
+/// goes on untouched to the next program on the hook, then the kernel.
 #[inline(always)]
 pub fn nic_ingress(ctx: &TcContext) -> i32 {
     // SAFETY: reading the program's own context.
     let (meta, ifindex) = unsafe { ((*ctx.skb.skb).data_meta as usize, (*ctx.skb.skb).ifindex) };
     let data = ctx.data();
     let Some(word) = ptr_at::<u32>(meta, data, 0) else {
-        return TC_ACT_OK;
+        return NEXT;
     };
     // SAFETY: bounds-checked against the start of the packet.
     if unsafe { word.read_unaligned() } != XDP_META_TO_POD {
-        return TC_ACT_OK;
+        return NEXT;
     }
     let Some(ip) = ptr_at_mut::<Ipv4Hdr>(data, ctx.data_end(), ETH_HLEN) else {
-        return TC_ACT_OK;
+        return NEXT;
     };
     // SAFETY: bounds-checked above.
     let (src, dst, ttl, proto) = unsafe {
@@ -81,20 +86,20 @@ pub fn nic_ingress(ctx: &TcContext) -> i32 {
             (*ip).proto,
         )
     };
-    // The NIC program passed frames with TTL ≤ 1 to the kernel untranslated; this is a
-    // guard, not a path.
+    // The kernel answers an expiring TTL with ICMP. (The NIC program passes such requests
+    // untranslated, but replies to pods are marked whatever their TTL.)
     if ttl <= 1 {
         stats::host_routing(HostRouting::Kernel);
-        return TC_ACT_OK;
+        return NEXT;
     }
-    let out = match fib::lookup(ctx.as_ptr(), ifindex, src, dst, proto, 0) {
-        Lookup::Found(r) => r.ifindex,
-        Lookup::NoNeighbour(i) => i,
-        Lookup::Fail => 0,
+    let (out, macs) = match fib::lookup(ctx.as_ptr(), ifindex, src, dst, proto, 0) {
+        Lookup::Found(r) => (r.ifindex, Some(r)),
+        Lookup::NoNeighbour(i) => (i, None),
+        Lookup::Fail => (0, None),
     };
     if out == 0 || POD_IFACES.get_ptr(out).is_none() {
         stats::host_routing(HostRouting::Kernel);
-        return TC_ACT_OK;
+        return NEXT;
     }
     // Forwarded as the kernel would: one hop less.
     // SAFETY: bounds-checked above; TC programs may write packet data directly.
@@ -104,6 +109,12 @@ pub fn nic_ingress(ctx: &TcContext) -> i32 {
         let new = u16::from_ne_bytes([ttl - 1, proto]);
         let check = u16::from_ne_bytes((*ip).check);
         (*ip).check = replace16(check, old, new).to_ne_bytes();
+    }
+    // The pod sees the frame as the kernel would have sent it: from its gateway, to itself.
+    // (Without a resolved neighbour the addresses stay; the pod's stack accepts the frame
+    // either way, as `bpf_redirect_peer` marks it for this host.)
+    if let Some(r) = macs {
+        let _ = fib::set_macs(ctx.data(), ctx.data_end(), &r);
     }
     stats::host_routing(HostRouting::Redirected);
     // SAFETY: plain helper call; the kernel checks that `out` has a peer.

@@ -734,7 +734,17 @@ impl Attached {
                         if cfg.host_routing == HostRouting::Bpf
                             && let LinkEvent::New { index, .. } = event
                         {
-                            set_pod_iface(ebpf, *index, true);
+                            // `bpf_redirect_peer` needs a device with a peer (the kernel drops
+                            // the packet otherwise): veth or netkit.
+                            match netlink::driver(name).as_deref() {
+                                Some("veth" | "netkit") => set_pod_iface(ebpf, *index, true),
+                                other => warn!(
+                                    iface = %name,
+                                    driver = ?other,
+                                    "not a veth or netkit device: BPF host routing leaves its \
+                                     pod to the kernel's forwarding"
+                                ),
+                            }
                         }
                     }
                     Err(e) => {
@@ -774,14 +784,13 @@ impl Attached {
         for nic in &self.nics {
             match loader::attach_nic_ingress_pinned(ebpf, nic, &cfg.pin_dir) {
                 Ok(how) => info!(nic = %nic, how = ?how, "BPF host routing attached (TC ingress)"),
-                Err(e) => {
-                    self.failures += 1;
-                    warn!(
-                        nic = %nic,
-                        error = %e,
-                        "BPF host routing NOT attached: the kernel forwards to pods"
-                    );
-                }
+                // Not an attachment failure in `failures`' sense: no older datapath keeps
+                // running for it, the kernel just forwards as without the option.
+                Err(e) => warn!(
+                    nic = %nic,
+                    error = %e,
+                    "BPF host routing NOT attached: the kernel forwards to pods"
+                ),
             }
         }
     }

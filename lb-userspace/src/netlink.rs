@@ -17,6 +17,47 @@ pub enum LinkEvent {
     Removed { index: u32, name: String },
 }
 
+/// The driver of interface `name` (`veth`, `netkit`, ...), from the `ETHTOOL_GDRVINFO`
+/// ioctl in this network namespace; `None` if the interface is gone or does not say.
+#[must_use]
+pub fn driver(name: &str) -> Option<String> {
+    // struct ifreq: the name, then (in the union) the pointer to the request.
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; libc::IFNAMSIZ],
+        data: *mut u8,
+        _pad: [u8; 16],
+    }
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    // struct ethtool_drvinfo: cmd, driver[32], version[32], fw_version[32], bus_info[32],
+    // erom_version[32], reserved2[12], then five u32 counts.
+    let mut info = [0u8; 196];
+    info[..4].copy_from_slice(&ETHTOOL_GDRVINFO.to_ne_bytes());
+    let bytes = name.as_bytes();
+    if bytes.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut req = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: info.as_mut_ptr(),
+        _pad: [0; 16],
+    };
+    req.name[..bytes.len()].copy_from_slice(bytes);
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0")
+        .or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))
+        .ok()?;
+    // SAFETY: SIOCETHTOOL reads the ifreq and writes at most the 196-byte drvinfo it points
+    // to; both outlive the call.
+    let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &raw mut req) };
+    if r != 0 {
+        return None;
+    }
+    let driver = &info[4..36];
+    let end = driver.iter().position(|&b| b == 0).unwrap_or(driver.len());
+    Some(String::from_utf8_lossy(&driver[..end]).into_owned())
+}
+
 /// Interfaces that exist now: (index, name).
 #[must_use]
 pub fn links() -> Vec<(u32, String)> {

@@ -277,7 +277,8 @@ pub mod action {
     pub const XDP_PASS: u32 = 2;
     pub const XDP_TX: u32 = 3;
     pub const XDP_REDIRECT: u32 = 4;
-    pub const TC_ACT_OK: u32 = 0;
+    /// tcx's `TCX_NEXT` (`TC_ACT_UNSPEC`, -1): passed on to the next program, then the kernel.
+    pub const TC_NEXT: u32 = u32::MAX;
     pub const TC_ACT_SHOT: u32 = 2;
     pub const TC_ACT_REDIRECT: u32 = 7;
 }

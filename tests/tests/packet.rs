@@ -17,7 +17,7 @@ use lb_userspace::state::{
 use xlb_tests::{
     harness::{
         Datapath, Outcome,
-        action::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, XDP_DROP, XDP_PASS, XDP_TX},
+        action::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_NEXT, XDP_DROP, XDP_PASS, XDP_TX},
     },
     packet::{ETH_HLEN, Frame, parse, verify_checksums},
     privileged,
@@ -140,7 +140,7 @@ fn non_service_packet_passes_byte_for_byte() {
         assert_eq!(out.action, XDP_PASS);
         assert_eq!(out.frame, frame, "XDP changed a non-service packet");
         let out = dp.tc(&frame);
-        assert_eq!(out.action, TC_ACT_OK);
+        assert_eq!(out.action, TC_NEXT);
         assert_eq!(out.frame, frame, "TC changed a non-service packet");
     }
     assert_eq!(dp.count(Verdict::PassNotService), 4);
@@ -306,7 +306,7 @@ fn malformed_packets_to_a_frontend_pass_untouched_and_are_counted() {
             continue;
         }
         let out = dp.tc(frame);
-        assert_eq!(out.action, TC_ACT_OK, "TC verdict for {what}");
+        assert_eq!(out.action, TC_NEXT, "TC verdict for {what}");
         assert_eq!(&out.frame, frame, "TC changed: {what}");
         assert_eq!(
             dp.count(*verdict),
@@ -453,7 +453,7 @@ fn established_flow_sticks_across_ring_changes() {
     for sport in 30000..30060u16 {
         for (proto, frame) in [("tcp", tcp(sport)), ("udp", udp(sport))] {
             let out = dp.tc(&frame);
-            assert_eq!(out.action, TC_ACT_OK);
+            assert_eq!(out.action, TC_NEXT);
             first.insert((proto, sport), *parse(&out.frame).dst.ip());
         }
     }
@@ -710,7 +710,7 @@ fn tc_pod_to_cluster_ip_is_dnatted_exactly() {
             ..input
         };
         let out = dp.tc(&input.build());
-        assert_eq!(out.action, TC_ACT_OK);
+        assert_eq!(out.action, TC_NEXT);
         assert_eq!(out.frame, translated(&input, None, Some(pod(REMOTE_POD_A))));
         assert_valid(&out, "tc dnat");
     }
@@ -878,7 +878,7 @@ fn nic_reply_of_remote_backend_to_pod_is_reverse_translated() {
     let mut dp = loaded(&[REMOTE_POD_B], false);
     let src = SocketAddrV4::new(LOCAL_POD, 51000);
     for input in [Frame::tcp(src, cluster_ip()), Frame::udp(src, cluster_ip())] {
-        assert_eq!(dp.tc(&input.build()).action, TC_ACT_OK);
+        assert_eq!(dp.tc(&input.build()).action, TC_NEXT);
         let reply = Frame {
             src: pod(REMOTE_POD_B),
             dst: src,
@@ -1171,7 +1171,7 @@ fn concurrent_new_flows_in_shared_buckets_are_each_recorded_once() {
     let mut first = std::collections::BTreeMap::new();
     for (t, out) in outs.iter().enumerate() {
         for (c, o) in clients.iter().skip(t).step_by(2).zip(out) {
-            assert_eq!(o.action, TC_ACT_OK, "flow from {c}");
+            assert_eq!(o.action, TC_NEXT, "flow from {c}");
             first.insert(*c, parse(&o.frame).dst);
         }
     }
@@ -1222,7 +1222,7 @@ fn new_flows_also_go_to_conntrack_while_an_older_datapath_may_run() {
     });
     let src = SocketAddrV4::new(Ipv4Addr::new(10, 244, 1, 9), 41000);
     let out = dp.tc(&Frame::tcp(src, cluster_ip()).build());
-    assert_eq!(out.action, TC_ACT_OK);
+    assert_eq!(out.action, TC_NEXT);
     let mut table = dp.flow_table_entries();
     let mut lru = dp.overflow_conntrack();
     table.sort_by_key(|(k, _)| (k.src_be, k.sport_be));
