@@ -92,7 +92,18 @@ pub fn nic_ingress(ctx: &TcContext) -> i32 {
         stats::host_routing(HostRouting::Kernel);
         return NEXT;
     }
-    let (out, macs) = match fib::lookup(ctx.as_ptr(), ifindex, src, dst, proto, 0) {
+    // The pod's MTU is checked as forwarding would (a frame too large for it goes to the
+    // kernel, which fragments it or answers "fragmentation needed"); a GRO aggregate is
+    // delivered as it is, as the kernel would deliver it.
+    // SAFETY: reading the program's own context.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    // SAFETY: bounds-checked above.
+    let tot_len = if gso {
+        0
+    } else {
+        u16::from_be_bytes(unsafe { (*ip).tot_len })
+    };
+    let (out, macs) = match fib::lookup(ctx.as_ptr(), ifindex, src, dst, proto, tot_len) {
         Lookup::Found(r) => (r.ifindex, Some(r)),
         Lookup::NoNeighbour(i) => (i, None),
         Lookup::Fail => (0, None),

@@ -603,7 +603,8 @@ struct Attached {
     /// `CONFIG_F_CONNTRACK_TOO`).
     conntrack_too: bool,
     nics: Vec<String>,
-    pod_ifaces: std::collections::BTreeSet<String>,
+    /// Pod interfaces attached to: name → ifindex.
+    pod_ifaces: std::collections::BTreeMap<String, u32>,
     sock: bool,
 }
 
@@ -696,7 +697,20 @@ impl Attached {
         // Subscribe before listing, so no link falls between the two.
         let watcher = netlink::LinkWatcher::new().map_err(AgentError::Netlink)?;
         std::thread::spawn(move || {
-            while let Ok(events) = watcher.recv() {
+            loop {
+                let events = match watcher.recv() {
+                    Ok(events) => events,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        // ENOBUFS: more link changes than the socket buffer held. Whatever the
+                        // error, the agent compares with the links that exist now.
+                        warn!(error = %e, "link notifications lost: comparing with the links that exist");
+                        if e.raw_os_error() != Some(libc::ENOBUFS) {
+                            std::thread::sleep(Duration::from_secs(1));
+                        }
+                        vec![LinkEvent::Resync]
+                    }
+                };
                 for e in events {
                     if links.send(e).is_err() {
                         return;
@@ -721,19 +735,28 @@ impl Attached {
 
     fn on_link(&mut self, ebpf: &mut Ebpf, cfg: &AgentConfig, event: &LinkEvent) {
         match event {
-            LinkEvent::New { name, .. } => {
-                if self.pod_ifaces.contains(name)
-                    || !cfg.pod_ifaces.iter().any(|g| netlink::glob_match(g, name))
-                {
+            LinkEvent::New { name, index } => {
+                if !cfg.pod_ifaces.iter().any(|g| netlink::glob_match(g, name)) {
                     return;
+                }
+                match self.pod_ifaces.get(name) {
+                    Some(i) if i == index => return,
+                    // Removed and created again while notifications were lost.
+                    Some(&old) => self.on_link(
+                        ebpf,
+                        cfg,
+                        &LinkEvent::Removed {
+                            index: old,
+                            name: name.clone(),
+                        },
+                    ),
+                    None => {}
                 }
                 match loader::attach_pod_pinned(ebpf, name, &cfg.pin_dir) {
                     Ok(how) => {
                         info!(iface = %name, how = ?how, "TC attached");
-                        self.pod_ifaces.insert(name.clone());
-                        if cfg.host_routing == HostRouting::Bpf
-                            && let LinkEvent::New { index, .. } = event
-                        {
+                        self.pod_ifaces.insert(name.clone(), *index);
+                        if cfg.host_routing == HostRouting::Bpf {
                             // `bpf_redirect_peer` needs a device with a peer (the kernel drops
                             // the packet otherwise): veth or netkit.
                             match netlink::driver(name).as_deref() {
@@ -755,10 +778,26 @@ impl Attached {
             }
             LinkEvent::Removed { name, index } => {
                 // The kernel removed the tcx link with the interface; drop its pin.
-                if self.pod_ifaces.remove(name) {
+                if self.pod_ifaces.get(name) == Some(index) {
+                    self.pod_ifaces.remove(name);
                     set_pod_iface(ebpf, *index, false);
+                    loader::unpin_pod_link(&cfg.pin_dir, name);
                 }
-                loader::unpin_pod_link(&cfg.pin_dir, name);
+            }
+            LinkEvent::Resync => {
+                let now = netlink::links();
+                let gone: Vec<(String, u32)> = self
+                    .pod_ifaces
+                    .iter()
+                    .filter(|&(n, i)| !now.iter().any(|(ci, cn)| cn == n && ci == i))
+                    .map(|(n, i)| (n.clone(), *i))
+                    .collect();
+                for (name, index) in gone {
+                    self.on_link(ebpf, cfg, &LinkEvent::Removed { index, name });
+                }
+                for (index, name) in now {
+                    self.on_link(ebpf, cfg, &LinkEvent::New { index, name });
+                }
             }
         }
     }

@@ -15,6 +15,9 @@ pub enum LinkEvent {
     New { index: u32, name: String },
     /// A link was removed.
     Removed { index: u32, name: String },
+    /// Notifications may have been lost (the socket's buffer overran): compare with the links
+    /// that exist now.
+    Resync,
 }
 
 /// The driver of interface `name` (`veth`, `netkit`, ...), from the `ETHTOOL_GDRVINFO`
