@@ -371,8 +371,18 @@ pub fn attach_nic_ingress_pinned(
     dir: &Path,
 ) -> Result<Attachment, LoaderError> {
     let path = link_pin_path(dir, NIC_INGRESS_HOOK, iface, existing_ifindex(iface)?);
-    let prog = nic_ingress_program(ebpf)?;
-    attach_pinned(&path, PROG_NIC_INGRESS, |old| {
+    attach_tc_ingress_pinned(nic_ingress_program(ebpf)?, PROG_NIC_INGRESS, iface, &path)
+}
+
+/// Attaches a TC program to `iface`'s ingress (tcx), pinned at `path`; takes over a pinned
+/// attachment.
+fn attach_tc_ingress_pinned(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    iface: &str,
+    path: &Path,
+) -> Result<Attachment, LoaderError> {
+    attach_pinned(path, name, |old| {
         if let Some(link) = old {
             return prog.attach_to_link(link).map(|_| None);
         }
@@ -385,12 +395,17 @@ pub fn attach_nic_ingress_pinned(
 /// routing is off. Returns their names.
 #[must_use]
 pub fn remove_nic_ingress_links(dir: &Path) -> Vec<String> {
+    remove_links(dir, &format!("{NIC_INGRESS_HOOK}-"))
+}
+
+/// Removes the pinned links under `dir` whose names start with `prefix` (which detaches
+/// them); returns their names.
+fn remove_links(dir: &Path, prefix: &str) -> Vec<String> {
     let mut removed = Vec::new();
-    let prefix = format!("{NIC_INGRESS_HOOK}-");
     if let Ok(entries) = fs::read_dir(pin::links_dir(dir)) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&prefix) && fs::remove_file(e.path()).is_ok() {
+            if name.starts_with(prefix) && fs::remove_file(e.path()).is_ok() {
                 removed.push(name);
             }
         }
@@ -489,16 +504,7 @@ fn own_netns_cookie() -> io::Result<u64> {
 /// returns their names.
 #[must_use]
 pub fn remove_sock_links(dir: &Path) -> Vec<String> {
-    let mut removed = Vec::new();
-    if let Ok(entries) = fs::read_dir(pin::links_dir(dir)) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with(SOCK_LINK_PREFIX) && fs::remove_file(e.path()).is_ok() {
-                removed.push(name);
-            }
-        }
-    }
-    removed
+    remove_links(dir, SOCK_LINK_PREFIX)
 }
 
 /// Attaches the pod program to `iface`'s ingress, pinned under `dir`; takes over a pinned
@@ -509,14 +515,7 @@ pub fn attach_pod_pinned(
     dir: &Path,
 ) -> Result<Attachment, LoaderError> {
     let path = link_pin_path(dir, "tc", iface, existing_ifindex(iface)?);
-    let prog = tc_program(ebpf)?;
-    attach_pinned(&path, PROG_POD, |old| {
-        if let Some(link) = old {
-            return prog.attach_to_link(link).map(|_| None);
-        }
-        let id = prog.attach(iface, TcAttachType::Ingress)?;
-        prog.take_link(id).map(Some)
-    })
+    attach_tc_ingress_pinned(tc_program(ebpf)?, PROG_POD, iface, &path)
 }
 
 fn existing_ifindex(iface: &str) -> Result<u32, LoaderError> {
@@ -581,14 +580,7 @@ pub fn remove_stale_links(dir: &Path) -> Vec<String> {
 
 /// Unpins the link of a pod interface that was removed (the kernel detached it already).
 pub fn unpin_pod_link(dir: &Path, iface: &str) {
-    if let Ok(entries) = fs::read_dir(pin::links_dir(dir)) {
-        let prefix = format!("tc-{iface}-");
-        for e in entries.flatten() {
-            if e.file_name().to_string_lossy().starts_with(&prefix) {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-    }
+    let _ = remove_links(dir, &format!("tc-{iface}-"));
 }
 
 const BPF_NOEXIST: u64 = 1;
