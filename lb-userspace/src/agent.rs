@@ -757,16 +757,24 @@ impl Attached {
                         info!(iface = %name, how = ?how, "TC attached");
                         self.pod_ifaces.insert(name.clone(), *index);
                         if cfg.host_routing == HostRouting::Bpf {
-                            // `bpf_redirect_peer` needs a device with a peer (the kernel drops
-                            // the packet otherwise): veth or netkit.
-                            match netlink::driver(name).as_deref() {
-                                Some("veth" | "netkit") => set_pod_iface(ebpf, *index, true),
-                                other => warn!(
+                            // `bpf_redirect_peer` needs a device whose peer is in another
+                            // namespace (the kernel drops the packet otherwise): a pod's veth
+                            // or netkit device.
+                            let driver = netlink::driver(name);
+                            let peer_elsewhere = netlink::peer_elsewhere(*index);
+                            if matches!(driver.as_deref(), Some("veth" | "netkit"))
+                                && peer_elsewhere == Some(true)
+                            {
+                                set_pod_iface(ebpf, *index, true);
+                            } else {
+                                warn!(
                                     iface = %name,
-                                    driver = ?other,
-                                    "not a veth or netkit device: BPF host routing leaves its \
-                                     pod to the kernel's forwarding"
-                                ),
+                                    ?driver,
+                                    ?peer_elsewhere,
+                                    "not a veth or netkit device with its peer in another \
+                                     namespace: BPF host routing leaves its pod to the kernel's \
+                                     forwarding"
+                                );
                             }
                         }
                     }

@@ -128,6 +128,8 @@ const RTMGRP_LINK: u32 = 1;
 const RTM_NEWLINK: u16 = 16;
 const RTM_DELLINK: u16 = 17;
 const IFLA_IFNAME: u16 = 3;
+const IFLA_LINK_NETNSID: u16 = 37;
+const RTM_GETLINK: u16 = 18;
 const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 
@@ -206,26 +208,75 @@ pub fn parse_link_messages(buf: &[u8]) -> Vec<LinkEvent> {
     events
 }
 
-fn ifname(msg: &[u8]) -> Option<String> {
+/// The payload of attribute `want` of a link message (after its `ifinfomsg`).
+fn attribute(msg: &[u8], want: u16) -> Option<&[u8]> {
     let mut off = IFINFOMSG_LEN;
     while let (Some(len), Some(kind)) = (u16_at(msg, off), u16_at(msg, off + 2)) {
         let len = len as usize;
         if len < 4 || off + len > msg.len() {
             return None;
         }
-        if kind == IFLA_IFNAME {
-            let raw = &msg[off + 4..off + len];
-            let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
-            return String::from_utf8(raw[..end].to_vec()).ok();
+        if kind == want {
+            return msg.get(off + 4..off + len);
         }
         off += (len + 3) & !3;
     }
     None
 }
 
+fn ifname(msg: &[u8]) -> Option<String> {
+    let raw = attribute(msg, IFLA_IFNAME)?;
+    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
+    String::from_utf8(raw[..end].to_vec()).ok()
+}
+
+/// Whether a datagram answering `RTM_GETLINK` describes a link whose peer (veth, netkit) is in
+/// another network namespace (it carries `IFLA_LINK_NETNSID`); None if it holds no link.
+fn peer_elsewhere_in(buf: &[u8]) -> Option<bool> {
+    let (len, kind) = (u32_at(buf, 0)? as usize, u16_at(buf, 4)?);
+    if kind != RTM_NEWLINK || len < NLMSG_HDRLEN || len > buf.len() {
+        return None;
+    }
+    Some(attribute(&buf[NLMSG_HDRLEN..len], IFLA_LINK_NETNSID).is_some())
+}
+
+/// Whether the peer of link `index` (a veth or netkit device) is in another network namespace,
+/// as a pod's is; asked of the kernel with `RTM_GETLINK`. None if it cannot tell.
+#[must_use]
+pub fn peer_elsewhere(index: u32) -> Option<bool> {
+    // SAFETY: a plain socket call; the fd is owned right after creation.
+    let fd = unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return None;
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    // nlmsghdr (len, type, flags = NLM_F_REQUEST, seq, pid), then ifinfomsg with the index.
+    let mut req = [0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
+    req[0..4].copy_from_slice(&((NLMSG_HDRLEN + IFINFOMSG_LEN) as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
+    req[6..8].copy_from_slice(&1u16.to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    req[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8].copy_from_slice(&index.to_ne_bytes());
+    // SAFETY: sending from and receiving into buffers we own, bounded by their lengths.
+    unsafe {
+        if libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) < 0 {
+            return None;
+        }
+        let mut buf = vec![0u8; 32 * 1024];
+        let n = libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
+        peer_elsewhere_in(buf.get(..usize::try_from(n).ok()?)?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{LinkEvent, glob_match, parse_link_messages};
+    use super::{LinkEvent, glob_match, parse_link_messages, peer_elsewhere_in};
 
     #[test]
     fn globs() {
@@ -238,6 +289,11 @@ mod tests {
     }
 
     fn newlink(kind: u16, index: u32, name: &str) -> Vec<u8> {
+        newlink_with(kind, index, name, &[])
+    }
+
+    /// A link message with the name and, after it, the given (type, payload) attributes.
+    fn newlink_with(kind: u16, index: u32, name: &str, extra: &[(u16, &[u8])]) -> Vec<u8> {
         let mut attr = Vec::new();
         let name_len = name.len() + 1;
         attr.extend_from_slice(&((4 + name_len) as u16).to_ne_bytes());
@@ -246,6 +302,14 @@ mod tests {
         attr.push(0);
         while attr.len() % 4 != 0 {
             attr.push(0);
+        }
+        for (t, payload) in extra {
+            attr.extend_from_slice(&((4 + payload.len()) as u16).to_ne_bytes());
+            attr.extend_from_slice(&t.to_ne_bytes());
+            attr.extend_from_slice(payload);
+            while attr.len() % 4 != 0 {
+                attr.push(0);
+            }
         }
         let mut ifi = vec![0u8; 16];
         ifi[4..8].copy_from_slice(&index.to_ne_bytes());
@@ -278,5 +342,17 @@ mod tests {
         );
         assert!(parse_link_messages(&buf[..20]).is_empty());
         assert!(parse_link_messages(&[0xff; 7]).is_empty());
+    }
+
+    #[test]
+    fn tells_a_peer_in_another_namespace() {
+        // A pod's veth: its peer's namespace id is attribute 37 (IFLA_LINK_NETNSID).
+        let pod = newlink_with(16, 7, "lxc42", &[(37, &5u32.to_ne_bytes())]);
+        assert_eq!(peer_elsewhere_in(&pod), Some(true));
+        // Both ends here: no such attribute.
+        let local = newlink_with(16, 8, "lxc43", &[(13, &1500u32.to_ne_bytes())]);
+        assert_eq!(peer_elsewhere_in(&local), Some(false));
+        assert_eq!(peer_elsewhere_in(&newlink(17, 8, "lxc43")), None);
+        assert_eq!(peer_elsewhere_in(&[0xff; 7]), None);
     }
 }
