@@ -107,7 +107,12 @@ impl Instance {
         let mut ebpf = loader::load(caps).context("loading the datapath")?;
         let mut maps = AyaMaps::new(&mut ebpf).context("taking the datapath's maps")?;
         // The node configuration the agent writes at start.
-        let config = node_config(scenario::NODE, scenario::SNAT_PORTS, &[scenario::NODE]);
+        let config = node_config(
+            scenario::NODE,
+            scenario::SNAT_PORTS,
+            &[scenario::NODE],
+            lb_common::Timeouts::default(),
+        );
         maps.apply(&Op::SetConfig(config))
             .context("writing the node configuration")?;
         Ok(Self {

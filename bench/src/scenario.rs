@@ -14,7 +14,7 @@ pub const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 11);
 /// The measured service's NodePort.
 pub const NODE_PORT: u16 = 32510;
 /// The node's SNAT port range (the agent's default).
-pub const SNAT_PORTS: (u16, u16) = (61000, 65535);
+pub const SNAT_PORTS: &[lb_common::PortRange] = &[lb_common::PortRange::new(61000, 65535)];
 /// Backends of the measured service, all on this node: the NIC program translates and passes
 /// to the kernel, no FIB lookup or SNAT involved.
 pub const MEASURED_BACKENDS: usize = 10;

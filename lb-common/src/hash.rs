@@ -47,6 +47,18 @@ pub const fn flow_bucket(client_be: u32, client_port_be: u16, proto: u8) -> u32 
     ))
 }
 
+/// The SNAT-table base of a backend (address, port, protocol) seen from one SNAT address
+/// (network order): the bucket of its flow with SNAT port `p` is this plus `p`, masked to
+/// the table size by the caller, so a backend's consecutive ports use consecutive buckets.
+#[inline(always)]
+#[must_use]
+pub const fn nat_bucket(backend_be: u32, backend_port_be: u16, proto: u8, nat_addr_be: u32) -> u32 {
+    finalize(mix(
+        mix(mix(SEED ^ 0x5a, backend_be), nat_addr_be),
+        ((backend_port_be as u32) << 8) | proto as u32,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::{flow_bucket, flow_hash};

@@ -4,32 +4,45 @@
 //! two sides cannot disagree about a layout without the build failing. Fields in network byte
 //! order carry a `_be` suffix: they hold the packet's bytes as a native integer
 //! (`u32::from_ne_bytes(packet[..4])`), never a host-order value. Map names carry the layout
-//! version (`_v1`); a layout change means a new suffix.
+//! version (`_v2`); a layout change means a new suffix.
 #![no_std]
 
 pub mod csum;
 pub mod hash;
 
 /// Version of the map layouts below; part of every map name.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Map names as they appear in the object file (and under the pin directory).
 pub mod map_names {
-    pub const FRONTENDS: &str = "xlb_frontends_v1";
-    pub const BACKENDS: &str = "xlb_backends_v1";
-    pub const RINGS: &str = "xlb_rings_v1";
-    pub const CONNTRACK: &str = "xlb_ct_v1";
-    pub const SNAT: &str = "xlb_snat_v1";
-    pub const STATS: &str = "xlb_stats_v1";
-    pub const SERVICE_STATS: &str = "xlb_svc_stats_v1";
-    pub const CONFIG: &str = "xlb_config_v1";
-    pub const SOCK_REVNAT: &str = "xlb_sock_revnat_v1";
-    pub const AFFINITY: &str = "xlb_affinity_v1";
-    pub const EVENTS: &str = "xlb_events_v1";
-    pub const SOCK_NETNS: &str = "xlb_sock_netns_v1";
-    pub const FLOWS: &str = "xlb_flows_v1";
-    pub const POD_IFACES: &str = "xlb_pod_ifaces_v1";
-    pub const HOST_ROUTING: &str = "xlb_host_routing_v1";
+    pub const FRONTENDS: &str = "xlb_frontends_v2";
+    pub const BACKENDS: &str = "xlb_backends_v2";
+    pub const RINGS: &str = "xlb_rings_v2";
+    pub const CONNTRACK: &str = "xlb_ct_v2";
+    /// The SNAT table (`NatBucket`s): SNATed and hairpin flows by their reply tuple.
+    pub const NAT: &str = "xlb_nat_v2";
+    /// SNAT port cursors, per backend id.
+    pub const NAT_CURSORS: &str = "xlb_nat_cursors_v2";
+    /// Ports new SNATed flows must not take (a bitmap of 65,536 bits).
+    pub const NAT_EXCLUDED: &str = "xlb_nat_excluded_v2";
+    /// The LRU SNAT map of a datapath of layout version 1 (`SnatEntry`s), taken over at an
+    /// upgrade so its flows' replies are still found; small and empty on a fresh node.
+    pub const SNAT_LEGACY: &str = "xlb_snat_lru_v2";
+    pub const STATS: &str = "xlb_stats_v2";
+    pub const SERVICE_STATS: &str = "xlb_svc_stats_v2";
+    pub const CONFIG: &str = "xlb_config_v2";
+    pub const SOCK_REVNAT: &str = "xlb_sock_revnat_v2";
+    pub const AFFINITY: &str = "xlb_affinity_v2";
+    pub const EVENTS: &str = "xlb_events_v2";
+    pub const SOCK_NETNS: &str = "xlb_sock_netns_v2";
+    pub const FLOWS: &str = "xlb_flows_v2";
+    pub const POD_IFACES: &str = "xlb_pod_ifaces_v2";
+    pub const HOST_ROUTING: &str = "xlb_host_routing_v2";
+    /// The programs the NIC program tail-calls (`PROG_INDEX_*`; a table holds programs of
+    /// one type).
+    pub const NIC_PROGRAMS: &str = "xlb_nic_progs_v2";
+    /// The programs the pod program tail-calls.
+    pub const POD_PROGRAMS: &str = "xlb_pod_progs_v2";
 }
 
 /// Default capacities; the agent may override each at load time.
@@ -46,7 +59,13 @@ pub mod capacity {
     /// 500 Ki, 10 % of 1 Mi), and those of a previous version's datapath during an upgrade
     /// (which keeps that datapath's map and its size).
     pub const CONNTRACK: u32 = 256 * 1024;
-    pub const SNAT: u32 = 256 * 1024;
+    /// SNAT table buckets (a power of two): 256 Ki × 3 = 768 Ki SNATed flows in 32 MiB. A
+    /// SNATed flow holds its entry while it lives and for its close timeout after (65 s when
+    /// the backend closed first, 10 s otherwise), so the table holds e.g. 200,000 live
+    /// SNATed connections plus 8,000 closes per second sustained.
+    pub const NAT_BUCKETS: u32 = 256 * 1024;
+    /// The legacy LRU SNAT map of a fresh node (an upgrade keeps the old map and its size).
+    pub const SNAT_LEGACY: u32 = 1024;
     /// Sockets translated by socket-level load balancing whose peer address is read back.
     pub const SOCK_REVNAT: u32 = 256 * 1024;
     /// (client, service port) pairs of Services with `sessionAffinity: ClientIP`.
@@ -163,11 +182,11 @@ pub struct CtEntry {
     pub _pad: u8,
 }
 
-/// Value of the SNAT map, whose key is the reply's 5-tuple as it arrives (backend → SNAT
-/// address and port): the client and frontend to restore. Inserting it with `BPF_NOEXIST`
-/// is also how a SNAT port is reserved, so one port serves many backends at once. Entries
-/// expire (see `Config`'s timeouts) so ports of finished flows are reused: a reply refreshes
-/// `last_seen_s`, a FIN or RST marks the flow closing.
+/// Value of the LRU SNAT map of layout version 1 (`map_names::SNAT_LEGACY`), whose key is
+/// the reply's 5-tuple as it arrives (backend → SNAT address and port): the client and
+/// frontend to restore. This version records SNATed flows in the SNAT table (`NatBucket`);
+/// it reads these entries only for the flows an older datapath made, and writes them only
+/// while that datapath's programs may still run (`CONFIG_F_SNAT_LEGACY_TOO`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct SnatEntry {
@@ -181,27 +200,263 @@ pub struct SnatEntry {
     pub _pad: [u8; 3],
 }
 
-/// SNAT entry states.
+/// Legacy SNAT entry states.
 pub const SNAT_NEW: u8 = 0;
 pub const SNAT_ESTABLISHED: u8 = 1;
 pub const SNAT_CLOSING: u8 = 2;
 
-/// Default idle timeouts of SNAT entries, in seconds (a port is reused only after them).
-pub mod snat_timeout {
-    /// No reply yet (kernel conntrack: `SYN_SENT` 120 s, UDP unreplied 30 s).
-    pub const NEW: u32 = 60;
-    /// TCP with replies, no FIN/RST yet.
-    pub const TCP_ESTABLISHED: u32 = 2 * 3600;
-    /// UDP with replies (kernel conntrack: 120 s).
-    pub const UDP_ESTABLISHED: u32 = 120;
-    /// After a FIN or RST (kernel conntrack: `TIME_WAIT` 120 s).
-    pub const CLOSING: u32 = 120;
+/// Default idle timeouts of tracked flows (flow-table slots and SNAT entries), in seconds;
+/// `Config::timeouts` overrides each (0 = the default). Why each is safe is said at each.
+pub mod timeout {
+    /// TCP, no answer yet (kernel conntrack's `SYN_SENT` is 120 s; an unanswered SYN is
+    /// retransmitted for at most ~2 min, and each retransmission refreshes the flow).
+    pub const TCP_SYN: u32 = 60;
+    /// TCP with replies and no FIN or RST: kube-proxy's `--conntrack-tcp-timeout-established`
+    /// default (24 h), above the default TCP keepalive interval (2 h) with a wide margin, so
+    /// an idle connection survives as it does under kube-proxy.
+    pub const TCP_ESTABLISHED: u32 = 24 * 3600;
+    /// TCP after a FIN in one direction only: the other side may go on sending
+    /// (kube-proxy's `--conntrack-tcp-timeout-close-wait`, 1 h).
+    pub const TCP_HALF_CLOSED: u32 = 3600;
+    /// A SNATed TCP flow whose backend sent the first FIN: the backend keeps the tuple in
+    /// `TIME_WAIT` for 60 s (Linux's `TCP_TIMEWAIT_LEN`) after the client's FIN, and may answer
+    /// a SYN on the same tuple with an ACK instead of a SYN-ACK, so the SNAT port waits that
+    /// long plus a margin for the coarse clock before another flow to this backend takes it.
+    pub const TCP_TIME_WAIT: u32 = 65;
+    /// TCP after a RST, or after FINs in both directions where the backend closed second
+    /// (it then holds no `TIME_WAIT`: the client does, on its own tuple): kernel conntrack's
+    /// `CLOSE` (10 s), long enough for a lost last ACK to be retransmitted.
+    pub const TCP_CLOSED: u32 = 10;
+    /// UDP unanswered, or answered within its first 2 s (a request/response exchange such
+    /// as DNS): kernel conntrack's `nf_conntrack_udp_timeout` (30 s).
+    pub const UDP: u32 = 30;
+    /// UDP answered and still active 2 s after its first packet (a stream): kernel
+    /// conntrack's `nf_conntrack_udp_timeout_stream` (120 s).
+    pub const UDP_STREAM: u32 = 120;
+    /// A UDP flow is a stream once it sees traffic this long after its first packet.
+    pub const UDP_STREAM_AFTER: u32 = 2;
+    /// A flow-table slot or legacy SNAT entry that an older datapath marked closing (it did
+    /// not say how): that datapath's timeout.
+    pub const LEGACY_CLOSING: u32 = 120;
+}
+
+/// `Config::timeouts`: idle timeouts in seconds, 0 = the default of [`timeout`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct Timeouts {
+    pub tcp_syn_s: u32,
+    pub tcp_established_s: u32,
+    pub tcp_half_closed_s: u32,
+    pub tcp_time_wait_s: u32,
+    pub tcp_closed_s: u32,
+    pub udp_s: u32,
+    pub udp_stream_s: u32,
+    pub _pad: u32,
+}
+
+impl Timeouts {
+    #[inline(always)]
+    const fn or(configured: u32, default: u32) -> u32 {
+        if configured == 0 { default } else { configured }
+    }
+    #[inline(always)]
+    #[must_use]
+    pub const fn tcp_syn(&self) -> u32 {
+        Self::or(self.tcp_syn_s, timeout::TCP_SYN)
+    }
+    #[inline(always)]
+    #[must_use]
+    pub const fn tcp_established(&self) -> u32 {
+        Self::or(self.tcp_established_s, timeout::TCP_ESTABLISHED)
+    }
+    #[inline(always)]
+    #[must_use]
+    pub const fn tcp_half_closed(&self) -> u32 {
+        Self::or(self.tcp_half_closed_s, timeout::TCP_HALF_CLOSED)
+    }
+    #[inline(always)]
+    #[must_use]
+    pub const fn tcp_time_wait(&self) -> u32 {
+        Self::or(self.tcp_time_wait_s, timeout::TCP_TIME_WAIT)
+    }
+    #[inline(always)]
+    #[must_use]
+    pub const fn tcp_closed(&self) -> u32 {
+        Self::or(self.tcp_closed_s, timeout::TCP_CLOSED)
+    }
+    #[inline(always)]
+    #[must_use]
+    pub const fn udp(&self) -> u32 {
+        Self::or(self.udp_s, timeout::UDP)
+    }
+    #[inline(always)]
+    #[must_use]
+    pub const fn udp_stream(&self) -> u32 {
+        Self::or(self.udp_stream_s, timeout::UDP_STREAM)
+    }
+}
+
+/// An inclusive range of ports (host order); `min == 0` marks an unused entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, PartialOrd, Ord)]
+pub struct PortRange {
+    pub min: u16,
+    pub max: u16,
+}
+
+impl PortRange {
+    #[must_use]
+    pub const fn new(min: u16, max: u16) -> Self {
+        Self { min, max }
+    }
+
+    /// Ports in the range (0 for an unused or inverted one).
+    #[must_use]
+    pub const fn len(self) -> u32 {
+        if self.min == 0 || self.max < self.min {
+            0
+        } else {
+            self.max as u32 - self.min as u32 + 1
+        }
+    }
+
+    #[must_use]
+    pub const fn is_empty(self) -> bool {
+        self.len() == 0
+    }
+
+    #[must_use]
+    pub const fn contains(self, port: u16) -> bool {
+        self.min != 0 && port >= self.min && port <= self.max
+    }
+}
+
+/// At most this many SNAT port ranges.
+pub const MAX_SNAT_RANGES: usize = 4;
+
+/// The SNAT port with index `i` (`0..Config::snat_port_count`) of `ranges`, in order.
+#[inline(always)]
+#[must_use]
+pub fn snat_port_at(ranges: &[PortRange; MAX_SNAT_RANGES], mut i: u32) -> Option<u16> {
+    let mut k = 0;
+    while k < MAX_SNAT_RANGES {
+        let r = ranges[k];
+        let n = r.len();
+        if i < n {
+            return Some((r.min as u32 + i) as u16);
+        }
+        i -= n;
+        k += 1;
+    }
+    None
+}
+
+/// SNAT table entry flags (`NatEntry::flags`).
+/// A hairpin flow (a pod reaching itself through a Service), SNATed to `HAIRPIN_ADDR`.
+pub const NAT_F_HAIRPIN: u8 = 1 << 0;
+/// `NatEntry::client_state`, written by the client's packets: a FIN, a RST seen.
+pub const NAT_C_FIN: u8 = 1 << 0;
+pub const NAT_C_RST: u8 = 1 << 1;
+/// `NatEntry::backend_state`, written by the backend's packets (replies): answered, a FIN,
+/// a RST, and whether its FIN came after the client's (a passive close: no `TIME_WAIT` at the
+/// backend).
+pub const NAT_B_REPLIED: u8 = 1 << 0;
+pub const NAT_B_FIN: u8 = 1 << 1;
+pub const NAT_B_RST: u8 = 1 << 2;
+pub const NAT_B_PASSIVE: u8 = 1 << 3;
+
+/// One SNATed (or hairpin) flow in the SNAT table, found by its reply tuple: the backend's
+/// address and port, the SNAT address and port the flow was given, the protocol. It restores
+/// the client and frontend on replies, and its presence reserves the SNAT port for that
+/// backend. `nat_addr_be == 0` marks a free entry. An entry whose flow has been idle past
+/// its state's timeout (see [`timeout`]) may be taken by a new flow; a live one never is,
+/// so no flow loses its port while it lives.
+///
+/// Both directions write only their own bytes without the bucket's lock (`client_state`,
+/// `backend_state`, `last_seen_s`), so neither undoes the other's; everything else is
+/// written by the holder of the bucket's lock.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NatEntry {
+    pub backend_addr_be: u32,
+    pub nat_addr_be: u32, // the SNAT address (or HAIRPIN_ADDR); 0 = free
+    pub client_addr_be: u32,
+    pub frontend_addr_be: u32,
+    pub backend_port_be: u16,
+    pub nat_port_be: u16,
+    pub client_port_be: u16,
+    pub frontend_port_be: u16,
+    pub service_id: u32,
+    pub created_s: u32,   // coarse seconds since boot
+    pub last_seen_s: u32, // refreshed by both directions, at most once a second
+    pub proto: u8,
+    pub client_state: u8,  // NAT_C_*
+    pub backend_state: u8, // NAT_B_*
+    pub flags: u8,         // NAT_F_*
+}
+
+impl NatEntry {
+    /// How long this flow may be idle in its state before its port may be reused (see
+    /// [`timeout`] for why each is safe). The datapath and the agent's fill counts share it.
+    #[inline(always)]
+    #[must_use]
+    pub const fn timeout(&self, t: &Timeouts) -> u32 {
+        let (c, b) = (self.client_state, self.backend_state);
+        if self.proto != IPPROTO_TCP {
+            let stream = b & NAT_B_REPLIED != 0
+                && self.last_seen_s.wrapping_sub(self.created_s) >= timeout::UDP_STREAM_AFTER;
+            return if stream { t.udp_stream() } else { t.udp() };
+        }
+        if c & NAT_C_RST != 0 || b & NAT_B_RST != 0 {
+            t.tcp_closed()
+        } else if c & NAT_C_FIN != 0 && b & NAT_B_FIN != 0 {
+            if b & NAT_B_PASSIVE != 0 {
+                t.tcp_closed()
+            } else {
+                t.tcp_time_wait()
+            }
+        } else if c & NAT_C_FIN != 0 || b & NAT_B_FIN != 0 {
+            t.tcp_half_closed()
+        } else if b & NAT_B_REPLIED != 0 {
+            t.tcp_established()
+        } else {
+            t.tcp_syn()
+        }
+    }
+
+    /// Whether the entry is free, or its flow has been idle past its state's timeout (at
+    /// coarse second `now`), so a new flow may take it.
+    #[inline(always)]
+    #[must_use]
+    pub const fn expired(&self, now: u32, t: &Timeouts) -> bool {
+        self.nat_addr_be == 0 || now.wrapping_sub(self.last_seen_s) > self.timeout(t)
+    }
+}
+
+/// One bucket of the SNAT table: an array map (memory-mappable) of 128-byte buckets. The
+/// bucket of a reply tuple is `hash::nat_bucket(backend, backend port, protocol, SNAT
+/// address) + SNAT port`, masked to the table size, so one backend's consecutive ports sit
+/// in consecutive buckets and a new flow, which takes its backend's next port, touches
+/// memory its predecessor just touched. `header` is a sequence number and lock as in
+/// [`FlowBucket`] (no overflow bit: a full bucket makes a new flow try its next port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct NatBucket {
+    pub header: u64,
+    pub entries: [NatEntry; FLOW_WAYS],
 }
 
 /// `Config::flags`: also record every new flow in the LRU conntrack map, as a datapath
 /// without the flow table does: set while such a datapath's programs may still run on some
 /// interface (an upgrade from it is under way), so they find the flows the new ones make.
 pub const CONFIG_F_CONNTRACK_TOO: u32 = 1 << 0;
+/// `Config::flags`: the legacy LRU SNAT map holds flows of an older datapath: replies that
+/// the SNAT table does not know are looked up there too.
+pub const CONFIG_F_SNAT_LEGACY: u32 = 1 << 1;
+/// `Config::flags`: the older datapath's programs may still run: new SNATed flows take
+/// ports of its range (`Config::legacy_ports`), reserved in the legacy map as well, so
+/// those programs translate their replies and never hand the same port to another flow.
+pub const CONFIG_F_SNAT_LEGACY_TOO: u32 = 1 << 2;
 
 /// XDP metadata word in front of a frame that the NIC program translated to a backend on this
 /// node, when BPF host routing is on: the NIC's TC ingress program then delivers it to the
@@ -234,6 +489,17 @@ impl HostRouting {
     }
 }
 
+/// Index of the NIC's new-flow program in the program table: the NIC program hands a packet
+/// that starts a flow to a frontend to it (a tail call), so the verifier checks each part of
+/// the NIC's path once rather than every way into the new-flow part. The new-flow program
+/// looks the frontend up again: it may be a newer agent's program (the table is pinned and
+/// takes the newest at once), and nothing but the packet passes between the two.
+pub const PROG_INDEX_NIC_NEW: u32 = 0;
+/// Index of the pod interfaces' new-flow program in their program table (as for the NIC).
+pub const PROG_INDEX_POD_NEW: u32 = 0;
+/// Entries of each program table.
+pub const PROG_COUNT: u32 = 1;
+
 /// Maximum node addresses the datapath knows of.
 pub const MAX_NODE_ADDRS: usize = 8;
 
@@ -242,15 +508,37 @@ pub const MAX_NODE_ADDRS: usize = 8;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct Config {
     pub snat_addr_be: u32,    // source address for SNATed flows (0 = SNAT disabled)
-    pub snat_port_min: u16,   // SNAT port range, host order, inclusive
-    pub snat_port_max: u16,   // inclusive
     pub node_addr_count: u32, // valid entries in node_addrs_be
     pub flags: u32,           // CONFIG_F_*
+    pub snat_range_count: u32, // valid entries in snat_ranges
     pub node_addrs_be: [u32; MAX_NODE_ADDRS],
-    pub snat_timeout_new_s: u32, // idle timeouts of SNAT entries by state (snat_timeout::*)
-    pub snat_timeout_tcp_established_s: u32,
-    pub snat_timeout_udp_established_s: u32,
-    pub snat_timeout_closing_s: u32,
+    /// The SNAT port ranges new flows take ports from (in order; see `snat_port_at`).
+    pub snat_ranges: [PortRange; MAX_SNAT_RANGES],
+    pub snat_port_count: u32, // ports in snat_ranges, summed
+    /// The port range of the older datapath whose flows the legacy LRU SNAT map holds
+    /// (`CONFIG_F_SNAT_LEGACY`): replies arrive on it too.
+    pub legacy_ports: PortRange,
+    pub timeouts: Timeouts,
+    /// The agent's record of the ranges it added to the node's `ip_local_reserved_ports`
+    /// (so `xlb cleanup` removes exactly those); the datapath does not read it.
+    pub reserved_ports: [PortRange; MAX_SNAT_RANGES],
+}
+
+impl Config {
+    /// Whether `port` is one SNATed replies may arrive on: in a SNAT range, or in the
+    /// legacy range while the legacy map is looked up.
+    #[inline(always)]
+    #[must_use]
+    pub fn is_snat_port(&self, port: u16) -> bool {
+        let mut k = 0;
+        while k < MAX_SNAT_RANGES {
+            if self.snat_ranges[k].contains(port) {
+                return true;
+            }
+            k += 1;
+        }
+        self.flags & CONFIG_F_SNAT_LEGACY != 0 && self.legacy_ports.contains(port)
+    }
 }
 
 /// What the datapath did with a packet; index of the stats map.
@@ -285,10 +573,13 @@ pub enum Verdict {
     DropRewrite = 12,
     /// TTL would expire in forwarding: passed to the kernel, which answers with ICMP.
     PassTtl = 13,
+    /// A new flow's program (tail-called) was missing or refused the handover: dropped.
+    /// Never expected; a load that could not fill the program table fails instead.
+    DropNoProgram = 14,
 }
 
 impl Verdict {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
     pub const ALL: [Verdict; Self::COUNT as usize] = [
         Verdict::PassNotService,
         Verdict::PassMalformed,
@@ -304,6 +595,7 @@ impl Verdict {
         Verdict::DropMapFull,
         Verdict::DropRewrite,
         Verdict::PassTtl,
+        Verdict::DropNoProgram,
     ];
 
     /// Metric label of this verdict.
@@ -324,6 +616,7 @@ impl Verdict {
             Verdict::DropMapFull => "drop_map_full",
             Verdict::DropRewrite => "drop_rewrite",
             Verdict::PassTtl => "pass_ttl",
+            Verdict::DropNoProgram => "drop_no_program",
         }
     }
 }
@@ -386,15 +679,21 @@ pub enum Event {
     AffinityHit = 2,
     /// A new connection of a client without a live affinity: balanced, and remembered.
     AffinityNew = 3,
+    /// A new SNATed flow took a port whose previous flow to the same backend was over.
+    SnatPortReused = 4,
+    /// A client's SYN met its own port's finished flow: a new flow was started.
+    FlowRestarted = 5,
 }
 
 impl Event {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 6;
     pub const ALL: [Event; Self::COUNT as usize] = [
         Event::SockTranslated,
         Event::SockNoBackend,
         Event::AffinityHit,
         Event::AffinityNew,
+        Event::SnatPortReused,
+        Event::FlowRestarted,
     ];
 
     /// Metric label value.
@@ -405,6 +704,8 @@ impl Event {
             Event::SockNoBackend => "sock_no_backend",
             Event::AffinityHit => "affinity_hit",
             Event::AffinityNew => "affinity_new",
+            Event::SnatPortReused => "snat_port_reused",
+            Event::FlowRestarted => "flow_restarted",
         }
     }
 }
@@ -427,8 +728,19 @@ pub const FLOW_F_HAIRPIN: u8 = 1 << 1;
 /// of unanswered flows). SNATed flows count as answered: their replies are seen in the SNAT
 /// map, which expires their ports itself.
 pub const FLOW_S_REPLIED: u8 = 1 << 0;
-/// `FlowSlot::state`: a FIN or RST was seen; the slot may be reused after the closing timeout.
+/// `FlowSlot::state`: a FIN or RST was seen (what a datapath of layout version 1 records;
+/// this one sets it with the bits below, which say what was seen). A client's SYN on a slot
+/// marked closing starts a new flow: the client reused its port for a new connection, which
+/// is balanced anew (and, SNATed, gets a new SNAT port), as conntrack does for a SYN that
+/// meets an entry in `TIME_WAIT`.
 pub const FLOW_S_CLOSING: u8 = 1 << 1;
+/// `FlowSlot::state`: a FIN from the client was seen.
+pub const FLOW_S_FIN_CLIENT: u8 = 1 << 2;
+/// `FlowSlot::state`: a FIN from the backend was seen (for SNATed flows: copied from their
+/// SNAT entry, which the backend's packets update).
+pub const FLOW_S_FIN_BACKEND: u8 = 1 << 3;
+/// `FlowSlot::state`: a RST was seen (either direction).
+pub const FLOW_S_RST: u8 = 1 << 4;
 
 /// One flow in the flow table. A slot serves both directions: the client's packets match
 /// (client, client port, frontend, frontend port, protocol); a reply of a flow that was not
@@ -455,6 +767,35 @@ pub struct FlowSlot {
     pub flags: u8, // FLOW_F_*
     pub state: u8, // FLOW_S_*
     pub _pad: u8,
+}
+
+impl FlowSlot {
+    /// How long this flow may be idle in its state before its slot may be given to another
+    /// flow: the SNAT table's rules as far as a slot knows its flow (a SNATed flow's port is
+    /// kept by its SNAT entry, not by its slot).
+    #[inline(always)]
+    #[must_use]
+    pub const fn timeout(&self, t: &Timeouts) -> u32 {
+        let st = self.state;
+        let both_fins = FLOW_S_FIN_CLIENT | FLOW_S_FIN_BACKEND;
+        if self.proto != IPPROTO_TCP {
+            if st & FLOW_S_REPLIED != 0 {
+                t.udp_stream()
+            } else {
+                t.udp()
+            }
+        } else if st & FLOW_S_RST != 0 || st & both_fins == both_fins {
+            t.tcp_closed()
+        } else if st & both_fins != 0 {
+            t.tcp_half_closed()
+        } else if st & FLOW_S_CLOSING != 0 {
+            timeout::LEGACY_CLOSING
+        } else if st & FLOW_S_REPLIED == 0 {
+            t.tcp_syn()
+        } else {
+            t.tcp_established()
+        }
+    }
 }
 
 /// One bucket of the flow table, the datapath's conntrack fast path: an array map (memory-
@@ -520,9 +861,28 @@ assert_offset!(SnatEntry, last_seen_s, 16);
 assert_offset!(SnatEntry, state, 20);
 assert_offset!(SnatEntry, service_id, 12);
 assert_offset!(SnatEntry, client_port_be, 8);
-assert_layout!(Config, 64, 4);
-assert_offset!(Config, snat_timeout_new_s, 48);
+assert_layout!(Config, 120, 4);
 assert_offset!(Config, node_addrs_be, 16);
+assert_offset!(Config, snat_ranges, 48);
+assert_offset!(Config, snat_port_count, 64);
+assert_offset!(Config, legacy_ports, 68);
+assert_offset!(Config, timeouts, 72);
+assert_offset!(Config, reserved_ports, 104);
+assert_layout!(Timeouts, 32, 4);
+assert_layout!(PortRange, 4, 2);
+assert_layout!(NatEntry, 40, 4);
+assert_offset!(NatEntry, nat_addr_be, 4);
+assert_offset!(NatEntry, backend_port_be, 16);
+assert_offset!(NatEntry, nat_port_be, 18);
+assert_offset!(NatEntry, service_id, 24);
+assert_offset!(NatEntry, created_s, 28);
+assert_offset!(NatEntry, last_seen_s, 32);
+assert_offset!(NatEntry, proto, 36);
+assert_offset!(NatEntry, client_state, 37);
+assert_offset!(NatEntry, backend_state, 38);
+assert_offset!(NatEntry, flags, 39);
+assert_layout!(NatBucket, 128, 8);
+assert_offset!(NatBucket, entries, 8);
 assert_layout!(Counter, 16, 8);
 assert_offset!(Frontend, affinity_timeout_s, 20);
 assert_layout!(AffinityKey, 12, 4);
@@ -564,4 +924,7 @@ mod pod {
     unsafe impl aya::Pod for super::FlowSlot {}
     unsafe impl aya::Pod for super::AffinityKey {}
     unsafe impl aya::Pod for super::AffinityEntry {}
+    unsafe impl aya::Pod for super::NatEntry {}
+    unsafe impl aya::Pod for super::NatBucket {}
+    unsafe impl aya::Pod for super::PortRange {}
 }

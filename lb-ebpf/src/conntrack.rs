@@ -1,10 +1,7 @@
 //! Connection tracking: which backend a flow was given, and how to translate its replies.
-use lb_common::{CtEntry, FlowKey, SnatEntry};
+use lb_common::{CtEntry, FlowKey};
 
-use crate::{
-    maps::{CONNTRACK, SNAT},
-    parse::Flow,
-};
+use crate::{maps::CONNTRACK, parse::Flow};
 
 #[inline(always)]
 pub fn key(src_be: u32, dst_be: u32, sport_be: u16, dport_be: u16, proto: u8) -> FlowKey {
@@ -32,13 +29,7 @@ pub fn lookup(k: &FlowKey) -> Option<CtEntry> {
     unsafe { CONNTRACK.get(k) }.copied()
 }
 
-/// The SNAT entry of a reply tuple, for reading and refreshing in place.
-#[inline(always)]
-pub fn snat_entry(k: &FlowKey) -> Option<*mut SnatEntry> {
-    SNAT.get_ptr_mut(k)
-}
-
-/// Forgets a flow's forward entry (its SNAT port was reclaimed by another flow).
+/// Forgets a flow's forward entry (its SNAT port was given to another flow).
 #[inline(always)]
 pub fn remove(k: &FlowKey) {
     let _ = CONNTRACK.remove(k);
@@ -47,17 +38,4 @@ pub fn remove(k: &FlowKey) {
 #[inline(always)]
 pub fn insert(k: &FlowKey, e: &CtEntry) -> Result<(), i32> {
     CONNTRACK.insert(k, e, 0)
-}
-
-/// Reserves the reply tuple `k` for a SNATed flow; fails if it is taken.
-#[inline(always)]
-pub fn reserve_snat(k: &FlowKey, e: &SnatEntry) -> Result<(), i32> {
-    const BPF_NOEXIST: u64 = 1;
-    SNAT.insert(k, e, BPF_NOEXIST)
-}
-
-/// Records (or refreshes) the SNAT entry of a reply tuple that is ours by construction.
-#[inline(always)]
-pub fn put_snat(k: &FlowKey, e: &SnatEntry) -> Result<(), i32> {
-    SNAT.insert(k, e, 0)
 }

@@ -1,9 +1,11 @@
 //! Routing decisions for packets the datapath transmits itself (`bpf_fib_lookup`).
-use core::{ffi::c_void, mem};
+use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, bpf_redir_neigh, xdp_action::XDP_ABORTED},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
+    macros::map,
+    maps::PerCpuArray,
 };
 
 use crate::parse::{EthHdr, ptr_at_mut};
@@ -30,6 +32,11 @@ pub enum Lookup {
     Fail,
 }
 
+/// This CPU's lookup parameters: 64 bytes the BPF stack (512 for all frames of a program)
+/// need not hold.
+#[map(name = "xlb_fib_params")]
+static PARAMS: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+
 /// Looks up the route for an IPv4 packet from `src_be` to `dst_be` arriving on `ifindex`.
 #[inline(always)]
 pub fn lookup(
@@ -40,16 +47,23 @@ pub fn lookup(
     proto: u8,
     tot_len: u16,
 ) -> Lookup {
-    // SAFETY: bpf_fib_lookup is plain integers and unions of integers; all-zero is valid.
-    let mut p: bpf_fib_lookup = unsafe { mem::zeroed() };
+    let Some(p) = PARAMS.get_ptr_mut(0) else {
+        return Lookup::Fail;
+    };
+    // SAFETY: this CPU's entry (a program runs to its end on one CPU); bpf_fib_lookup is
+    // plain integers and unions of integers, so all-zero is valid.
+    let p = unsafe {
+        p.write_bytes(0, 1);
+        &mut *p
+    };
     p.family = AF_INET;
     p.l4_protocol = proto;
     p.ifindex = ifindex;
     p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = src_be;
     p.__bindgen_anon_4.ipv4_dst = dst_be;
-    // SAFETY: p is a valid, initialised bpf_fib_lookup on the stack; ctx is the program's.
-    let rc = unsafe { fib_lookup(ctx, &raw mut p, FIB_PARAMS_LEN, 0) };
+    // SAFETY: p is a valid, initialised bpf_fib_lookup in a map value; ctx is the program's.
+    let rc = unsafe { fib_lookup(ctx, core::ptr::from_mut(p), FIB_PARAMS_LEN, 0) };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Lookup::Found(Route {
             ifindex: p.ifindex,

@@ -1,28 +1,17 @@
-//! The flow table (see `lb_common::FlowBucket`): conntrack's fast path. Readers never lock:
-//! they read a bucket between two reads of its sequence number and read again if a writer
-//! was active. Writers take the bucket with a compare-and-swap on that number.
-use core::{
-    ptr::{addr_of, addr_of_mut, read_volatile, write_volatile},
-    sync::atomic::{Ordering, compiler_fence},
-};
+//! The flow table (see `lb_common::FlowBucket`): conntrack's fast path. Buckets follow the
+//! protocol of `seqlock`: readers never lock, writers take a bucket with a compare-and-swap.
+use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use lb_common::{
-    FLOW_BUCKET_LOCKED, FLOW_BUCKET_OVERFLOW, FLOW_WAYS, FlowBucket, FlowKey, FlowSlot, capacity,
-    hash::flow_bucket,
+    FLOW_BUCKET_OVERFLOW, FLOW_WAYS, FlowBucket, FlowKey, FlowSlot, capacity, hash::flow_bucket,
 };
 
-use crate::maps::FLOWS;
+use crate::{maps::FLOWS, seqlock};
 
 /// The table's bucket count minus one (a power of two minus one); the agent sets it at load
 /// time to match the map's size.
 #[unsafe(no_mangle)]
 static FLOW_BUCKET_MASK: u32 = capacity::FLOW_BUCKETS - 1;
-
-/// How often a reader reads a bucket again while writers change it (a writer holds a bucket
-/// for a few dozen instructions, or for the two LRU inserts of a flow that overflows).
-const READ_TRIES: u32 = 64;
-/// How often a writer tries to take a bucket that another writer holds.
-const LOCK_TRIES: u32 = 32;
 
 /// The bucket of a flow's client side.
 #[inline(always)]
@@ -41,47 +30,37 @@ pub enum Probe {
 }
 
 #[inline(always)]
-fn header(b: *mut FlowBucket) -> u64 {
+fn header(b: *mut FlowBucket) -> *mut u64 {
     // SAFETY: `b` points at a bucket of the flow table (a map value).
-    unsafe { read_volatile(addr_of!((*b).header)) }
+    unsafe { addr_of_mut!((*b).header) }
 }
 
 /// Reads bucket `b` consistently and returns the first slot `matches` accepts. A bucket that
-/// writers keep changing for `READ_TRIES` reads counts as a miss with overflow, so the caller
-/// also asks the LRU map (and a new flow then waits for the bucket's lock).
+/// writers keep changing counts as a miss with overflow, so the caller also asks the LRU map
+/// (and a new flow then waits for the bucket's lock).
 #[inline(always)]
 fn probe(b: *mut FlowBucket, matches: impl Fn(&FlowSlot) -> bool) -> Probe {
-    for _ in 0..READ_TRIES {
-        let before = header(b);
-        if before & FLOW_BUCKET_LOCKED != 0 {
-            continue;
-        }
-        compiler_fence(Ordering::SeqCst);
-        let mut hit = None;
+    let read = seqlock::read(header(b), || {
         for i in 0..FLOW_WAYS {
             // SAFETY: `b` is a map value; `i` is in bounds.
             let slot = unsafe { addr_of_mut!((*b).slots[i]) };
             // SAFETY: as above. Plain loads (a volatile copy of the struct would be made of
-            // byte loads); the fences keep them between the two reads of the sequence number,
+            // byte loads); `seqlock::read` fences them between its two reads of the header,
             // which tell whether they saw one consistent slot.
             let s = unsafe { &*slot };
             if s.client_addr_be != 0 && matches(s) {
-                hit = Some((slot, *s));
-                break;
+                return Some((slot, *s));
             }
         }
-        compiler_fence(Ordering::SeqCst);
-        let after = header(b);
-        if after as u32 == before as u32 {
-            return match hit {
-                Some((p, s)) => Probe::Hit(p, s),
-                None => Probe::Miss {
-                    overflow: after & FLOW_BUCKET_OVERFLOW != 0,
-                },
-            };
-        }
+        None
+    });
+    match read {
+        Some((Some((p, s)), _)) => Probe::Hit(p, s),
+        Some((None, h)) => Probe::Miss {
+            overflow: h & FLOW_BUCKET_OVERFLOW != 0,
+        },
+        None => Probe::Miss { overflow: true },
     }
-    Probe::Miss { overflow: true }
 }
 
 /// The slot of a client's packet (`k`: its 5-tuple as it arrives).
@@ -120,20 +99,14 @@ pub struct Locked {
 }
 
 impl Locked {
-    /// Takes bucket `b`, or gives up after `LOCK_TRIES` tries while others hold it.
+    /// Takes bucket `b`, or gives up while others hold it.
     #[inline(always)]
     pub fn take(b: *mut FlowBucket) -> Option<Self> {
-        for _ in 0..LOCK_TRIES {
-            let h = header(b);
-            if h & FLOW_BUCKET_LOCKED == 0 && cas(b, h, h + FLOW_BUCKET_LOCKED) {
-                return Some(Self {
-                    bucket: b,
-                    header: h,
-                    overflow: false,
-                });
-            }
-        }
-        None
+        seqlock::lock(header(b)).map(|h| Self {
+            bucket: b,
+            header: h,
+            overflow: false,
+        })
     }
 
     /// The index of the slot that `k`'s flow should take: its own slot if it has one (its
@@ -166,11 +139,11 @@ impl Locked {
         }
     }
 
-    /// Frees the slot of `k`'s flow, if the bucket holds it.
+    /// Frees the slot of `k`'s flow if the bucket holds it and `which` accepts it.
     #[inline(always)]
-    pub fn remove(&mut self, k: &FlowKey) {
+    pub fn remove(&mut self, k: &FlowKey, which: impl Fn(&FlowSlot) -> bool) {
         for s in self.slots().iter_mut() {
-            if s.client_addr_be != 0 && is_forward(s, k) {
+            if s.client_addr_be != 0 && is_forward(s, k) && which(s) {
                 s.client_addr_be = 0;
             }
         }
@@ -192,39 +165,11 @@ impl Locked {
 impl Drop for Locked {
     #[inline(always)]
     fn drop(&mut self) {
-        let seq = u64::from((self.header as u32).wrapping_add(2));
         let overflow = if self.overflow {
             FLOW_BUCKET_OVERFLOW
         } else {
-            self.header & FLOW_BUCKET_OVERFLOW
+            0
         };
-        compiler_fence(Ordering::SeqCst);
-        // SAFETY: the bucket is ours; one aligned 8-byte store releases it.
-        unsafe { write_volatile(addr_of_mut!((*self.bucket).header), seq | overflow) };
-    }
-}
-
-/// Compare-and-swap of a bucket's header. (With the plain loads and stores around it, the
-/// bucket protocol relies on x86-64's ordering of loads with loads and stores with stores,
-/// which the compiler fences keep in program order.)
-#[inline(always)]
-fn cas(b: *mut FlowBucket, old: u64, new: u64) -> bool {
-    // SAFETY: the header is an aligned u64 inside a map value.
-    let p = unsafe { addr_of_mut!((*b).header) };
-    #[cfg(target_arch = "bpf")]
-    {
-        use core::intrinsics::{AtomicOrdering, atomic_cxchg};
-        // SAFETY: as above; BPF_CMPXCHG on map memory.
-        unsafe {
-            atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(p, old, new)
-        }
-        .1
-    }
-    #[cfg(not(target_arch = "bpf"))]
-    {
-        // SAFETY: as above (the host build only type-checks the datapath).
-        unsafe { core::sync::atomic::AtomicU64::from_ptr(p) }
-            .compare_exchange(old, new, Ordering::SeqCst, Ordering::SeqCst)
-            .is_ok()
+        seqlock::unlock(header(self.bucket), self.header, overflow);
     }
 }

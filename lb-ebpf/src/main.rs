@@ -20,6 +20,8 @@ mod nat;
 mod parse;
 mod routing;
 mod select;
+mod seqlock;
+mod snat;
 mod sock;
 mod stats;
 
@@ -29,15 +31,17 @@ use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use lb_common::{Scope, Verdict};
+use lb_common::{PROG_INDEX_NIC_NEW, PROG_INDEX_POD_NEW, Scope, Verdict};
 
 use crate::{
     fib::Lookup,
+    maps::{NIC_PROGRAMS, POD_PROGRAMS},
     parse::Flow,
-    select::{Hook, Reverse, Tracked},
+    select::{Forward, Hook, Reverse, Tracked},
 };
 
-/// Node NICs: service traffic entering the node, and replies of SNATed flows.
+/// Node NICs: service traffic entering the node, and replies of SNATed flows. A packet that
+/// starts a flow to a frontend goes on to `xlb_nic_new` (a tail call).
 #[xdp]
 pub fn xlb_nic(ctx: XdpContext) -> u32 {
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -53,48 +57,91 @@ fn nic(ctx: &XdpContext) -> (Verdict, u32) {
         Err(v) => return (v, xdp_action::XDP_PASS),
     };
     let key = conntrack::flow_key(&f);
-    let replies = !select::is_node_addr(f.dst_be);
-    let fwd = match select::tracked(&key, f.tcp_flags, replies) {
+    let cfg = select::config();
+    let to_node = select::is_node_addr(cfg, f.dst_be);
+    // Replies of SNATed flows first: they are half of those flows' packets, and the SNAT
+    // table finds them with one bucket read (no frontend takes their ports).
+    if select::may_be_snat_reply(&f, to_node, cfg)
+        && let Some(rev) = select::snat_reply(&f, &key, cfg)
+    {
+        return nic_reply(ctx, &f, rev);
+    }
+    match select::tracked(&key, f.tcp_flags, !to_node, cfg) {
         Tracked::Forward(fwd) => {
             if f.ttl <= 1 {
                 return (Verdict::PassTtl, xdp_action::XDP_PASS);
             }
-            fwd
+            nic_forward(ctx, &f, &fwd)
         }
-        Tracked::Reply(rev) => return nic_reply(ctx, &f, rev),
+        Tracked::Reply(rev) => nic_reply(ctx, &f, rev),
         Tracked::Untracked => {
-            let Some(fe) = select::frontend(&f, Scope::External as u8) else {
-                let cfg = select::config();
-                return match select::snat_reply(&f, &key, cfg.as_ref()) {
-                    Some(rev) => nic_reply(ctx, &f, rev),
-                    None => (Verdict::PassNotService, xdp_action::XDP_PASS),
-                };
-            };
+            if select::frontend(&f, Scope::External as u8).is_none() {
+                return (Verdict::PassNotService, xdp_action::XDP_PASS);
+            }
             if f.ttl <= 1 {
                 // Let the kernel answer with ICMP time exceeded.
                 return (Verdict::PassTtl, xdp_action::XDP_PASS);
             }
-            match select::new_flow(&f, &key, &fe, Hook::Nic) {
-                Ok(fwd) => fwd,
-                Err(v) => return (v, xdp_action::XDP_DROP),
-            }
+            // The new-flow program counts the packet itself; this one only if it never ran.
+            // SAFETY: a tail call with the program's own context.
+            unsafe { NIC_PROGRAMS.tail_call(ctx, PROG_INDEX_NIC_NEW) };
+            (Verdict::DropNoProgram, xdp_action::XDP_DROP)
         }
+    }
+}
+
+/// A packet that `xlb_nic` found to start a flow to a frontend (a tail call): a backend is
+/// picked and recorded, and the packet sent on.
+#[xdp]
+pub fn xlb_nic_new(ctx: XdpContext) -> u32 {
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let (verdict, action) = nic_new(&ctx);
+    stats::count(verdict, bytes);
+    action
+}
+
+#[inline(always)]
+fn nic_new(ctx: &XdpContext) -> (Verdict, u32) {
+    let f = match parse::ipv4_flow(ctx.data(), ctx.data_end(), ctx.data_end() - ctx.data()) {
+        Ok(f) => f,
+        Err(v) => return (v, xdp_action::XDP_PASS),
     };
+    // Looked up again rather than handed over: this may be a newer agent's program than the
+    // caller (see `PROG_INDEX_NIC_NEW`).
+    let Some(fe) = select::frontend(&f, Scope::External as u8) else {
+        return (Verdict::PassNotService, xdp_action::XDP_PASS);
+    };
+    let key = conntrack::flow_key(&f);
+    match select::new_flow(&f, &key, &fe, Hook::Nic, select::config()) {
+        Ok(fwd) => nic_forward(ctx, &f, &fwd),
+        Err(v) => (v, xdp_action::XDP_DROP),
+    }
+}
+
+/// A client's packet of a flow at the NIC, to its backend: DNAT to a local backend (the
+/// kernel delivers it, or BPF host routing does), or DNAT and SNAT to a remote one, sent from
+/// XDP.
+#[inline(always)]
+fn nic_forward(ctx: &XdpContext, f: &Flow, fwd: &Forward) -> (Verdict, u32) {
     stats::count_service(fwd.service_id, (ctx.data_end() - ctx.data()) as u64);
-    select::snat_forward_closing(&f, &fwd);
     let dst = Some((fwd.backend.addr_be, fwd.backend.port_be));
-    match fwd.snat {
-        // A local backend: the kernel delivers it to the pod (or BPF host routing does).
+    match fwd.snat() {
         None => {
-            if nat::xdp_rewrite(ctx.data(), ctx.data_end(), &f, None, dst, false) {
+            if nat::xdp_rewrite(ctx.data(), ctx.data_end(), f, None, dst, false) {
                 (fwd.verdict, routing::to_local_pod(ctx))
             } else {
                 (Verdict::PassMalformed, xdp_action::XDP_PASS)
             }
         }
         Some(src) => {
-            let (v, action) = nic_transmit(ctx, &f, Some(src), dst);
-            (if v == Verdict::SnatTx { v } else { fwd.verdict }, action)
+            let (v, action) = nic_transmit(ctx, f, Some(src), dst);
+            // Sent (`snat_tx`), or handed to the kernel to resolve the neighbour: the flow's
+            // own verdict; a drop keeps its reason.
+            let v = match v {
+                Verdict::NatNew => fwd.verdict,
+                v => v,
+            };
+            (v, action)
         }
     }
 }
@@ -116,14 +163,11 @@ fn nic_reply(ctx: &XdpContext, f: &Flow, rev: Reverse) -> (Verdict, u32) {
         return (Verdict::PassMalformed, xdp_action::XDP_PASS);
     }
     let (v, action) = nic_transmit(ctx, f, Some(src), dst);
-    (
-        if v == Verdict::SnatTx {
-            Verdict::ReverseNat
-        } else {
-            v
-        },
-        action,
-    )
+    let v = match v {
+        Verdict::SnatTx | Verdict::NatNew => Verdict::ReverseNat,
+        v => v,
+    };
+    (v, action)
 }
 
 /// Rewrites a frame that this node must send on (SNATed flows and their replies) and
@@ -199,45 +243,83 @@ const TC_NEXT: i32 = TC_ACT_UNSPEC;
 /// header, TCP without options.
 const PARSE_LEN: u32 = 14 + 60 + 20;
 
+/// The packet of `ctx`, parsed (its headers pulled into the linear area first).
 #[inline(always)]
-fn pod(ctx: &TcContext) -> (Verdict, i32) {
+fn pod_flow(ctx: &TcContext) -> Result<Flow, Verdict> {
     let len = ctx.len();
     if ((ctx.data_end() - ctx.data()) as u32) < PARSE_LEN.min(len) {
         // Headers outside the linear area cannot be parsed; a failed pull leaves the packet
         // as it was and parsing then treats it as malformed.
         let _ = ctx.pull_data(PARSE_LEN.min(len));
     }
-    let f = match parse::ipv4_flow(ctx.data(), ctx.data_end(), len as usize) {
+    parse::ipv4_flow(ctx.data(), ctx.data_end(), len as usize)
+}
+
+#[inline(always)]
+fn pod(ctx: &TcContext) -> (Verdict, i32) {
+    let f = match pod_flow(ctx) {
         Ok(f) => f,
         Err(v) => return (v, TC_NEXT),
     };
     let key = conntrack::flow_key(&f);
-    let fwd = match select::tracked(&key, f.tcp_flags, true) {
-        Tracked::Forward(fwd) => fwd,
-        Tracked::Reply(rev) => return pod_reply(ctx, &f, rev),
+    let cfg = select::config();
+    match select::tracked(&key, f.tcp_flags, true, cfg) {
+        Tracked::Forward(fwd) => pod_forward(ctx, &f, &fwd),
+        Tracked::Reply(rev) => pod_reply(ctx, &f, rev),
         Tracked::Untracked => {
-            let Some(fe) = select::frontend(&f, Scope::Internal as u8) else {
-                let cfg = select::config();
-                return match select::snat_reply(&f, &key, cfg.as_ref()) {
-                    Some(rev) => pod_reply(ctx, &f, rev),
-                    None => (Verdict::PassNotService, TC_NEXT),
-                };
-            };
-            match select::new_flow(&f, &key, &fe, Hook::Pod) {
-                Ok(fwd) => fwd,
-                Err(v) => return (v, TC_ACT_SHOT),
+            if select::frontend(&f, Scope::Internal as u8).is_none() {
+                if select::may_be_snat_reply(&f, false, cfg)
+                    && let Some(rev) = select::snat_reply(&f, &key, cfg)
+                {
+                    return pod_reply(ctx, &f, rev);
+                }
+                return (Verdict::PassNotService, TC_NEXT);
             }
+            // The new-flow program counts the packet itself; this one only if it never ran.
+            // SAFETY: a tail call with the program's own context.
+            unsafe { POD_PROGRAMS.tail_call(ctx, PROG_INDEX_POD_NEW) };
+            (Verdict::DropNoProgram, TC_ACT_SHOT)
         }
+    }
+}
+
+/// A packet that `xlb_pod` found to start a flow to a frontend (a tail call): a backend is
+/// picked and recorded, and the packet sent on.
+#[classifier]
+pub fn xlb_pod_new(ctx: TcContext) -> i32 {
+    let bytes = u64::from(ctx.len());
+    let (verdict, action) = pod_new(&ctx);
+    stats::count(verdict, bytes);
+    action
+}
+
+#[inline(always)]
+fn pod_new(ctx: &TcContext) -> (Verdict, i32) {
+    let f = match pod_flow(ctx) {
+        Ok(f) => f,
+        Err(v) => return (v, TC_NEXT),
     };
-    stats::count_service(fwd.service_id, u64::from(len));
-    select::snat_forward_closing(&f, &fwd);
+    let Some(fe) = select::frontend(&f, Scope::Internal as u8) else {
+        return (Verdict::PassNotService, TC_NEXT);
+    };
+    let key = conntrack::flow_key(&f);
+    match select::new_flow(&f, &key, &fe, Hook::Pod, select::config()) {
+        Ok(fwd) => pod_forward(ctx, &f, &fwd),
+        Err(v) => (v, TC_ACT_SHOT),
+    }
+}
+
+/// A pod's packet of a flow, to its backend: DNAT, and for a pod reaching itself SNAT to the
+/// hairpin address and back out of the interface it came from.
+#[inline(always)]
+fn pod_forward(ctx: &TcContext, f: &Flow, fwd: &Forward) -> (Verdict, i32) {
+    stats::count_service(fwd.service_id, u64::from(ctx.len()));
     let dst = (fwd.backend.addr_be, fwd.backend.port_be);
-    if nat::tc_rewrite(ctx, &f, fwd.snat, Some(dst)).is_err() {
+    if nat::tc_rewrite(ctx, f, fwd.snat(), Some(dst)).is_err() {
         return (Verdict::DropRewrite, TC_ACT_SHOT);
     }
-    if let Some(src) = fwd.snat {
-        // Hairpin: back out of the interface it came from.
-        return (fwd.verdict, tc_send(ctx, &f, src.0, dst.0));
+    if let Some(src) = fwd.snat() {
+        return (fwd.verdict, tc_send(ctx, f, src.0, dst.0));
     }
     (fwd.verdict, TC_NEXT)
 }

@@ -4,9 +4,10 @@ use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{
     AffinityEntry, AffinityKey, BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend,
     CONFIG_F_CONNTRACK_TOO, CT_FORWARD, CT_REVERSE, Config, CtEntry, Event, FLOW_F_HAIRPIN,
-    FLOW_F_SNAT, FLOW_S_CLOSING, FLOW_S_REPLIED, FRONTEND_F_SNAT_REMOTE, FlowKey, FlowSlot,
-    Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP, RING_LANES, SNAT_CLOSING, SNAT_ESTABLISHED,
-    SNAT_NEW, Scope, SnatEntry, Verdict, hash::flow_hash, snat_timeout,
+    FLOW_F_SNAT, FLOW_S_CLOSING, FLOW_S_FIN_BACKEND, FLOW_S_FIN_CLIENT, FLOW_S_REPLIED, FLOW_S_RST,
+    FRONTEND_F_SNAT_REMOTE, FlowKey, FlowSlot, Frontend, FrontendKey, HAIRPIN_ADDR, IPPROTO_TCP,
+    NAT_B_FIN, NAT_B_RST, NAT_F_HAIRPIN, NatEntry, RING_LANES, SNAT_CLOSING, Scope, Timeouts,
+    Verdict, hash::flow_hash,
 };
 
 use crate::{
@@ -14,16 +15,9 @@ use crate::{
     flows::{self, Probe},
     maps::{AFFINITY, BACKENDS, CONFIG, FRONTENDS, RINGS},
     parse::Flow,
+    snat::{self, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
-
-/// How many SNAT ports a new flow tries before giving up.
-const SNAT_TRIES: u32 = 32;
-/// The step between a flow's SNAT port tries: odd and about the golden ratio of 2^32, so the
-/// tries of one flow spread over the range (a Weyl sequence) instead of probing neighbours,
-/// whose runs of taken ports grow together (at a quarter of the range taken, runs of 8 were
-/// common enough to refuse connections).
-const SNAT_STEP: u32 = 0x9e37_79b1;
 
 #[inline(always)]
 pub fn frontend(f: &Flow, scope: u8) -> Option<Frontend> {
@@ -56,28 +50,46 @@ pub fn maglev_pick(fe: &Frontend, h: u32) -> Option<(u32, Backend)> {
     backend(id, None).map(|b| (id, b))
 }
 
+/// The node configuration (SNAT address and ranges, node addresses, timeouts).
 #[inline(always)]
-pub fn config() -> Option<Config> {
-    CONFIG.get(0).copied()
+pub fn config() -> Option<&'static Config> {
+    CONFIG.get(0)
 }
 
 /// Whether `addr_be` is one of the node's addresses (`Config::node_addrs_be`).
 #[inline(always)]
-pub fn is_node_addr(addr_be: u32) -> bool {
-    let Some(c) = CONFIG.get(0) else {
+pub fn is_node_addr(cfg: Option<&Config>, addr_be: u32) -> bool {
+    let Some(c) = cfg else {
         return false;
     };
     let n = (c.node_addr_count as usize).min(c.node_addrs_be.len());
     c.node_addrs_be.iter().take(n).any(|a| *a == addr_be)
 }
 
+/// The configured timeouts (all defaults without a configuration).
+#[inline(always)]
+fn timeouts(cfg: Option<&Config>) -> Timeouts {
+    cfg.map_or(Timeouts::default(), |c| c.timeouts)
+}
+
 /// What to do with a packet of a frontend's flow.
 pub struct Forward {
     pub backend: Backend,
     pub service_id: u32,
-    /// New source (address, port) for SNATed flows.
-    pub snat: Option<(u32, u16)>,
+    /// New source address for SNATed flows (0: not SNATed) and port. Plain fields rather than
+    /// an `Option`: every path writes both, so the verifier never meets a port slot that one
+    /// path left holding something else.
+    pub snat_addr_be: u32,
+    pub snat_port_be: u16,
     pub verdict: Verdict,
+}
+
+impl Forward {
+    /// The new source of a SNATed flow.
+    #[inline(always)]
+    pub fn snat(&self) -> Option<(u32, u16)> {
+        (self.snat_addr_be != 0).then_some((self.snat_addr_be, self.snat_port_be))
+    }
 }
 
 /// A live backend by id: present, with an address, and (if `generation` is given) the same
@@ -113,27 +125,62 @@ pub enum Tracked {
 /// lives, even if its frontend was removed meanwhile (as kube-proxy's conntrack NAT does).
 /// A draining backend keeps established TCP flows only: UDP flows move on, and so does a
 /// TCP SYN (a new connection reusing an old 5-tuple must not reach a backend that left).
+/// A client's SYN on a flow that is closing is a new connection on a reused port: it is
+/// balanced anew (and a SNATed one gets a new SNAT port), as conntrack does for a SYN that
+/// meets an entry in `TIME_WAIT`.
 ///
 /// `replies`: whether the packet may be a reply of a flow that was not SNATed. The NIC hook
 /// passes false for packets to the node's own addresses: such replies go to clients, which
 /// are pods (a node's own processes are balanced at their sockets), and replies to the node
-/// are SNATed flows', found in the SNAT map.
+/// are SNATed flows', found in the SNAT table.
 #[inline(always)]
-pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool) -> Tracked {
+pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>) -> Tracked {
     let mut overflow = false;
+    let syn = key.proto == IPPROTO_TCP && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if let Some(b) = flows::bucket(key.src_be, key.sport_be, key.proto) {
         match flows::forward(b, key) {
             Probe::Hit(p, s) => {
-                touch(p, &s, key.proto, tcp_flags, false);
-                return match live(s.backend_id, s.backend_generation, key.proto, tcp_flags) {
-                    Some(backend) => Tracked::Forward(Forward {
-                        backend,
-                        service_id: s.service_id,
-                        snat: slot_snat(&s),
-                        verdict: Verdict::NatEstablished,
-                    }),
-                    None => Tracked::Untracked,
+                if syn && s.state & FLOW_S_CLOSING != 0 {
+                    stats::event(Event::FlowRestarted);
+                    return Tracked::Untracked;
+                }
+                let Some(backend) = live(s.backend_id, s.backend_generation, key.proto, tcp_flags)
+                else {
+                    return Tracked::Untracked;
                 };
+                let snat = slot_snat(&s);
+                let mut mirrored = 0;
+                if let Some(nat) = snat {
+                    let flow = SnatFlow {
+                        client: (s.client_addr_be, s.client_port_be),
+                        frontend: (s.frontend_addr_be, s.frontend_port_be),
+                        backend: (backend.addr_be, s.backend_port_be),
+                        nat,
+                        proto: key.proto,
+                    };
+                    let quiet = s.last_seen_s == now_s()
+                        && s.state & (FLOW_S_FIN_CLIENT | FLOW_S_FIN_BACKEND | FLOW_S_RST)
+                            != FLOW_S_FIN_CLIENT;
+                    match consult(&flow, tcp_flags, syn, quiet, cfg) {
+                        Consult::Skip => {}
+                        Consult::Mirror(bits) => mirrored = bits,
+                        Consult::Gone => {
+                            if syn {
+                                stats::event(Event::FlowRestarted);
+                            }
+                            return Tracked::Untracked;
+                        }
+                    }
+                }
+                touch(p, &s, key.proto, tcp_flags, false, mirrored);
+                let (snat_addr_be, snat_port_be) = snat.unwrap_or((0, 0));
+                return Tracked::Forward(Forward {
+                    backend,
+                    service_id: s.service_id,
+                    snat_addr_be,
+                    snat_port_be,
+                    verdict: Verdict::NatEstablished,
+                });
             }
             Probe::Miss { overflow: o } => overflow = o,
         }
@@ -141,7 +188,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool) -> Tracked {
     if replies && let Some(b) = flows::bucket(key.dst_be, key.dport_be, key.proto) {
         match flows::reply(b, key) {
             Probe::Hit(p, s) => {
-                touch(p, &s, key.proto, tcp_flags, true);
+                touch(p, &s, key.proto, tcp_flags, true, 0);
                 return Tracked::Reply(Reverse {
                     src: (s.frontend_addr_be, s.frontend_port_be),
                     dst: None,
@@ -152,7 +199,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool) -> Tracked {
         }
     }
     if overflow {
-        overflow_tracked(key, tcp_flags)
+        overflow_tracked(key, tcp_flags, syn, cfg)
     } else {
         Tracked::Untracked
     }
@@ -175,23 +222,30 @@ fn slot_snat(s: &FlowSlot) -> Option<(u32, u16)> {
 }
 
 /// Notes a packet of a flow-table flow (`reply`: one from its backend): refreshes its time
-/// (at most one write a second), marks it answered at its first reply, closing at a FIN or
-/// RST, and new again at a client's SYN (a new connection on the same 5-tuple). Plain stores
-/// of the two fields packets own (`last_seen_s`, `state`): a racing writer that gives the
-/// slot to another flow meanwhile can at worst see a newer time or a wrong state, which only
-/// changes when the slot may be reused.
+/// (at most one write a second), marks it answered at its first reply, and notes FINs (by
+/// direction) and RSTs, with the closing mark an older datapath reads; `mirrored`: what a
+/// SNATed flow's entry says of its backend (whose packets this slot does not see). Plain
+/// stores of the two fields packets own (`last_seen_s`, `state`): a racing writer that
+/// gives the slot to another flow meanwhile can at worst see a newer time or a wrong state,
+/// which only changes when the slot may be reused.
 #[inline(always)]
-fn touch(p: *mut FlowSlot, s: &FlowSlot, proto: u8, tcp_flags: u8, reply: bool) {
+fn touch(p: *mut FlowSlot, s: &FlowSlot, proto: u8, tcp_flags: u8, reply: bool, mirrored: u8) {
     let now = now_s();
-    let mut state = s.state;
+    let mut state = s.state | mirrored;
     if reply {
         state |= FLOW_S_REPLIED;
     }
     if proto == IPPROTO_TCP {
-        if tcp_flags & TCP_FIN_RST != 0 {
-            state |= FLOW_S_CLOSING;
-        } else if !reply && tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN {
-            state &= !(FLOW_S_CLOSING | FLOW_S_REPLIED);
+        if tcp_flags & TCP_RST != 0 {
+            state |= FLOW_S_RST | FLOW_S_CLOSING;
+        }
+        if tcp_flags & TCP_FIN != 0 {
+            state |= FLOW_S_CLOSING
+                | if reply {
+                    FLOW_S_FIN_BACKEND
+                } else {
+                    FLOW_S_FIN_CLIENT
+                };
         }
     }
     // SAFETY: `p` points at a slot of the flow table (a map value).
@@ -205,9 +259,82 @@ fn touch(p: *mut FlowSlot, s: &FlowSlot, proto: u8, tcp_flags: u8, reply: bool) 
     }
 }
 
+/// A SNATed (or hairpin) flow as its flow-table slot or conntrack entry knows it.
+struct SnatFlow {
+    client: (u32, u16),
+    frontend: (u32, u16),
+    backend: (u32, u16),
+    nat: (u32, u16),
+    proto: u8,
+}
+
+/// What a SNATed flow's entry says about a client's packet.
+enum Consult {
+    /// Not asked: nothing to note (refreshed this second already, no FIN, RST or SYN).
+    Skip,
+    /// The flow goes on; these state bits of its backend go into its slot.
+    Mirror(u8),
+    /// The entry is gone, over, or another flow's (its port was reused after its time): the
+    /// packet starts a new flow.
+    Gone,
+}
+
+/// Looks up (and notes the packet in) the SNAT entry of a client's packet of a SNATed flow,
+/// unless `quiet` and the packet carries no FIN, RST or SYN. Forward packets refresh the
+/// entry this way at most once a second, so a flow whose client keeps sending keeps its
+/// port; a flow idle past its entry's timeout finds its port gone or given to another flow,
+/// and starts a new one.
+#[inline(always)]
+fn consult(
+    flow: &SnatFlow,
+    tcp_flags: u8,
+    syn: bool,
+    quiet: bool,
+    cfg: Option<&Config>,
+) -> Consult {
+    if quiet && tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) == 0 {
+        return Consult::Skip;
+    }
+    let now = now_s();
+    let k = snat::reply_key(flow.backend, flow.nat, flow.proto);
+    if let Some((p, e)) = snat::find(&k) {
+        let ours = e.client_addr_be == flow.client.0
+            && e.client_port_be == flow.client.1
+            && e.frontend_addr_be == flow.frontend.0
+            && e.frontend_port_be == flow.frontend.1;
+        if !ours || snat::expired(&e, now, &timeouts(cfg)) || (syn && snat::closing(&e)) {
+            return Consult::Gone;
+        }
+        snat::touch_forward(p, &e, tcp_flags, now);
+        let mut bits = 0;
+        if e.backend_state & NAT_B_FIN != 0 {
+            bits |= FLOW_S_FIN_BACKEND | FLOW_S_CLOSING;
+        }
+        if e.backend_state & NAT_B_RST != 0 {
+            bits |= FLOW_S_RST | FLOW_S_CLOSING;
+        }
+        return Consult::Mirror(bits);
+    }
+    if let Some(c) = cfg
+        && let Some(e) = snat::legacy_find(&k, c)
+    {
+        // SAFETY: a legacy SNAT map value, copied out.
+        let old = unsafe { *e };
+        if old.client_addr_be != flow.client.0
+            || old.client_port_be != flow.client.1
+            || (syn && old.state == SNAT_CLOSING)
+        {
+            return Consult::Gone;
+        }
+        snat::legacy_touch(e, tcp_flags, false, now);
+        return Consult::Mirror(0);
+    }
+    Consult::Gone
+}
+
 /// [`tracked`] for flows in the LRU conntrack map.
 #[inline(always)]
-fn overflow_tracked(key: &FlowKey, tcp_flags: u8) -> Tracked {
+fn overflow_tracked(key: &FlowKey, tcp_flags: u8, syn: bool, cfg: Option<&Config>) -> Tracked {
     let Some(ct) = conntrack::lookup(key) else {
         return Tracked::Untracked;
     };
@@ -222,10 +349,28 @@ fn overflow_tracked(key: &FlowKey, tcp_flags: u8) -> Tracked {
         && let Some(b) = live(ct.backend_id, ct.backend_generation, key.proto, tcp_flags)
     {
         let snat = (ct.nat_addr_be != 0).then_some((ct.nat_addr_be, ct.nat_port_be));
+        if let Some(nat) = snat {
+            let flow = SnatFlow {
+                client: (key.src_be, key.sport_be),
+                frontend: (key.dst_be, key.dport_be),
+                backend: (b.addr_be, b.port_be),
+                nat,
+                proto: key.proto,
+            };
+            // Without a slot's time: looked up for FINs, RSTs and SYNs only.
+            if let Consult::Gone = consult(&flow, tcp_flags, syn, true, cfg) {
+                return Tracked::Untracked;
+            }
+        }
         return Tracked::Forward(Forward {
             backend: b,
             service_id: ct.service_id,
-            snat,
+            snat_addr_be: ct.nat_addr_be,
+            snat_port_be: if ct.nat_addr_be == 0 {
+                0
+            } else {
+                ct.nat_port_be
+            },
             verdict: Verdict::NatEstablished,
         });
     }
@@ -244,7 +389,13 @@ pub enum Hook {
 /// Picks a backend for a new flow `f` (conntrack key `key`) to frontend `fe` by Maglev (or
 /// the client's session affinity) and records it in conntrack.
 #[inline(always)]
-pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Forward, Verdict> {
+pub fn new_flow(
+    f: &Flow,
+    key: &FlowKey,
+    fe: &Frontend,
+    hook: Hook,
+    cfg: Option<&Config>,
+) -> Result<Forward, Verdict> {
     let h = flow_hash(f.src_be, f.dst_be, f.sport_be, f.dport_be, f.proto);
     let picked = if fe.affinity_timeout_s == 0 {
         maglev_pick(fe, h)
@@ -256,41 +407,65 @@ pub fn new_flow(f: &Flow, key: &FlowKey, fe: &Frontend, hook: Hook) -> Result<Fo
         affinity_pick(f.src_be, fe, h, scope as u8)
     };
     let (id, b) = picked.ok_or(Verdict::DropNoBackend)?;
-    let snat = match hook {
-        Hook::Nic if b.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_SNAT_REMOTE != 0 => {
-            Some(reserve_snat(f, &b, h, fe.service_id)?)
-        }
-        Hook::Pod if b.addr_be == f.src_be => Some(reserve_hairpin(f, &b, fe.service_id)?),
-        _ => None,
+    let now = now_s();
+    let mut entry = NatEntry {
+        backend_addr_be: b.addr_be,
+        nat_addr_be: 0,
+        client_addr_be: f.src_be,
+        frontend_addr_be: f.dst_be,
+        backend_port_be: b.port_be,
+        nat_port_be: 0,
+        client_port_be: f.sport_be,
+        frontend_port_be: f.dport_be,
+        service_id: fe.service_id,
+        created_s: now,
+        last_seen_s: now,
+        proto: f.proto,
+        client_state: 0,
+        backend_state: 0,
+        flags: 0,
     };
-    let flags = match (hook, snat) {
-        (_, None) => 0,
-        (Hook::Nic, Some(_)) => FLOW_F_SNAT,
-        (Hook::Pod, Some(_)) => FLOW_F_HAIRPIN,
+    let (nat_addr_be, nat_port_be) = match hook {
+        Hook::Nic if b.flags & BACKEND_F_LOCAL == 0 && fe.flags & FRONTEND_F_SNAT_REMOTE != 0 => {
+            reserve_snat(&mut entry, id, h, cfg)?
+        }
+        Hook::Pod if b.addr_be == f.src_be => reserve_hairpin(&mut entry, cfg)?,
+        _ => (0, 0),
+    };
+    let snat = (nat_addr_be != 0).then_some((nat_addr_be, nat_port_be));
+    let flags = match (hook, nat_addr_be != 0) {
+        (_, false) => 0,
+        (Hook::Nic, true) => FLOW_F_SNAT,
+        (Hook::Pod, true) => FLOW_F_HAIRPIN,
     };
     let slot = FlowSlot {
         client_addr_be: f.src_be,
         frontend_addr_be: f.dst_be,
-        peer_addr_be: snat.map_or(b.addr_be, |s| s.0),
+        peer_addr_be: if nat_addr_be == 0 {
+            b.addr_be
+        } else {
+            nat_addr_be
+        },
         client_port_be: f.sport_be,
         frontend_port_be: f.dport_be,
         backend_port_be: b.port_be,
-        nat_port_be: snat.map_or(0, |s| s.1),
+        nat_port_be,
         backend_id: id,
         backend_generation: b.generation,
         service_id: fe.service_id,
-        last_seen_s: now_s(),
+        last_seen_s: now,
         proto: f.proto,
         flags,
         // SNATed flows' replies are not seen here (see FLOW_S_REPLIED).
-        state: if snat.is_some() { FLOW_S_REPLIED } else { 0 },
+        state: if nat_addr_be != 0 { FLOW_S_REPLIED } else { 0 },
         _pad: 0,
     };
-    record(key, &slot, snat, b.addr_be)?;
+    record(key, &slot, snat, b.addr_be, cfg)?;
     Ok(Forward {
         backend: b,
         service_id: fe.service_id,
-        snat,
+        snat_addr_be: nat_addr_be,
+        snat_port_be: nat_port_be,
         verdict: Verdict::NatNew,
     })
 }
@@ -308,9 +483,9 @@ fn record(
     slot: &FlowSlot,
     snat: Option<(u32, u16)>,
     backend_addr_be: u32,
+    cfg: Option<&Config>,
 ) -> Result<(), Verdict> {
     let b = flows::bucket(key.src_be, key.sport_be, key.proto).ok_or(Verdict::DropMapFull)?;
-    let cfg = CONFIG.get(0);
     let placed = {
         let mut bucket = flows::Locked::take(b).ok_or(Verdict::DropMapFull)?;
         let now = slot.last_seen_s;
@@ -360,43 +535,36 @@ fn record(
     Ok(())
 }
 
-/// Forgets a flow (its SNAT port is being given to another flow). False if its bucket could
-/// not be taken, in which case the port must not be reused.
+/// Forgets the flow whose SNAT entry `prev` was (its port was given to another flow after
+/// its time): its flow-table slot and conntrack entry, if they still name that port.
 #[inline(always)]
-fn forget(key: &FlowKey) -> bool {
-    if let Some(b) = flows::bucket(key.src_be, key.sport_be, key.proto) {
-        let Some(mut bucket) = flows::Locked::take(b) else {
-            return false;
-        };
-        bucket.remove(key);
+fn forget(prev: &NatEntry) {
+    let key = conntrack::key(
+        prev.client_addr_be,
+        prev.frontend_addr_be,
+        prev.client_port_be,
+        prev.frontend_port_be,
+        prev.proto,
+    );
+    let uses_port = |addr: u32, port: u16| addr == prev.nat_addr_be && port == prev.nat_port_be;
+    if let Some(b) = flows::bucket(key.src_be, key.sport_be, key.proto)
+        && let Some(mut bucket) = flows::Locked::take(b)
+    {
+        bucket.remove(&key, |s| {
+            s.flags & (FLOW_F_SNAT | FLOW_F_HAIRPIN) != 0
+                && uses_port(s.peer_addr_be, s.nat_port_be)
+        });
     }
-    conntrack::remove(key);
-    true
+    if conntrack::lookup(&key).is_some_and(|ct| uses_port(ct.nat_addr_be, ct.nat_port_be)) {
+        conntrack::remove(&key);
+    }
 }
 
 /// Whether a flow-table flow has been idle longer than its state allows, so its slot may be
 /// given to a new flow.
 #[inline(always)]
 fn slot_expired(s: &FlowSlot, now: u32, cfg: Option<&Config>) -> bool {
-    let timeout = if s.state & FLOW_S_CLOSING != 0 {
-        or_default(
-            cfg.map_or(0, |c| c.snat_timeout_closing_s),
-            snat_timeout::CLOSING,
-        )
-    } else if s.state & FLOW_S_REPLIED == 0 {
-        or_default(cfg.map_or(0, |c| c.snat_timeout_new_s), snat_timeout::NEW)
-    } else if s.proto == IPPROTO_TCP {
-        or_default(
-            cfg.map_or(0, |c| c.snat_timeout_tcp_established_s),
-            snat_timeout::TCP_ESTABLISHED,
-        )
-    } else {
-        or_default(
-            cfg.map_or(0, |c| c.snat_timeout_udp_established_s),
-            snat_timeout::UDP_ESTABLISHED,
-        )
-    };
-    now.wrapping_sub(s.last_seen_s) > timeout
+    now.wrapping_sub(s.last_seen_s) > s.timeout(&timeouts(cfg))
 }
 
 /// `sessionAffinity: ClientIP`, as kube-proxy's `recent` match: a client that opened a
@@ -450,157 +618,44 @@ fn ring_slot(slot: u32) -> u32 {
         .unwrap_or(0)
 }
 
-/// Picks a free SNAT port for a flow to backend `b`, starting where the flow hash points and
-/// trying ports spread over the range; the SNAT entry records the client and frontend for the replies.
+/// Reserves a SNAT port of the node's SNAT address for new flow `entry` to backend `id`
+/// (see `snat::reserve`); the flow whose expired entry it took over is forgotten.
 #[inline(always)]
-fn reserve_snat(f: &Flow, b: &Backend, h: u32, service_id: u32) -> Result<(u32, u16), Verdict> {
-    let cfg = config().ok_or(Verdict::DropSnatExhausted)?;
-    let (min, max) = (u32::from(cfg.snat_port_min), u32::from(cfg.snat_port_max));
-    if cfg.snat_addr_be == 0 || min == 0 || max < min {
-        return Err(Verdict::DropSnatExhausted);
+fn reserve_snat(
+    entry: &mut NatEntry,
+    id: u32,
+    h: u32,
+    cfg: Option<&Config>,
+) -> Result<(u32, u16), Verdict> {
+    let cfg = cfg.ok_or(Verdict::DropSnatExhausted)?;
+    entry.nat_addr_be = cfg.snat_addr_be;
+    let r = snat::reserve(entry, id, cfg, h).ok_or(Verdict::DropSnatExhausted)?;
+    if let Some(prev) = r.previous {
+        stats::event(Event::SnatPortReused);
+        forget(&prev);
     }
-    let range = max - min + 1;
-    let now = now_s();
-    let entry = SnatEntry {
-        client_addr_be: f.src_be,
-        frontend_addr_be: f.dst_be,
-        client_port_be: f.sport_be,
-        frontend_port_be: f.dport_be,
-        service_id,
-        last_seen_s: now,
-        state: SNAT_NEW,
-        _pad: [0; 3],
-    };
-    for i in 0..SNAT_TRIES {
-        let probe = h.wrapping_add(i.wrapping_mul(SNAT_STEP));
-        let port = min + probe.checked_rem(range).unwrap_or(0);
-        let port_be = (port as u16).to_be();
-        let reply: FlowKey =
-            conntrack::key(b.addr_be, cfg.snat_addr_be, b.port_be, port_be, f.proto);
-        if conntrack::reserve_snat(&reply, &entry).is_ok() {
-            return Ok((cfg.snat_addr_be, port_be));
-        }
-        // Taken: reclaim it if its flow has been idle past its state's timeout.
-        if let Some(old) = conntrack::snat_entry(&reply) {
-            // SAFETY: the pointer is the map's value; a racing writer can at worst make the
-            // expiry check see a newer time and skip this port.
-            let stale = unsafe { *old };
-            if expired(&stale, now, &cfg, f.proto) {
-                let owner = conntrack::key(
-                    stale.client_addr_be,
-                    stale.frontend_addr_be,
-                    stale.client_port_be,
-                    stale.frontend_port_be,
-                    f.proto,
-                );
-                if !forget(&owner) {
-                    continue;
-                }
-                // SAFETY: as above; the whole value is replaced.
-                unsafe { *old = entry };
-                return Ok((cfg.snat_addr_be, port_be));
-            }
-        }
-    }
-    Err(Verdict::DropSnatExhausted)
+    Ok((cfg.snat_addr_be, r.port_be))
 }
 
 /// Coarse seconds since boot.
 #[inline(always)]
-fn now_s() -> u32 {
+pub fn now_s() -> u32 {
     // SAFETY: plain helper call.
     (unsafe { bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
-}
-
-#[inline(always)]
-fn or_default(configured: u32, default: u32) -> u32 {
-    if configured == 0 { default } else { configured }
-}
-
-/// Whether a SNAT entry's flow has been idle longer than its state allows.
-#[inline(always)]
-fn expired(e: &SnatEntry, now: u32, cfg: &Config, proto: u8) -> bool {
-    let timeout = match e.state {
-        SNAT_NEW => or_default(cfg.snat_timeout_new_s, snat_timeout::NEW),
-        SNAT_CLOSING => or_default(cfg.snat_timeout_closing_s, snat_timeout::CLOSING),
-        _ if proto == IPPROTO_TCP => or_default(
-            cfg.snat_timeout_tcp_established_s,
-            snat_timeout::TCP_ESTABLISHED,
-        ),
-        _ => or_default(
-            cfg.snat_timeout_udp_established_s,
-            snat_timeout::UDP_ESTABLISHED,
-        ),
-    };
-    now.wrapping_sub(e.last_seen_s) > timeout
-}
-
-const TCP_FIN_RST: u8 = 0x01 | 0x04;
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-
-/// Notes a packet of a SNATed flow in its SNAT entry: a reply makes it established and
-/// refreshes it (at most one write a second), a FIN or RST in either direction marks it
-/// closing.
-#[inline(always)]
-pub fn touch_snat(e: *mut SnatEntry, f: &Flow, reply: bool) {
-    let now = now_s();
-    // SAFETY: `e` points at a SNAT map value; plain integer fields.
-    unsafe {
-        if f.tcp_flags & TCP_FIN_RST != 0 {
-            if (*e).state != SNAT_CLOSING || (*e).last_seen_s != now {
-                (*e).state = SNAT_CLOSING;
-                (*e).last_seen_s = now;
-            }
-        } else if reply && (*e).state != SNAT_CLOSING {
-            if (*e).state == SNAT_NEW {
-                (*e).state = SNAT_ESTABLISHED;
-            }
-            if (*e).last_seen_s != now {
-                (*e).last_seen_s = now;
-            }
-        }
-    }
-}
-
-/// A FIN or RST of an established SNATed flow (client side): marks its SNAT entry closing.
-#[inline(always)]
-pub fn snat_forward_closing(f: &Flow, fwd: &Forward) {
-    if f.tcp_flags & TCP_FIN_RST == 0 {
-        return;
-    }
-    if let Some((addr, port)) = fwd.snat {
-        let reply = conntrack::key(
-            fwd.backend.addr_be,
-            addr,
-            fwd.backend.port_be,
-            port,
-            f.proto,
-        );
-        if let Some(e) = conntrack::snat_entry(&reply) {
-            touch_snat(e, f, false);
-        }
-    }
 }
 
 /// A pod reaching itself: its packets come back from `HAIRPIN_ADDR` with its own source
 /// port (unique among its own connections), so the reply tuple is free by construction.
 #[inline(always)]
-fn reserve_hairpin(f: &Flow, b: &Backend, service_id: u32) -> Result<(u32, u16), Verdict> {
+fn reserve_hairpin(entry: &mut NatEntry, cfg: Option<&Config>) -> Result<(u32, u16), Verdict> {
     let hairpin = u32::from_ne_bytes(HAIRPIN_ADDR);
-    let reply = conntrack::key(b.addr_be, hairpin, b.port_be, f.sport_be, f.proto);
-    let entry = SnatEntry {
-        client_addr_be: f.src_be,
-        frontend_addr_be: f.dst_be,
-        client_port_be: f.sport_be,
-        frontend_port_be: f.dport_be,
-        service_id,
-        last_seen_s: now_s(),
-        state: SNAT_NEW,
-        _pad: [0; 3],
-    };
-    conntrack::put_snat(&reply, &entry).map_err(|_| Verdict::DropMapFull)?;
-    Ok((hairpin, f.sport_be))
+    entry.nat_addr_be = hairpin;
+    entry.nat_port_be = entry.client_port_be;
+    entry.flags = NAT_F_HAIRPIN;
+    if !snat::put_hairpin(entry, &timeouts(cfg)) {
+        return Err(Verdict::DropMapFull);
+    }
+    Ok((hairpin, entry.client_port_be))
 }
 
 /// How a reply must be rewritten: new source, and for SNATed flows a new destination.
@@ -610,20 +665,34 @@ pub struct Reverse {
     pub service_id: u32,
 }
 
-/// Looks up an untracked packet `f` (conntrack key `key`) as a reply of a SNATed flow: it
-/// arrives at the SNAT address on a port of the SNAT range, or at the hairpin address.
+/// Whether packet `f` may be the reply of a SNATed flow: to a node address (the SNAT
+/// address, or one it had) on a port of the SNAT ranges, or to the hairpin address.
+#[inline(always)]
+pub fn may_be_snat_reply(f: &Flow, to_node: bool, cfg: Option<&Config>) -> bool {
+    if f.dst_be == u32::from_ne_bytes(HAIRPIN_ADDR) {
+        return true;
+    }
+    cfg.is_some_and(|c| {
+        (to_node || f.dst_be == c.snat_addr_be) && c.is_snat_port(u16::from_be(f.dport_be))
+    })
+}
+
+/// Looks up packet `f` (conntrack key `key`) as the reply of a SNATed flow (see
+/// [`may_be_snat_reply`]) in the SNAT table, then in the legacy map, and notes it there.
 #[inline(always)]
 pub fn snat_reply(f: &Flow, key: &FlowKey, cfg: Option<&Config>) -> Option<Reverse> {
-    let port = u16::from_be(f.dport_be);
-    let to_snat_port = cfg.is_some_and(|c| {
-        f.dst_be == c.snat_addr_be && port >= c.snat_port_min && port <= c.snat_port_max
-    });
-    if !to_snat_port && f.dst_be != u32::from_ne_bytes(HAIRPIN_ADDR) {
-        return None;
+    let now = now_s();
+    if let Some((p, e)) = snat::find(key) {
+        snat::touch_reply(p, &e, f.tcp_flags, now);
+        return Some(Reverse {
+            src: (e.frontend_addr_be, e.frontend_port_be),
+            dst: Some((e.client_addr_be, e.client_port_be)),
+            service_id: e.service_id,
+        });
     }
-    let e = conntrack::snat_entry(key)?;
-    touch_snat(e, f, true);
-    // SAFETY: a SNAT map value, copied out.
+    let e = snat::legacy_find(key, cfg?)?;
+    snat::legacy_touch(e, f.tcp_flags, true, now);
+    // SAFETY: a legacy SNAT map value, copied out.
     let s = unsafe { *e };
     Some(Reverse {
         src: (s.frontend_addr_be, s.frontend_port_be),

@@ -13,7 +13,10 @@ use std::{
 };
 
 use aya::Ebpf;
-use lb_common::Config;
+use lb_common::{
+    CONFIG_F_CONNTRACK_TOO, CONFIG_F_SNAT_LEGACY, CONFIG_F_SNAT_LEGACY_TOO, Config,
+    MAX_SNAT_RANGES, PortRange, Timeouts,
+};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -24,8 +27,10 @@ use crate::{
     maps::{AyaMaps, LbMaps as _, MapsError, Op},
     metrics::{DatapathSources, Metrics, MetricsError, SyncReport},
     model::{ModelOptions, NodeInfo, Translator},
+    nattable::{self, NatTable},
     netlink::{self, LinkEvent},
     programmer::Programmer,
+    snat::{self, ExcludedMap, Exclusions, SnatError},
     source::{kube as kube_source, manifests, shared::SharedStore},
 };
 
@@ -47,8 +52,12 @@ pub struct AgentConfig {
     pub socket_lb_cgroup: Option<PathBuf>,
     /// SNAT source address; `None`: the node's first address.
     pub snat_addr: Option<Ipv4Addr>,
-    /// SNAT port range, inclusive.
-    pub snat_ports: (u16, u16),
+    /// SNAT port ranges (see `snat`).
+    pub snat_ports: Vec<PortRange>,
+    /// Whether the SNAT ports are added to the node's `ip_local_reserved_ports`.
+    pub reserve_snat_ports: bool,
+    /// Idle timeouts of tracked flows (0 = the datapath's default).
+    pub timeouts: Timeouts,
     /// Quiet period before a sync.
     pub debounce: Duration,
     /// Longest a change waits for a quiet period.
@@ -85,44 +94,33 @@ pub enum AgentError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error(transparent)]
+    Snat(#[from] SnatError),
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
-    let (mut ebpf, mut maps, mut programmer, older_datapath) = load_datapath(&cfg)?;
+    let (mut ebpf, mut maps, mut programmer, upgrade) = load_datapath(&cfg)?;
+    let mut snat = SnatSide::start(&cfg, &ebpf, &maps, upgrade)?;
     let mut caps = maps.capacities(&cfg.capacities);
-    // A pinned flow table keeps its size.
+    // Pinned bucket tables keep their sizes.
     caps.flow_buckets = flows::FlowTable::open(&ebpf)?.buckets();
+    caps.nat_buckets = NatTable::open(&ebpf)?.buckets();
     let metrics = Arc::new(Metrics::new(&caps, Some(DatapathSources::open(&ebpf)?))?);
     let health = Arc::new(Health::default());
     http::start(cfg.metrics_addr, cfg.health_addr, &metrics, &health).await?;
     let store = Arc::new(SharedStore::new());
     let mut changes = store.subscribe();
     changes.mark_changed();
-    if let Some(path) = cfg.manifests.clone() {
-        tokio::spawn(manifests::watch(
-            path,
-            Arc::clone(&store),
-            cfg.manifest_poll,
-        ));
-    } else {
-        let client = kube_source::client(cfg.kubeconfig.as_deref()).await?;
-        let (node, store) = (cfg.node_name.clone(), Arc::clone(&store));
-        tokio::spawn(async move {
-            if let Err(e) = kube_source::run(client, node, store).await {
-                tracing::error!(error = %e, "the Kubernetes API source stopped");
-            }
-        });
-    }
+    start_source(&cfg, &store).await?;
 
     let mut translator = Translator::new(cfg.model.clone());
     let mut published_services = None;
     let mut last_trim = Instant::now();
-    let mut attached = Attached {
-        conntrack_too: older_datapath,
-        ..Attached::default()
-    };
+    let mut attached = Attached::default();
     let (link_tx, mut link_rx) = mpsc::unbounded_channel();
+    let (legacy_tx, mut legacy_rx) = mpsc::unbounded_channel();
+    let mut frontend_ports_of = None;
     let mut node: Option<NodeInfo> = None;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Netlink)?;
@@ -141,7 +139,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     continue;
                 };
                 if node.as_ref() != Some(&n) {
-                    write_config(&mut maps, &cfg, &n, attached.conntrack_too)?;
+                    write_config(&mut maps, &cfg, &n, &snat.state)?;
                     node = Some(n.clone());
                 }
                 let mut state = SyncState {
@@ -151,6 +149,11 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     published_services: &mut published_services,
                 };
                 let Synced { errors, ops, left } = sync(&store, &n, &mut state, &metrics);
+                // New SNATed flows skip the ports of frontends on the node's addresses.
+                if frontend_ports_of != Some(programmer.services_generation()) {
+                    snat.set_frontend_ports(node_frontend_ports(&translator, &n));
+                    frontend_ports_of = Some(programmer.services_generation());
+                }
                 if attached.sock {
                     end_udp_sockets(&cfg.pin_dir, &left);
                 }
@@ -172,7 +175,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     attached.start(&mut ebpf, &cfg, &n, link_tx.clone())?;
                     finish_migration(&mut ebpf, &cfg.pin_dir);
                     attached.report(&metrics);
-                    attached.end_upgrade_window(&ebpf, &mut maps, &cfg, &n, &metrics)?;
+                    attached.end_upgrade_window(&ebpf, &mut maps, &cfg, &n, &metrics, &mut snat)?;
+                    snat.start_upkeep(&ebpf, &cfg, Arc::clone(&metrics), legacy_tx.clone());
                 }
                 if errors == 0 && !health.is_ready() {
                     health.set_ready();
@@ -182,6 +186,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
             Some(event) = link_rx.recv() => {
                 attached.on_link(&mut ebpf, &cfg, &event);
                 attached.report(&metrics);
+            }
+            Some(LegacyDone) = legacy_rx.recv() => {
+                snat.end_legacy(&mut maps, &cfg, node.as_ref())?;
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = sigterm.recv() => break,
@@ -195,11 +202,45 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Starts the source that fills `store`: the manifest files, or the Kubernetes API.
+async fn start_source(cfg: &AgentConfig, store: &Arc<SharedStore>) -> Result<(), AgentError> {
+    if let Some(path) = cfg.manifests.clone() {
+        tokio::spawn(manifests::watch(path, Arc::clone(store), cfg.manifest_poll));
+    } else {
+        let client = kube_source::client(cfg.kubeconfig.as_deref()).await?;
+        let (node, store) = (cfg.node_name.clone(), Arc::clone(store));
+        tokio::spawn(async move {
+            if let Err(e) = kube_source::run(client, node, store).await {
+                tracing::error!(error = %e, "the Kubernetes API source stopped");
+            }
+        });
+    }
+    Ok(())
+}
+
+/// What an upgrade from another layout version leaves for this datapath to handle.
+#[derive(Clone, Copy, Debug, Default)]
+struct Upgrade {
+    /// The conntrack map came from a datapath without the flow table (see
+    /// `CONFIG_F_CONNTRACK_TOO`).
+    conntrack_too: bool,
+    /// The LRU SNAT map of a datapath of layout version 1 was taken over, with that
+    /// datapath's port range (see `CONFIG_F_SNAT_LEGACY_TOO`).
+    snat_legacy: Option<PortRange>,
+}
+
+/// The port range of a datapath of layout version 1 whose configuration cannot be read: its
+/// default.
+const LEGACY_DEFAULT_PORTS: PortRange = PortRange::new(61000, 65535);
+
 /// Loads the datapath with its maps pinned, adopting what a previous agent left there.
-/// Also returns whether the conntrack map came from a datapath without the flow table (see
-/// `CONFIG_F_CONNTRACK_TOO`).
-fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer, bool), AgentError> {
+fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer, Upgrade), AgentError> {
     let other_versions = other_layout_versions(&cfg.pin_dir);
+    let legacy_ports = loader::previous_snat_range(&cfg.pin_dir, &other_versions);
+    let legacy_snat_map = other_versions.iter().any(|n| {
+        n.rsplit_once("_v")
+            .is_some_and(|(b, _)| b == "xlb_snat" || b == "xlb_snat_lru")
+    });
     if !other_versions.is_empty() {
         warn!(
             found = ?other_versions,
@@ -223,6 +264,18 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer, bool),
         loader::load_pinned(&cfg.capacities, &cfg.pin_dir, cfg.host_routing)?;
     let had = |name: &str| adopted.maps.contains(&name);
     let older_datapath = had(lb_common::map_names::CONNTRACK) && !had(lb_common::map_names::FLOWS);
+    let upgrade = Upgrade {
+        conntrack_too: older_datapath,
+        snat_legacy: legacy_snat_map.then(|| legacy_ports.unwrap_or(LEGACY_DEFAULT_PORTS)),
+    };
+    if let Some(range) = upgrade.snat_legacy {
+        info!(
+            ports = %snat::format_port_list(&[range]),
+            "the previous datapath's SNATed flows are in its LRU SNAT map: their replies are \
+             looked up there, and until its programs are detached new SNATed flows take ports \
+             of its range (reserved in its map too)"
+        );
+    }
     if older_datapath {
         // The conntrack map comes from a datapath without the flow table, whose programs
         // keep recording flows there until the swap: every lookup must reach it.
@@ -287,7 +340,7 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer, bool),
     for stale in loader::remove_stale_links(&cfg.pin_dir) {
         info!(link = %stale, "removed the pinned link of an interface that is gone");
     }
-    Ok((ebpf, maps, programmer, older_datapath))
+    Ok((ebpf, maps, programmer, upgrade))
 }
 
 /// How often the agent clears the overflow marks of flow-table buckets that have no flow in
@@ -333,26 +386,387 @@ fn start_overflow_sweeper(ebpf: &Ebpf, metrics: Arc<Metrics>) {
         );
 }
 
-/// The datapath's node configuration: SNAT address and port range, the default idle timeouts,
-/// and the node's addresses (at most `MAX_NODE_ADDRS`).
+/// The datapath's node configuration: SNAT address and port ranges, idle timeouts, and the
+/// node's addresses (at most `MAX_NODE_ADDRS`).
 #[must_use]
-pub fn node_config(snat: Ipv4Addr, snat_ports: (u16, u16), addresses: &[Ipv4Addr]) -> Config {
+pub fn node_config(
+    snat: Ipv4Addr,
+    snat_ports: &[PortRange],
+    addresses: &[Ipv4Addr],
+    timeouts: Timeouts,
+) -> Config {
     let mut c = Config {
-        flags: 0,
         snat_addr_be: u32::from_ne_bytes(snat.octets()),
-        snat_port_min: snat_ports.0,
-        snat_port_max: snat_ports.1,
-        snat_timeout_new_s: lb_common::snat_timeout::NEW,
-        snat_timeout_tcp_established_s: lb_common::snat_timeout::TCP_ESTABLISHED,
-        snat_timeout_udp_established_s: lb_common::snat_timeout::UDP_ESTABLISHED,
-        snat_timeout_closing_s: lb_common::snat_timeout::CLOSING,
+        timeouts,
         ..Config::default()
     };
+    for (slot, r) in c.snat_ranges.iter_mut().zip(snat_ports) {
+        *slot = *r;
+        c.snat_range_count += 1;
+    }
+    c.snat_port_count = snat::port_count(&c.snat_ranges);
     for (slot, addr) in c.node_addrs_be.iter_mut().zip(addresses) {
         *slot = u32::from_ne_bytes(addr.octets());
         c.node_addr_count += 1;
     }
     c
+}
+
+/// What the node configuration says besides the agent's flags and the node's addresses.
+#[derive(Clone, Debug, Default)]
+struct NodeState {
+    /// See `CONFIG_F_CONNTRACK_TOO`.
+    conntrack_too: bool,
+    /// The older datapath's port range while its LRU SNAT map holds live flows
+    /// (`CONFIG_F_SNAT_LEGACY`).
+    snat_legacy: Option<PortRange>,
+    /// Its programs may still run (`CONFIG_F_SNAT_LEGACY_TOO`).
+    snat_legacy_too: bool,
+    /// What this agent (or one before it) added to `ip_local_reserved_ports`.
+    reserved: Vec<PortRange>,
+    /// The node's local port range, when the SNAT ports are not reserved: new SNATed flows
+    /// skip it, so the kernel and the datapath never hand out the same port.
+    unreserved_local: Option<PortRange>,
+}
+
+impl NodeState {
+    /// Reserves the SNAT ports (unless told not to) and carries over what the adopted
+    /// configuration says of an earlier upgrade and reservation.
+    fn start(cfg: &AgentConfig, maps: &AyaMaps, upgrade: Upgrade) -> Self {
+        let previous = maps.config().unwrap_or_default();
+        let mut snat_legacy = upgrade.snat_legacy;
+        if snat_legacy.is_none()
+            && previous.flags & CONFIG_F_SNAT_LEGACY != 0
+            && !previous.legacy_ports.is_empty()
+        {
+            snat_legacy = Some(previous.legacy_ports);
+        }
+        let mut reserved: Vec<PortRange> = previous
+            .reserved_ports
+            .iter()
+            .copied()
+            .filter(|r| !r.is_empty())
+            .collect();
+        let mut unreserved_local = None;
+        if cfg.reserve_snat_ports {
+            match snat::reserve(&cfg.snat_ports) {
+                Ok(added) => {
+                    if !added.is_empty() {
+                        info!(
+                            added = %snat::format_port_list(&added),
+                            "SNAT ports reserved in net.ipv4.ip_local_reserved_ports: the \
+                             node's processes never get them for their own connections"
+                        );
+                    }
+                    reserved.extend(added);
+                    reserved = snat::normalize(&reserved);
+                }
+                Err(e) => {
+                    unreserved_local = snat::local_port_range().ok();
+                    warn!(
+                        error = %e,
+                        local_ports = ?unreserved_local,
+                        "could not reserve the SNAT ports: new SNATed flows skip the node's \
+                         local port range instead"
+                    );
+                }
+            }
+        } else {
+            unreserved_local = snat::local_port_range().ok();
+        }
+        if reserved.len() > MAX_SNAT_RANGES {
+            warn!(
+                reserved = %snat::format_port_list(&reserved),
+                "more reserved ranges than the configuration records: `xlb cleanup` will leave \
+                 some reserved"
+            );
+            reserved.truncate(MAX_SNAT_RANGES);
+        }
+        Self {
+            conntrack_too: upgrade.conntrack_too,
+            snat_legacy,
+            snat_legacy_too: upgrade.snat_legacy.is_some(),
+            reserved,
+            unreserved_local,
+        }
+    }
+
+    fn flags(&self) -> u32 {
+        let mut flags = 0;
+        if self.conntrack_too {
+            flags |= CONFIG_F_CONNTRACK_TOO;
+        }
+        if self.snat_legacy.is_some() {
+            flags |= CONFIG_F_SNAT_LEGACY;
+            if self.snat_legacy_too {
+                flags |= CONFIG_F_SNAT_LEGACY_TOO;
+            }
+        }
+        flags
+    }
+
+    /// The whole ranges new SNATed flows skip: the older datapath's while its flows live
+    /// (once its programs are gone; before, new flows take ports there, reserved in its map),
+    /// the local port range when the SNAT ports are not reserved.
+    fn exclusions(&self) -> Exclusions {
+        let mut ranges = Vec::new();
+        if let Some(r) = self.snat_legacy
+            && !self.snat_legacy_too
+        {
+            ranges.push(r);
+        }
+        ranges.extend(self.unreserved_local);
+        Exclusions {
+            ranges,
+            ..Exclusions::default()
+        }
+    }
+}
+
+/// Removes from `ip_local_reserved_ports` what the agents of `pin_dir` added (recorded in the
+/// pinned configuration); returns it.
+pub fn release_reserved_ports(pin_dir: &std::path::Path) -> Result<Vec<PortRange>, SnatError> {
+    let path = crate::pin::map_path(pin_dir, lb_common::map_names::CONFIG);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let read = || -> Result<Config, String> {
+        let data = aya::maps::MapData::from_pin(&path).map_err(|e| e.to_string())?;
+        let array: aya::maps::Array<_, Config> =
+            aya::maps::Array::try_from(aya::maps::Map::Array(data)).map_err(|e| e.to_string())?;
+        array.get(&0, 0).map_err(|e| e.to_string())
+    };
+    let config = read().map_err(SnatError::Map)?;
+    let added: Vec<PortRange> = config
+        .reserved_ports
+        .iter()
+        .copied()
+        .filter(|r| !r.is_empty())
+        .collect();
+    snat::unreserve(&added)?;
+    Ok(added)
+}
+
+/// The agent's SNAT side: the node state of the configuration, and the exclusion bitmap.
+struct SnatSide {
+    state: NodeState,
+    ports: Arc<std::sync::Mutex<SnatPorts>>,
+}
+
+impl SnatSide {
+    fn start(
+        cfg: &AgentConfig,
+        ebpf: &Ebpf,
+        maps: &AyaMaps,
+        upgrade: Upgrade,
+    ) -> Result<Self, AgentError> {
+        let state = NodeState::start(cfg, maps, upgrade);
+        let ports = Arc::new(std::sync::Mutex::new(SnatPorts {
+            exclusions: state.exclusions(),
+            map: ExcludedMap::open(ebpf)?,
+        }));
+        Ok(Self { state, ports })
+    }
+
+    fn set_frontend_ports(&self, ports: std::collections::BTreeSet<u16>) {
+        let mut sp = lock(&self.ports);
+        sp.exclusions.frontends = ports;
+        sp.write();
+    }
+
+    /// The whole ranges of the exclusions, as the node state says now.
+    fn write_ranges(&self) {
+        let mut sp = lock(&self.ports);
+        sp.exclusions.ranges = self.state.exclusions().ranges;
+        sp.write();
+    }
+
+    /// The older datapath's SNATed flows are over: stop looking them up, then let new flows
+    /// take their ports again.
+    fn end_legacy(
+        &mut self,
+        maps: &mut AyaMaps,
+        cfg: &AgentConfig,
+        node: Option<&NodeInfo>,
+    ) -> Result<(), AgentError> {
+        self.state.snat_legacy = None;
+        if let Some(n) = node {
+            write_config(maps, cfg, n, &self.state)?;
+        }
+        self.write_ranges();
+        info!("the previous datapath's SNATed flows are over: its SNAT map is no longer read");
+        Ok(())
+    }
+
+    fn start_upkeep(
+        &self,
+        ebpf: &Ebpf,
+        cfg: &AgentConfig,
+        metrics: Arc<Metrics>,
+        legacy_done: mpsc::UnboundedSender<LegacyDone>,
+    ) {
+        start_snat_upkeep(
+            ebpf,
+            cfg,
+            &self.state,
+            Arc::clone(&self.ports),
+            metrics,
+            legacy_done,
+        );
+    }
+}
+
+/// The exclusion bitmap and what it is made of, shared by the sync loop (frontends) and the
+/// upkeep thread (bound ports).
+struct SnatPorts {
+    exclusions: Exclusions,
+    map: ExcludedMap,
+}
+
+impl SnatPorts {
+    fn write(&mut self) {
+        if let Err(e) = self.map.write(&self.exclusions) {
+            warn!(error = %e, "could not write the ports new SNATed flows must skip");
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Ports of frontends on the node's addresses (NodePorts, and ExternalIPs or LoadBalancer IPs
+/// that are the node's): replies of SNATed flows must never arrive on them.
+fn node_frontend_ports(
+    translator: &Translator,
+    node: &NodeInfo,
+) -> std::collections::BTreeSet<u16> {
+    translator
+        .state()
+        .frontends
+        .keys()
+        .filter(|f| node.addresses.contains(&f.addr))
+        .map(|f| f.port)
+        .collect()
+}
+
+/// The upkeep thread reports that the older datapath's SNATed flows are over.
+struct LegacyDone;
+
+/// How often the upkeep thread rescans bound ports, sweeps the legacy SNAT map and counts
+/// the SNAT table's fill.
+const SNAT_UPKEEP_INTERVAL: Duration = Duration::from_secs(10);
+/// A backend whose SNAT ports are this full is warned about (and again after it fell below
+/// `SNAT_FILL_REARM`).
+const SNAT_FILL_WARN: f64 = 0.8;
+const SNAT_FILL_REARM: f64 = 0.7;
+
+/// Starts the thread that keeps the SNAT side up to date (it lives as long as the agent):
+/// the ports the node's processes bound (excluded from new SNATed flows), the legacy SNAT
+/// map's sweep, and the SNAT table's fill (metrics, and a warning when a backend's ports run
+/// short).
+fn start_snat_upkeep(
+    ebpf: &Ebpf,
+    cfg: &AgentConfig,
+    state: &NodeState,
+    ports: Arc<std::sync::Mutex<SnatPorts>>,
+    metrics: Arc<Metrics>,
+    legacy_done: mpsc::UnboundedSender<LegacyDone>,
+) {
+    let table = match NatTable::open(ebpf) {
+        Ok(t) => t,
+        Err(e) => {
+            warn!(error = %e, "the SNAT table's fill will not be reported");
+            return;
+        }
+    };
+    // The legacy map is swept once no program of the older datapath can add to it.
+    let mut legacy = (state.snat_legacy.is_some() && !state.snat_legacy_too)
+        .then(|| nattable::open_legacy(ebpf).ok())
+        .flatten();
+    let timeouts = cfg.timeouts;
+    let ranges = cfg.snat_ports.clone();
+    let mut warned = std::collections::HashSet::new();
+    let mut scan_failed = false;
+    let spawned = std::thread::Builder::new()
+        .name("xlb-snat-upkeep".into())
+        .spawn(move || {
+            loop {
+                match crate::sockdiag::bound_ports() {
+                    Ok(bound) => {
+                        let mut sp = lock(&ports);
+                        if sp.exclusions.bound != bound {
+                            sp.exclusions.bound = bound;
+                            sp.write();
+                        }
+                        scan_failed = false;
+                    }
+                    Err(e) if !scan_failed => {
+                        scan_failed = true;
+                        warn!(error = %e, "could not list the node's bound ports");
+                    }
+                    Err(_) => {}
+                }
+                let now = nattable::now_s();
+                if let Some(map) = legacy.as_mut() {
+                    match nattable::sweep_legacy(map, now, &timeouts) {
+                        Ok(0) => {
+                            legacy = None;
+                            if legacy_done.send(LegacyDone).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "sweeping the legacy SNAT map"),
+                    }
+                }
+                let usable =
+                    snat::port_count(&ranges) - lock(&ports).exclusions.excluded_in(&ranges);
+                match table.fill(now, &timeouts) {
+                    Ok(fill) => {
+                        warn_full_backends(&fill, usable, &mut warned, &metrics);
+                        metrics.set_snat_fill(&fill, usable, table.capacity());
+                    }
+                    Err(e) => warn!(error = %e, "counting the SNAT table"),
+                }
+                std::thread::sleep(SNAT_UPKEEP_INTERVAL);
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "the SNAT upkeep thread did not start");
+    }
+}
+
+/// Logs (once, until it falls below `SNAT_FILL_REARM`) each backend whose SNAT ports are
+/// `SNAT_FILL_WARN` full, and counts it.
+fn warn_full_backends(
+    fill: &nattable::Fill,
+    usable: u32,
+    warned: &mut std::collections::HashSet<nattable::BackendPort>,
+    metrics: &Metrics,
+) {
+    let usable = f64::from(usable.max(1));
+    for (&backend, &used) in &fill.by_backend {
+        let ratio = f64::from(used) / usable;
+        if ratio >= SNAT_FILL_WARN && warned.insert(backend) {
+            metrics.snat_fill_warned();
+            warn!(
+                backend = %format!("{}:{}", backend.0, backend.1),
+                proto = backend.2,
+                in_use = used,
+                usable,
+                "SNAT ports of a backend are {:.0} % in use: new connections to it from outside \
+                 through this node will fail once all are (widen --snat-ports, or use \
+                 externalTrafficPolicy: Local)",
+                ratio * 100.0
+            );
+        }
+    }
+    warned.retain(|b| {
+        fill.by_backend
+            .get(b)
+            .is_some_and(|&used| f64::from(used) / usable >= SNAT_FILL_REARM)
+    });
 }
 
 /// Pinned maps named `xlb_..._v<N>` with N other than this build's layout version, newest
@@ -415,24 +829,30 @@ async fn debounce(changes: &mut tokio::sync::watch::Receiver<u64>, quiet: Durati
     }
 }
 
-/// Writes the node configuration; `conntrack_too`: an older datapath's programs may still run
-/// (see `CONFIG_F_CONNTRACK_TOO`).
+/// Writes the node configuration.
 fn write_config(
     maps: &mut AyaMaps,
     cfg: &AgentConfig,
     node: &NodeInfo,
-    conntrack_too: bool,
+    state: &NodeState,
 ) -> Result<(), AgentError> {
     let snat = cfg
         .snat_addr
         .or_else(|| node.addresses.first().copied())
         .ok_or(AgentError::NoSnatAddress)?;
-    let mut c = node_config(snat, cfg.snat_ports, &node.addresses);
-    if conntrack_too {
-        c.flags |= lb_common::CONFIG_F_CONNTRACK_TOO;
+    let mut c = node_config(snat, &cfg.snat_ports, &node.addresses, cfg.timeouts);
+    c.flags |= state.flags();
+    c.legacy_ports = state.snat_legacy.unwrap_or_default();
+    for (slot, r) in c.reserved_ports.iter_mut().zip(&state.reserved) {
+        *slot = *r;
     }
     maps.apply(&Op::SetConfig(c))?;
-    info!(snat = %snat, ports = ?cfg.snat_ports, addresses = ?node.addresses, "node configuration written");
+    info!(
+        snat = %snat,
+        ports = %snat::format_port_list(&cfg.snat_ports),
+        addresses = ?node.addresses,
+        "node configuration written"
+    );
     Ok(())
 }
 
@@ -599,9 +1019,6 @@ struct Attached {
     started: bool,
     /// Attachments that failed (an interface may keep a previous datapath's programs).
     failures: usize,
-    /// A datapath without the flow table may still run on some interface (see
-    /// `CONFIG_F_CONNTRACK_TOO`).
-    conntrack_too: bool,
     nics: Vec<String>,
     /// Pod interfaces attached to: name → ifindex.
     pod_ifaces: std::collections::BTreeMap<String, u32>,
@@ -620,20 +1037,26 @@ impl Attached {
         cfg: &AgentConfig,
         node: &NodeInfo,
         metrics: &Arc<Metrics>,
+        snat: &mut SnatSide,
     ) -> Result<(), AgentError> {
         if self.failures > 0 {
             warn!(
                 failures = self.failures,
-                "some attachments failed: new flows keep being recorded in the conntrack map \
-                 too, and flow-table marks are not swept"
+                "some attachments failed: new flows keep being recorded for the previous \
+                 datapath too, and flow-table marks are not swept"
             );
             return Ok(());
         }
-        if self.conntrack_too {
-            self.conntrack_too = false;
-            write_config(maps, cfg, node, false)?;
+        if snat.state.conntrack_too || snat.state.snat_legacy_too {
+            snat.state.conntrack_too = false;
+            snat.state.snat_legacy_too = false;
+            // Skip the old range before new flows may take ports anywhere: its flows' ports
+            // are in its map only.
+            snat.write_ranges();
+            write_config(maps, cfg, node, &snat.state)?;
             info!(
-                "the previous datapath is detached everywhere: new flows go to the flow table only"
+                "the previous datapath is detached everywhere: new flows go to this datapath's \
+                 tables only"
             );
         }
         start_overflow_sweeper(ebpf, Arc::clone(metrics));

@@ -7,25 +7,14 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use crate::mapmem::Pages;
-use aya::maps::{Array, Map, MapData};
+use crate::mapmem::BucketArray;
+use aya::maps::{Map, MapData};
 use lb_common::{
     CT_FORWARD, CT_REVERSE, CtEntry, FLOW_BUCKET_LOCKED, FLOW_BUCKET_OVERFLOW, FLOW_F_HAIRPIN,
     FLOW_F_SNAT, FlowBucket, FlowKey, FlowSlot, hash::flow_bucket,
 };
 
-/// Buckets mapped at a time while walking the table (8 MiB).
-const WINDOW_BUCKETS: u32 = 1 << 16;
-
-#[derive(Debug, thiserror::Error)]
-pub enum FlowsError {
-    #[error("the flow table map: {0}")]
-    Map(#[source] io::Error),
-    #[error("the flow table has {0}-byte entries; this build's buckets have 128 bytes")]
-    Layout(u32),
-    #[error("mapping the flow table: {0}")]
-    Mmap(#[source] io::Error),
-}
+pub use crate::mapmem::BucketError as FlowsError;
 
 /// The LRU conntrack map, as the agent reads it.
 pub type CtMap = aya::maps::HashMap<MapData, FlowKey, CtEntry>;
@@ -98,58 +87,30 @@ impl OverflowSweeper {
 
 /// The flow table of a loaded or pinned datapath.
 pub struct FlowTable {
-    map: Map,
+    table: BucketArray<FlowBucket>,
     buckets: u32,
 }
 
 impl FlowTable {
     pub fn new(map: MapData) -> Result<Self, FlowsError> {
-        let info = map
-            .info()
-            .map_err(|e| FlowsError::Map(io::Error::other(e)))?;
-        if info.value_size() as usize != size_of::<FlowBucket>() {
-            return Err(FlowsError::Layout(info.value_size()));
-        }
+        let table = BucketArray::new(map)?;
         Ok(Self {
-            buckets: info.max_entries(),
-            map: Map::Array(map),
+            buckets: table.buckets(),
+            table,
         })
     }
 
-    fn data(&self) -> &MapData {
-        match &self.map {
-            Map::Array(d) => d,
-            // SAFETY-free invariant: `new` only builds `Map::Array`.
-            _ => unreachable!("the flow table is built as an array"),
-        }
-    }
-
-    /// Bucket `index` read with a syscall: for descriptors that cannot be mapped (a read-only
-    /// one, as `xlb` inspection commands open pinned maps, maps shared but not writable, which
-    /// the kernel refuses for BPF maps).
     fn read_bucket(&self, index: u32) -> Result<FlowBucket, FlowsError> {
-        let array: Array<&MapData, FlowBucket> =
-            Array::try_from(&self.map).map_err(|e| FlowsError::Map(io::Error::other(e)))?;
-        array
-            .get(&index, 0)
-            .map_err(|e| FlowsError::Map(io::Error::other(e)))
+        self.table.read(index)
     }
 
     /// A second handle on the flow table of a loaded datapath.
     pub fn open(ebpf: &aya::Ebpf) -> Result<Self, FlowsError> {
-        let map = ebpf
-            .map(lb_common::map_names::FLOWS)
-            .ok_or_else(|| FlowsError::Map(io::Error::other("the datapath has no flow table")))?;
-        let Map::Array(data) = map else {
-            return Err(FlowsError::Map(io::Error::other(
-                "the flow table is not an array",
-            )));
-        };
-        let id = data
-            .info()
-            .map_err(|e| FlowsError::Map(io::Error::other(e)))?
-            .id();
-        Self::new(MapData::from_id(id).map_err(|e| FlowsError::Map(io::Error::other(e)))?)
+        let table = BucketArray::open(ebpf, lb_common::map_names::FLOWS)?;
+        Ok(Self {
+            buckets: table.buckets(),
+            table,
+        })
     }
 
     /// Every flow, as the conntrack entries it stands for (see [`entries`]).
@@ -177,34 +138,8 @@ impl FlowTable {
     }
 
     /// Calls `visit` with every bucket, in index order, until it returns false.
-    pub fn visit(&self, mut visit: impl FnMut(u32, &FlowBucket) -> bool) -> Result<(), FlowsError> {
-        let mut first = 0;
-        while first < self.buckets {
-            let count = WINDOW_BUCKETS.min(self.buckets - first);
-            match Window::map(self.data(), first, count, false) {
-                Ok(window) => {
-                    for i in 0..count {
-                        // SAFETY: the window maps buckets first..first + count; a volatile
-                        // copy, as the datapath writes them concurrently (a torn copy only
-                        // miscounts).
-                        let b = unsafe { window.bucket(i).read_volatile() };
-                        if !visit(first + i, &b) {
-                            return Ok(());
-                        }
-                    }
-                }
-                Err(FlowsError::Mmap(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
-                    for i in first..first + count {
-                        if !visit(i, &self.read_bucket(i)?) {
-                            return Ok(());
-                        }
-                    }
-                }
-                Err(e) => return Err(e),
-            }
-            first += count;
-        }
-        Ok(())
+    pub fn visit(&self, visit: impl FnMut(u32, &FlowBucket) -> bool) -> Result<(), FlowsError> {
+        self.table.visit(visit)
     }
 
     /// Slots holding a flow, counting at most `limit`.
@@ -221,19 +156,13 @@ impl FlowTable {
     /// conntrack map: done when this datapath starts with a conntrack map that a datapath
     /// without the flow table filled (and may still be filling). Returns the buckets marked.
     pub fn mark_all_overflowed(&self) -> Result<u32, FlowsError> {
-        let mut first = 0;
-        while first < self.buckets {
-            let count = WINDOW_BUCKETS.min(self.buckets - first);
-            let window = Window::map(self.data(), first, count, true)?;
-            for i in 0..count {
-                // SAFETY: an aligned u64 header inside the mapped bucket; the datapath changes
-                // headers only with atomic compare-and-swap and stores of the lock holder,
-                // which keep bits they do not own, so an atomic OR is safe against both.
-                let header = unsafe { AtomicU64::from_ptr(&raw mut (*window.bucket(i)).header) };
-                header.fetch_or(FLOW_BUCKET_OVERFLOW, Ordering::SeqCst);
-            }
-            first += count;
-        }
+        self.table.for_each_mut(|_, b| {
+            // SAFETY: an aligned u64 header inside the mapped bucket; the datapath changes
+            // headers only with atomic compare-and-swap and stores of the lock holder, which
+            // keep bits they do not own, so an atomic OR is safe against both.
+            let header = unsafe { AtomicU64::from_ptr(&raw mut (*b).header) };
+            header.fetch_or(FLOW_BUCKET_OVERFLOW, Ordering::SeqCst);
+        })?;
         Ok(self.buckets)
     }
 
@@ -272,9 +201,10 @@ impl FlowTable {
         let mut cleared = 0;
         let mut rest = clear;
         while let Some(&(first, _)) = rest.first() {
-            let start = first / WINDOW_BUCKETS * WINDOW_BUCKETS;
-            let count = WINDOW_BUCKETS.min(self.buckets - start);
-            let window = Window::map(self.data(), start, count, true)?;
+            let per = BucketArray::<FlowBucket>::window_buckets();
+            let start = first / per * per;
+            let count = per.min(self.buckets - start);
+            let window = self.table.window(start, count, true)?;
             let n = rest.iter().take_while(|(i, _)| *i < start + count).count();
             for &(i, header) in &rest[..n] {
                 // SAFETY: the window maps buckets start..start + count, `i` among them. The
@@ -394,26 +324,4 @@ pub fn entries(s: &FlowSlot) -> Vec<(FlowKey, CtEntry)> {
         out.push((reply_key(s), reverse_entry(s)));
     }
     out
-}
-
-/// Buckets of the table mapped until dropped.
-struct Window {
-    pages: Pages,
-    first: u32,
-}
-
-impl Window {
-    /// Maps the pages holding buckets `first..first + count` (inside the table).
-    fn map(map: &MapData, first: u32, count: u32, write: bool) -> Result<Self, FlowsError> {
-        const BUCKET: usize = size_of::<FlowBucket>();
-        let pages = Pages::map(map, first as usize * BUCKET, count as usize * BUCKET, write)
-            .map_err(FlowsError::Mmap)?;
-        Ok(Self { pages, first })
-    }
-
-    /// Bucket `first + i` (the caller keeps `i` below the count mapped).
-    fn bucket(&self, i: u32) -> *mut FlowBucket {
-        self.pages
-            .at((self.first + i) as usize * size_of::<FlowBucket>())
-    }
 }

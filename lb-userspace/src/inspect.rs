@@ -63,6 +63,18 @@ pub trait MapSource {
     fn affinity(&self, _key: &AffinityKey) -> Result<Option<AffinityEntry>, InspectError> {
         Ok(None)
     }
+    /// The SNAT port cursor of backend `id` (an index into the SNAT ranges; 0: not set).
+    fn snat_cursor(&self, _id: u32) -> Result<Option<u32>, InspectError> {
+        Ok(None)
+    }
+    /// The SNAT ports in use to a backend (address, port, protocol), if the table is known.
+    fn snat_in_use(&self, _backend: (Ipv4Addr, u16, u8)) -> Result<Option<u32>, InspectError> {
+        Ok(None)
+    }
+    /// The ports new SNATed flows skip (the datapath's bitmap), if known.
+    fn snat_excluded(&self) -> Result<Option<Vec<u64>>, InspectError> {
+        Ok(None)
+    }
 }
 
 /// The hash that places a new flow of client `src_be` in `fe`'s ring: its own (`own`), or
@@ -261,6 +273,36 @@ impl<'a, S: MapSource + ?Sized> BackendCache<'a, S> {
     /// Backend `id` if it lives, and (for a conntrack entry) is the same incarnation.
     fn live(&mut self, id: u32, generation: u32) -> Result<Option<BackendView>, InspectError> {
         Ok(self.get(id)?.filter(|b| b.generation == generation))
+    }
+
+    /// Adds to `view` the SNAT fill of `backend` (address, port, protocol): its ports in use,
+    /// and how many it can have (the SNAT ranges less the excluded ports), where the maps
+    /// tell them.
+    fn fill(
+        &mut self,
+        view: &mut SnatView,
+        backend: (Ipv4Addr, u16, u8),
+    ) -> Result<(), InspectError> {
+        view.backend_ports_in_use = self.source.snat_in_use(backend)?;
+        let (Some(c), Some(words)) = (self.source.config()?, self.source.snat_excluded()?) else {
+            return Ok(());
+        };
+        let excluded = c
+            .snat_ranges
+            .iter()
+            .filter(|r| !r.is_empty())
+            .flat_map(|r| r.min..=r.max)
+            .filter(|p| {
+                words
+                    .get(usize::from(p >> 6))
+                    .is_some_and(|w| w & (1 << (p & 63)) != 0)
+            })
+            .count();
+        view.backend_port_capacity = Some(
+            c.snat_port_count
+                .saturating_sub(u32::try_from(excluded).unwrap_or(u32::MAX)),
+        );
+        Ok(())
     }
 }
 
@@ -576,15 +618,33 @@ pub struct MaglevPick {
 }
 
 /// The source a flow's packets get when they are SNATed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SnatView {
     pub addr: Ipv4Addr,
     /// The port, when conntrack already holds it.
     pub port: Option<u16>,
-    /// For a new flow: the port of the SNAT range tried first (a taken one moves on).
+    /// For a new flow: the port tried first, the one after its backend's cursor (a taken
+    /// one moves on).
     pub first_port: Option<u16>,
-    /// For a new flow: the SNAT range.
-    pub port_range: Option<(u16, u16)>,
+    /// For a new flow: the SNAT port ranges.
+    pub port_ranges: Vec<(u16, u16)>,
+    /// SNAT ports in use to this backend from this node (live SNATed flows, or in their
+    /// close timeout), and how many it can have: its fill.
+    pub backend_ports_in_use: Option<u32>,
+    pub backend_port_capacity: Option<u32>,
+}
+
+impl SnatView {
+    fn plain(addr: Ipv4Addr, port: Option<u16>) -> Self {
+        Self {
+            addr,
+            port,
+            first_port: None,
+            port_ranges: Vec::new(),
+            backend_ports_in_use: None,
+            backend_port_capacity: None,
+        }
+    }
 }
 
 /// Which backend one client gets, and why.
@@ -684,13 +744,29 @@ pub fn scope_origin(scope: &str) -> &'static str {
     }
 }
 
+/// A configuration's SNAT ranges.
+fn snat_ranges(c: &Config) -> Vec<(u16, u16)> {
+    c.snat_ranges
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| (r.min, r.max))
+        .collect()
+}
+
+fn ranges_words(ranges: &[(u16, u16)]) -> String {
+    ranges
+        .iter()
+        .map(|(a, b)| format!("{a}-{b}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn snat_words(config: Option<&Config>) -> String {
     match config {
         Some(c) if c.snat_addr_be != 0 => format!(
-            "SNATed to {} (ports {}-{})",
+            "SNATed to {} (ports {})",
             ip(c.snat_addr_be),
-            c.snat_port_min,
-            c.snat_port_max
+            ranges_words(&snat_ranges(c))
         ),
         _ => "SNATed, but no SNAT address is configured, so such flows are dropped \
               (drop_snat_exhausted)"
@@ -766,6 +842,7 @@ fn tracked<S: MapSource + ?Sized>(
     backends: &mut BackendCache<'_, S>,
     ct: Option<CtEntry>,
     view: Option<&CtView>,
+    proto: u8,
 ) -> Result<Tracked, InspectError> {
     let (Some(c), Some(v)) = (ct, view) else {
         return Ok(Tracked::Untracked);
@@ -803,12 +880,14 @@ fn tracked<S: MapSource + ?Sized>(
                     c.backend_id, c.backend_generation
                 )));
             };
-            let snat = v.snat.map(|e| SnatView {
-                addr: *e.ip(),
-                port: Some(e.port()),
-                first_port: None,
-                port_range: None,
-            });
+            let snat = match v.snat {
+                Some(e) => {
+                    let mut view = SnatView::plain(*e.ip(), Some(e.port()));
+                    backends.fill(&mut view, (b.addr, b.port, proto))?;
+                    Some(view)
+                }
+                None => None,
+            };
             let source = v.snat.map_or_else(
                 || "the client's address is kept".to_string(),
                 |e| format!("its source is rewritten to {e}"),
@@ -860,7 +939,7 @@ fn pick<S: MapSource + ?Sized>(
         Some(c) => Some(ct_view(&key, c, backends)?),
         None => None,
     };
-    let stale = match tracked(backends, ct, ct_view.as_ref())? {
+    let stale = match tracked(backends, ct, ct_view.as_ref(), t.proto)? {
         Tracked::Decided(p) => return Ok(*p),
         Tracked::Stale(why) => why,
         Tracked::Untracked => String::new(),
@@ -921,9 +1000,9 @@ fn pick<S: MapSource + ?Sized>(
         ));
     };
     // 4. SNAT: remote backends from a NIC (eTP=Cluster), or a pod reaching itself.
-    let snat = new_flow_snat(scope, fe, &b, client, config, hash);
+    let snat = new_flow_snat(backends, scope, fe, &b, (client, t.proto, hash), config)?;
     // A remote backend with SNAT unconfigured: `reserve_snat` fails.
-    let unconfigured = snat.is_some_and(|s| s.addr.is_unspecified());
+    let unconfigured = snat.as_ref().is_some_and(|s| s.addr.is_unspecified());
     let (outcome, verdict) = if unconfigured {
         (Outcome::Dropped, Verdict::DropSnatExhausted)
     } else {
@@ -953,60 +1032,70 @@ fn new_flow_source(snat: Option<&SnatView>) -> String {
     let Some(s) = snat else {
         return "the client's address is kept".into();
     };
-    match (s.port, s.first_port, s.port_range) {
+    let fill = match (s.backend_ports_in_use, s.backend_port_capacity) {
+        (Some(used), Some(cap)) => format!(
+            "; this backend has {used} of its {cap} SNAT ports in use ({:.1} %)",
+            f64::from(used) * 100.0 / f64::from(cap.max(1))
+        ),
+        _ => String::new(),
+    };
+    match (s.port, s.first_port) {
         _ if s.addr.is_unspecified() => {
             "it is remote and no SNAT address is configured, so the flow is dropped".into()
         }
-        (Some(p), _, _) => format!("a hairpin flow: its source becomes {}:{p}", s.addr),
-        (None, Some(first), Some((min, max))) => format!(
-            "it is remote: its source becomes {}, port from {min}-{max} (tried first: {first})",
-            s.addr
+        (Some(p), _) => format!("a hairpin flow: its source becomes {}:{p}", s.addr),
+        (None, Some(first)) => format!(
+            "it is remote: its source becomes {}, port from {} (its backend's next: \
+             {first}){fill}",
+            s.addr,
+            ranges_words(&s.port_ranges)
         ),
-        _ => format!("its source becomes {}", s.addr),
+        _ => format!("its source becomes {}{fill}", s.addr),
     }
 }
 
 /// The SNAT a new flow gets, as `select::new_flow` decides it: a remote backend from a NIC
-/// with SNAT on (`reserve_snat`; an unspecified address when SNAT is not configured, which
-/// drops the flow), or a pod reaching itself (`reserve_hairpin`).
-fn new_flow_snat(
+/// with SNAT on (`snat::reserve`: the first port from the backend's cursor that is not
+/// excluded; an unspecified address when SNAT is not configured, which drops the flow), or
+/// a pod reaching itself (`reserve_hairpin`).
+fn new_flow_snat<S: MapSource + ?Sized>(
+    backends: &mut BackendCache<'_, S>,
     scope: Scope,
     fe: &Frontend,
     b: &BackendView,
-    client: SocketAddrV4,
+    (client, proto, hash): (SocketAddrV4, u8, u32),
     config: Option<&Config>,
-    hash: u32,
-) -> Option<SnatView> {
+) -> Result<Option<SnatView>, InspectError> {
     match scope {
         Scope::External if !b.local && fe.flags & FRONTEND_F_SNAT_REMOTE != 0 => {}
         Scope::Internal if b.addr == *client.ip() => {
-            return Some(SnatView {
-                addr: Ipv4Addr::from(HAIRPIN_ADDR),
-                port: Some(client.port()),
-                first_port: None,
-                port_range: None,
-            });
+            return Ok(Some(SnatView::plain(
+                Ipv4Addr::from(HAIRPIN_ADDR),
+                Some(client.port()),
+            )));
         }
-        _ => return None,
+        _ => return Ok(None),
     }
-    let usable = config.filter(|c| {
-        c.snat_addr_be != 0 && c.snat_port_min != 0 && c.snat_port_max >= c.snat_port_min
-    });
-    let Some(c) = usable else {
-        return Some(SnatView {
-            addr: Ipv4Addr::UNSPECIFIED,
-            port: None,
-            first_port: None,
-            port_range: None,
-        });
+    let Some(c) = config.filter(|c| c.snat_addr_be != 0 && c.snat_port_count != 0) else {
+        return Ok(Some(SnatView::plain(Ipv4Addr::UNSPECIFIED, None)));
     };
-    let range = u32::from(c.snat_port_max - c.snat_port_min) + 1;
-    Some(SnatView {
-        addr: ip(c.snat_addr_be),
-        port: None,
-        first_port: Some(c.snat_port_min + (hash % range) as u16),
-        port_range: Some((c.snat_port_min, c.snat_port_max)),
-    })
+    let mut view = SnatView::plain(ip(c.snat_addr_be), None);
+    view.port_ranges = snat_ranges(c);
+    let cursor = backends.source.snat_cursor(b.id)?.unwrap_or(0);
+    let start = if cursor == 0 { hash } else { cursor };
+    let excluded = backends.source.snat_excluded()?.unwrap_or_default();
+    let is_excluded = |p: u16| {
+        excluded
+            .get(usize::from(p >> 6))
+            .is_some_and(|w| w & (1 << (p & 63)) != 0)
+    };
+    view.first_port = (0..16)
+        .filter_map(|i| {
+            lb_common::snat_port_at(&c.snat_ranges, start.wrapping_add(i) % c.snat_port_count)
+        })
+        .find(|p| !is_excluded(*p));
+    backends.fill(&mut view, (b.addr, b.port, proto))?;
+    Ok(Some(view))
 }
 
 #[cfg(test)]

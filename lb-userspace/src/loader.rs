@@ -25,6 +25,10 @@ pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 
 /// Program names in the object.
 pub const PROG_NIC: &str = "xlb_nic";
+/// The NIC's new-flow program, which `xlb_nic` tail-calls (`lb_common::PROG_INDEX_NIC_NEW`).
+pub const PROG_NIC_NEW: &str = "xlb_nic_new";
+/// The pod interfaces' new-flow program (`lb_common::PROG_INDEX_POD_NEW`).
+pub const PROG_POD_NEW: &str = "xlb_pod_new";
 pub const PROG_POD: &str = "xlb_pod";
 /// The NIC's TC ingress program of BPF host routing (attached only with it).
 pub const PROG_NIC_INGRESS: &str = "xlb_nic_ingress";
@@ -70,21 +74,26 @@ pub enum LoaderError {
         source: io::Error,
     },
     #[error(
-        "the pinned flow table has {0} buckets, not a power of two: not this xlb's (run \
-         `xlb cleanup` to start afresh)"
+        "the pinned {0} has {1} buckets, not a power of two: not this xlb's (run `xlb \
+         cleanup` to start afresh)"
     )]
-    FlowTable(u32),
+    BucketTable(&'static str, u32),
+    #[error("filling the program table: {0}")]
+    ProgramTable(String),
     #[error("pinned link {path}: {message}")]
     Link { path: PathBuf, message: String },
 }
 
 /// Every map of the datapath, by name.
-pub const MAP_NAMES: [&str; 15] = [
+pub const MAP_NAMES: [&str; 20] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::RINGS,
     map_names::CONNTRACK,
-    map_names::SNAT,
+    map_names::NAT,
+    map_names::NAT_CURSORS,
+    map_names::NAT_EXCLUDED,
+    map_names::SNAT_LEGACY,
     map_names::STATS,
     map_names::SERVICE_STATS,
     map_names::CONFIG,
@@ -95,6 +104,8 @@ pub const MAP_NAMES: [&str; 15] = [
     map_names::FLOWS,
     map_names::POD_IFACES,
     map_names::HOST_ROUTING,
+    map_names::NIC_PROGRAMS,
+    map_names::POD_PROGRAMS,
 ];
 
 /// Map capacities, chosen at load time.
@@ -104,7 +115,8 @@ pub struct Capacities {
     pub backends: u32,
     pub ring_slots: u32,
     pub conntrack: u32,
-    pub snat: u32,
+    /// SNAT table buckets (3 SNATed flows each); rounded up to a power of two at load.
+    pub nat_buckets: u32,
     /// Flow table buckets (3 flows each); rounded up to a power of two at load.
     pub flow_buckets: u32,
 }
@@ -116,7 +128,7 @@ impl Default for Capacities {
             backends: capacity::BACKENDS,
             ring_slots: capacity::RING_SLOTS,
             conntrack: capacity::CONNTRACK,
-            snat: capacity::SNAT,
+            nat_buckets: capacity::NAT_BUCKETS,
             flow_buckets: capacity::FLOW_BUCKETS,
         }
     }
@@ -131,7 +143,7 @@ impl Capacities {
             backends: 4096,
             ring_slots: 65_536,
             conntrack: 16_384,
-            snat: 4096,
+            nat_buckets: 4096,
             flow_buckets: 4096,
         }
     }
@@ -205,6 +217,7 @@ fn load_with(
         })
         .unwrap_or_default();
     let buckets = flow_buckets(caps.flow_buckets);
+    let nat_buckets = flow_buckets(caps.nat_buckets);
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
@@ -212,28 +225,78 @@ fn load_with(
     loader
         .map_max_entries(map_names::FRONTENDS, caps.frontends)
         .map_max_entries(map_names::BACKENDS, caps.backends)
+        .map_max_entries(map_names::NAT_CURSORS, caps.backends)
         .map_max_entries(
             map_names::RINGS,
             caps.ring_slots.div_ceil(lb_common::RING_LANES),
         )
         .map_max_entries(map_names::SERVICE_STATS, caps.frontends)
         .map_max_entries(map_names::CONNTRACK, caps.conntrack)
-        .map_max_entries(map_names::SNAT, caps.snat)
+        .map_max_entries(map_names::NAT, nat_buckets)
         .map_max_entries(map_names::FLOWS, buckets);
-    // The datapath masks its bucket hash with this; it must match the map's size, which is
-    // the pinned map's own when one is reused.
-    let pinned = pinned_flow_buckets(&paths);
-    if let Some(n) = pinned.filter(|n| !n.is_power_of_two()) {
-        return Err(LoaderError::FlowTable(n));
-    }
-    let mask = pinned.unwrap_or(buckets) - 1;
-    loader.override_global(FLOW_BUCKET_MASK, &mask, true);
+    // The datapath masks its bucket hashes with these; each must match its map's size, which
+    // is the pinned map's own when one is reused.
+    let mask = |map: &'static str, requested: u32| -> Result<u32, LoaderError> {
+        let pinned = pinned_entries(&paths, map);
+        if let Some(n) = pinned.filter(|n| !n.is_power_of_two()) {
+            return Err(LoaderError::BucketTable(map, n));
+        }
+        Ok(pinned.unwrap_or(requested) - 1)
+    };
+    let flow_mask = mask(map_names::FLOWS, buckets)?;
+    let nat_mask = mask(map_names::NAT, nat_buckets)?;
+    loader.override_global(FLOW_BUCKET_MASK, &flow_mask, true);
+    loader.override_global(NAT_BUCKET_MASK, &nat_mask, true);
     let bpf_routing = u32::from(routing == HostRouting::Bpf);
     loader.override_global(HOST_ROUTING_BPF, &bpf_routing, true);
     let mut ebpf = loader.load(DATAPATH).map_err(LoaderError::Load)?;
     xdp_program(&mut ebpf)?
         .load()
         .map_err(|e| LoaderError::Program(PROG_NIC, e))?;
+    // The new-flow programs the NIC and pod programs tail-call. A pinned table of a previous
+    // agent gets this agent's programs at once (same layout version: the same maps).
+    let nic_new: &mut Xdp = ebpf
+        .program_mut(PROG_NIC_NEW)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoaderError::MissingProgram(PROG_NIC_NEW))?;
+    nic_new
+        .load()
+        .map_err(|e| LoaderError::Program(PROG_NIC_NEW, e))?;
+    let nic_new = nic_new
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|e| LoaderError::Program(PROG_NIC_NEW, e))?;
+    let pod_new: &mut SchedClassifier = ebpf
+        .program_mut(PROG_POD_NEW)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoaderError::MissingProgram(PROG_POD_NEW))?;
+    pod_new
+        .load()
+        .map_err(|e| LoaderError::Program(PROG_POD_NEW, e))?;
+    let pod_new = pod_new
+        .fd()
+        .and_then(|fd| fd.try_clone().map_err(Into::into))
+        .map_err(|e| LoaderError::Program(PROG_POD_NEW, e))?;
+    for (table, index, fd) in [
+        (
+            map_names::NIC_PROGRAMS,
+            lb_common::PROG_INDEX_NIC_NEW,
+            &nic_new,
+        ),
+        (
+            map_names::POD_PROGRAMS,
+            lb_common::PROG_INDEX_POD_NEW,
+            &pod_new,
+        ),
+    ] {
+        let mut programs: aya::maps::ProgramArray<&mut aya::maps::MapData> = ebpf
+            .map_mut(table)
+            .and_then(|m| aya::maps::ProgramArray::try_from(m).ok())
+            .ok_or(LoaderError::MissingMap(table))?;
+        programs
+            .set(index, fd, 0)
+            .map_err(|e| LoaderError::ProgramTable(format!("{table}: {e}")))?;
+    }
     tc_program(&mut ebpf)?
         .load()
         .map_err(|e| LoaderError::Program(PROG_POD, e))?;
@@ -250,6 +313,8 @@ const HOST_ROUTING_BPF: &str = "HOST_ROUTING_BPF";
 
 /// The datapath's global holding the flow table's bucket mask.
 const FLOW_BUCKET_MASK: &str = "FLOW_BUCKET_MASK";
+/// The datapath's global holding the SNAT table's bucket mask.
+const NAT_BUCKET_MASK: &str = "NAT_BUCKET_MASK";
 
 /// The flow table's bucket count for a requested one: a power of two, at least 1.
 #[must_use]
@@ -260,9 +325,9 @@ pub fn flow_buckets(requested: u32) -> u32 {
         .unwrap_or(1 << 31)
 }
 
-/// Buckets of a flow table pinned among `paths`, if there is one.
-fn pinned_flow_buckets(paths: &[(&str, PathBuf)]) -> Option<u32> {
-    let (_, path) = paths.iter().find(|(n, _)| *n == map_names::FLOWS)?;
+/// The size of map `name` if it is pinned among `paths`.
+fn pinned_entries(paths: &[(&str, PathBuf)], name: &str) -> Option<u32> {
+    let (_, path) = paths.iter().find(|(n, _)| *n == name)?;
     if !path.exists() {
         return None;
     }
@@ -594,15 +659,21 @@ pub enum Migration {
     Incompatible { from: String },
 }
 
-/// This version's flow map (conntrack, SNAT or the flow table) that the map pinned as `name`
-/// (another layout version's) corresponds to.
+/// This version's flow map (the flow table, conntrack, the SNAT table, or the legacy LRU SNAT
+/// map) that the map pinned as `name` (another layout version's) corresponds to. The LRU
+/// SNAT map of version 1 (`xlb_snat_v1`) becomes this version's legacy map.
 fn flow_map_target(name: &str) -> Option<&'static str> {
-    [map_names::CONNTRACK, map_names::SNAT, map_names::FLOWS]
-        .into_iter()
-        .find(|t| {
-            name.rsplit_once("_v")
-                .is_some_and(|(base, _)| t.starts_with(&format!("{base}_v")))
-        })
+    let base = name.rsplit_once("_v")?.0;
+    [
+        ("xlb_flows", map_names::FLOWS),
+        ("xlb_ct", map_names::CONNTRACK),
+        ("xlb_nat", map_names::NAT),
+        ("xlb_snat", map_names::SNAT_LEGACY),
+        ("xlb_snat_lru", map_names::SNAT_LEGACY),
+    ]
+    .into_iter()
+    .find(|(b, _)| *b == base)
+    .map(|(_, target)| target)
 }
 
 /// Takes the flow maps (conntrack, SNAT, flow table) of another layout version over as they are where
@@ -625,9 +696,14 @@ pub fn take_over_flow_maps(dir: &Path, old: &[String]) -> Vec<(String, &'static 
         let Ok(info) = aya::maps::MapData::from_pin(&from).and_then(|m| m.info()) else {
             continue;
         };
-        let same_layout = if target == map_names::FLOWS {
+        let bucket_size = match target {
+            map_names::FLOWS => Some(size_of::<lb_common::FlowBucket>()),
+            map_names::NAT => Some(size_of::<lb_common::NatBucket>()),
+            _ => None,
+        };
+        let same_layout = if let Some(size) = bucket_size {
             matches!(info.map_type(), Ok(aya::maps::MapType::Array))
-                && info.value_size() as usize == size_of::<lb_common::FlowBucket>()
+                && info.value_size() as usize == size
                 && info.max_entries().is_power_of_two()
         } else {
             let value = if target == map_names::CONNTRACK {
@@ -687,8 +763,8 @@ pub fn migrate_flows(ebpf: &mut Ebpf, dir: &Path, old: &[String]) -> Vec<Migrati
         // Never over what this version's map holds: it may be shared with the running
         // programs (taken over), and `old` lists the newest version first.
         let flags = BPF_NOEXIST;
-        let copied = if target == map_names::FLOWS {
-            // A flow table is shared (taken over) or not at all: its buckets are where the
+        let copied = if target == map_names::FLOWS || target == map_names::NAT {
+            // A bucket table is shared (taken over) or not at all: its buckets are where the
             // hash of this build puts them, which another layout need not share.
             None
         } else if target == map_names::CONNTRACK {
@@ -730,6 +806,26 @@ fn copy_entries<K: aya::Pod, V: aya::Pod>(
         }
     }
     Some(n)
+}
+
+/// The SNAT port range of another layout version's configuration pinned under `dir` (`old`:
+/// the file names found): version 1's `Config` holds it at bytes 4..8 (minimum, maximum).
+#[must_use]
+pub fn previous_snat_range(dir: &Path, old: &[String]) -> Option<lb_common::PortRange> {
+    let name = old.iter().find(|n| {
+        n.rsplit_once("_v")
+            .is_some_and(|(b, v)| b == "xlb_config" && v == "1")
+    })?;
+    let data = aya::maps::MapData::from_pin(pin::map_path(dir, name)).ok()?;
+    if data.info().ok()?.value_size() != 64 {
+        return None;
+    }
+    let array: aya::maps::Array<_, [u32; 16]> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(data)).ok()?;
+    let words = array.get(&0, 0).ok()?;
+    let [min, max] = [words[1] as u16, (words[1] >> 16) as u16];
+    let range = lb_common::PortRange::new(min, max);
+    (!range.is_empty()).then_some(range)
 }
 
 /// Removes everything xlb pinned under `dir`: links first (which detaches the programs), then

@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig},
@@ -16,7 +16,7 @@ use lb_userspace::{
     },
     loader::{self, Capacities, HostRouting},
     model::ModelOptions,
-    pin,
+    pin, snat,
     state::Scope,
 };
 
@@ -147,7 +147,7 @@ enum DatapathCommand {
     /// Tells whether this kernel and these interfaces can run xlb.
     Probe {
         /// Node NICs to attach the XDP program to.
-        #[arg(long = "nic", required = true)]
+        #[arg(long = "nic")]
         nics: Vec<String>,
         /// Pod-facing interfaces to attach the TC program to (ingress).
         #[arg(long = "pod-iface")]
@@ -192,9 +192,35 @@ struct AgentArgs {
     /// Source address of SNATed flows. Default: the node's first address.
     #[arg(long)]
     snat_addr: Option<Ipv4Addr>,
-    /// SNAT port range, e.g. 61000-65535 (keep it outside the NodePort and ephemeral ranges).
-    #[arg(long, default_value = "61000-65535")]
+    /// SNAT port ranges, comma-separated (at most 4): the ports a flow SNATed to a backend
+    /// on another node gets, per backend. Keep them outside the NodePort range and the
+    /// node's `ip_local_port_range` (32768-60999 by default).
+    #[arg(long, default_value = snat::DEFAULT_RANGES)]
     snat_ports: String,
+    /// Add the SNAT port ranges to the node's `net.ipv4.ip_local_reserved_ports`, so the
+    /// kernel never gives one to a node process's socket (`xlb cleanup` removes them again).
+    /// With `false`, new SNATed flows skip the ports of `ip_local_port_range` instead.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    reserve_snat_ports: bool,
+    /// Idle timeout of established TCP flows (kube-proxy's default: above the 2 h TCP
+    /// keepalive interval, so idle connections that keep themselves alive never lose their
+    /// backend or SNAT port). Go duration syntax: 24h, 90m, 3600s.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_established: u32,
+    /// Idle timeout of TCP flows closed in one direction only (kube-proxy's default).
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    conntrack_tcp_timeout_close_wait: u32,
+    /// How long the SNAT port of a flow whose backend closed first stays with it: the
+    /// backend's `TIME_WAIT` (60 s on Linux) and a margin. Raise it for backends with a longer
+    /// `TIME_WAIT` (Windows: 120-240 s).
+    #[arg(long, default_value = "65s", value_parser = parse_duration)]
+    snat_tcp_time_wait: u32,
+    /// Idle timeout of UDP flows unanswered or answered within 2 s (kernel conntrack's).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    conntrack_udp_timeout: u32,
+    /// Idle timeout of UDP flows still active 2 s after their first packet (kernel's).
+    #[arg(long, default_value = "2m", value_parser = parse_duration)]
+    conntrack_udp_timeout_stream: u32,
     /// Only Services labelled service.kubernetes.io/service-proxy-name=<this> (and unlabelled ones).
     #[arg(long)]
     service_proxy_name: Option<String>,
@@ -213,7 +239,9 @@ struct AgentArgs {
     ring_slots: u32,
     #[arg(long, default_value_t = lb_common::capacity::CONNTRACK)]
     max_conntrack: u32,
-    #[arg(long, default_value_t = lb_common::capacity::SNAT)]
+    /// SNAT table entries (SNATed flows, live or within their close timeout), 3 per bucket
+    /// (rounded up to a power of two buckets).
+    #[arg(long, default_value_t = lb_common::capacity::NAT_BUCKETS * lb_common::FLOW_WAYS as u32)]
     max_snat: u32,
     /// Flow table buckets, 3 flows each (rounded up to a power of two). Flows that find their
     /// bucket full go to the conntrack map (--max-conntrack).
@@ -228,15 +256,40 @@ struct AgentArgs {
     health_addr: SocketAddr,
 }
 
-fn parse_range(s: &str) -> anyhow::Result<(u16, u16)> {
-    let (a, b) = s
-        .split_once('-')
-        .context("expected a range like 61000-65535")?;
-    let (a, b): (u16, u16) = (a.trim().parse()?, b.trim().parse()?);
-    if a == 0 || a > b {
-        bail!("invalid port range {s}");
+/// Parses a duration as kube-proxy's flags take it (Go's syntax: `24h`, `1h30m`, `65s`,
+/// `24h0m0s`) into whole seconds (at least 1). Written here: the crates that parse durations
+/// take other syntaxes, and these flags should read as kube-proxy's do.
+fn parse_duration(s: &str) -> Result<u32, String> {
+    let mut total: u64 = 0;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err("empty duration".into());
     }
-    Ok((a, b))
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let (number, tail) = rest.split_at(digits);
+        let n: u64 = number
+            .parse()
+            .map_err(|_| format!("{s:?}: expected a number before a unit (h, m, s)"))?;
+        let unit_len = tail
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(tail.len());
+        let (unit, tail) = tail.split_at(unit_len);
+        let scale = match unit {
+            "h" => 3600,
+            "m" => 60,
+            "s" => 1,
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (h, m, s)")),
+        };
+        total = total.saturating_add(n.saturating_mul(scale));
+        rest = tail;
+    }
+    u32::try_from(total)
+        .ok()
+        .filter(|t| *t > 0)
+        .ok_or_else(|| format!("{s:?}: must be between 1s and {}s", u32::MAX))
 }
 
 fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
@@ -249,7 +302,16 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
         pod_ifaces: a.pod_ifaces,
         socket_lb_cgroup: a.socket_lb_cgroup,
         snat_addr: a.snat_addr,
-        snat_ports: parse_range(&a.snat_ports).context("--snat-ports")?,
+        snat_ports: snat::parse_ranges(&a.snat_ports).context("--snat-ports")?,
+        reserve_snat_ports: a.reserve_snat_ports,
+        timeouts: lb_common::Timeouts {
+            tcp_established_s: a.conntrack_tcp_timeout_established,
+            tcp_half_closed_s: a.conntrack_tcp_timeout_close_wait,
+            tcp_time_wait_s: a.snat_tcp_time_wait,
+            udp_s: a.conntrack_udp_timeout,
+            udp_stream_s: a.conntrack_udp_timeout_stream,
+            ..lb_common::Timeouts::default()
+        },
         debounce: Duration::from_millis(a.debounce_ms),
         max_delay: Duration::from_millis(a.max_delay_ms),
         capacities: Capacities {
@@ -257,7 +319,7 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
             backends: a.max_backends,
             ring_slots: a.ring_slots,
             conntrack: a.max_conntrack,
-            snat: a.max_snat,
+            nat_buckets: a.max_snat.div_ceil(lb_common::FLOW_WAYS as u32),
             flow_buckets: a.flow_buckets,
         },
         host_routing: a.host_routing,
@@ -289,6 +351,14 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(agent::run(cfg)).context("agent")
         }
         Command::Cleanup { pin_dir } => {
+            match agent::release_reserved_ports(&pin_dir) {
+                Ok(released) if !released.is_empty() => println!(
+                    "removed {} from net.ipv4.ip_local_reserved_ports",
+                    snat::format_port_list(&released)
+                ),
+                Ok(_) => {}
+                Err(e) => eprintln!("xlb: the SNAT ports stay reserved: {e}"),
+            }
             let removed = loader::cleanup(&pin_dir).context("cleanup")?;
             println!(
                 "removed {} pinned object(s) under {}",
@@ -385,6 +455,15 @@ fn run_inspect(
 
 fn probe(nics: &[String], pod_ifaces: &[String]) -> anyhow::Result<()> {
     let mut ebpf = loader::load(&Capacities::small()).context("loading the datapath")?;
+    // How much of the verifier's budget (1,000,000 instructions per program) each program
+    // used: growth shows here before a load fails.
+    for (name, prog) in ebpf.programs() {
+        if let Ok(info) = prog.info()
+            && let Some(n) = info.verified_instruction_count()
+        {
+            println!("{name}: the verifier processed {n} instructions");
+        }
+    }
     for nic in nics {
         loader::attach_nic(&mut ebpf, nic).with_context(|| format!("attaching XDP to {nic}"))?;
         println!("attached {} (XDP, driver mode) to {nic}", loader::PROG_NIC);
@@ -396,4 +475,21 @@ fn probe(nics: &[String], pod_ifaces: &[String]) -> anyhow::Result<()> {
     drop(ebpf);
     println!("detached: dropping the links removed every attachment");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations_read_as_kube_proxy_flags() {
+        assert_eq!(parse_duration("24h"), Ok(86_400));
+        assert_eq!(parse_duration("24h0m0s"), Ok(86_400));
+        assert_eq!(parse_duration("1h30m"), Ok(5_400));
+        assert_eq!(parse_duration("65s"), Ok(65));
+        assert_eq!(parse_duration("2m"), Ok(120));
+        for bad in ["", "0s", "10", "5d", "h", "1.5h"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
+    }
 }

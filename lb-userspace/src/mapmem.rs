@@ -86,3 +86,159 @@ impl Drop for Pages {
         unsafe { libc::munmap(self.base.as_ptr(), self.len) };
     }
 }
+
+/// An array map of fixed-size buckets (`BPF_F_MMAPABLE`: the flow table, the SNAT table)
+/// that the agent reads and changes in place, a window of buckets at a time.
+pub struct BucketArray<B> {
+    map: aya::maps::Map,
+    buckets: u32,
+    _bucket: std::marker::PhantomData<B>,
+}
+
+/// Buckets mapped at a time while walking a table (8 MiB of 128-byte buckets).
+const WINDOW_BUCKETS: u32 = 1 << 16;
+
+impl<B: aya::Pod> BucketArray<B> {
+    /// The table behind `map`, if its values are `B`s (else the value size it has).
+    pub fn new(map: MapData) -> Result<Self, BucketError> {
+        let info = map
+            .info()
+            .map_err(|e| BucketError::Map(io::Error::other(e)))?;
+        if info.value_size() as usize != size_of::<B>() {
+            return Err(BucketError::Layout(info.value_size()));
+        }
+        Ok(Self {
+            buckets: info.max_entries(),
+            map: aya::maps::Map::Array(map),
+            _bucket: std::marker::PhantomData,
+        })
+    }
+
+    /// A second handle on map `name` of a loaded datapath.
+    pub fn open(ebpf: &aya::Ebpf, name: &str) -> Result<Self, BucketError> {
+        let err = |m: String| BucketError::Map(io::Error::other(m));
+        let Some(aya::maps::Map::Array(data)) = ebpf.map(name) else {
+            return Err(err(format!("the datapath has no array map {name}")));
+        };
+        let id = data.info().map_err(|e| err(e.to_string()))?.id();
+        Self::new(MapData::from_id(id).map_err(|e| err(e.to_string()))?)
+    }
+
+    fn data(&self) -> &MapData {
+        match &self.map {
+            aya::maps::Map::Array(d) => d,
+            // SAFETY-free invariant: `new` only builds `Map::Array`.
+            _ => unreachable!("a bucket table is built as an array"),
+        }
+    }
+
+    /// Buckets in the table.
+    #[must_use]
+    pub fn buckets(&self) -> u32 {
+        self.buckets
+    }
+
+    /// Bucket `index` read with a syscall: for descriptors that cannot be mapped (a read-only
+    /// one, as `xlb` inspection commands open pinned maps: maps shared but not writable,
+    /// which the kernel refuses for BPF maps).
+    pub fn read(&self, index: u32) -> Result<B, BucketError> {
+        let array: aya::maps::Array<&MapData, B> = aya::maps::Array::try_from(&self.map)
+            .map_err(|e| BucketError::Map(io::Error::other(e)))?;
+        array
+            .get(&index, 0)
+            .map_err(|e| BucketError::Map(io::Error::other(e)))
+    }
+
+    /// Calls `visit` with every bucket, in index order, until it returns false.
+    pub fn visit(&self, mut visit: impl FnMut(u32, &B) -> bool) -> Result<(), BucketError> {
+        let mut first = 0;
+        while first < self.buckets {
+            let count = WINDOW_BUCKETS.min(self.buckets - first);
+            match self.window(first, count, false) {
+                Ok(window) => {
+                    for i in 0..count {
+                        // SAFETY: the window maps buckets first..first + count; a volatile
+                        // copy, as the datapath writes them concurrently (a torn copy only
+                        // miscounts).
+                        let b = unsafe { window.bucket(i).read_volatile() };
+                        if !visit(first + i, &b) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(BucketError::Mmap(e)) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    for i in first..first + count {
+                        if !visit(i, &self.read(i)?) {
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+            first += count;
+        }
+        Ok(())
+    }
+
+    /// Calls `each` with a pointer to every bucket, mapped writable, a window at a time.
+    pub fn for_each_mut(&self, mut each: impl FnMut(u32, *mut B)) -> Result<(), BucketError> {
+        let mut first = 0;
+        while first < self.buckets {
+            let count = WINDOW_BUCKETS.min(self.buckets - first);
+            let window = self.window(first, count, true)?;
+            for i in 0..count {
+                each(first + i, window.bucket(i));
+            }
+            first += count;
+        }
+        Ok(())
+    }
+
+    /// Maps the pages holding buckets `first..first + count` (inside the table).
+    pub fn window(&self, first: u32, count: u32, write: bool) -> Result<Window<B>, BucketError> {
+        let size = size_of::<B>();
+        let pages = Pages::map(
+            self.data(),
+            first as usize * size,
+            count as usize * size,
+            write,
+        )
+        .map_err(BucketError::Mmap)?;
+        Ok(Window {
+            pages,
+            first,
+            _bucket: std::marker::PhantomData,
+        })
+    }
+
+    /// The window size in buckets.
+    #[must_use]
+    pub const fn window_buckets() -> u32 {
+        WINDOW_BUCKETS
+    }
+}
+
+/// Buckets of a table mapped until dropped.
+pub struct Window<B> {
+    pages: Pages,
+    first: u32,
+    _bucket: std::marker::PhantomData<B>,
+}
+
+impl<B> Window<B> {
+    /// Bucket `first + i` (the caller keeps `i` below the count mapped).
+    #[must_use]
+    pub fn bucket(&self, i: u32) -> *mut B {
+        self.pages.at((self.first + i) as usize * size_of::<B>())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BucketError {
+    #[error("the table's map: {0}")]
+    Map(#[source] io::Error),
+    #[error("the table has {0}-byte entries, not this build's bucket size")]
+    Layout(u32),
+    #[error("mapping the table: {0}")]
+    Mmap(#[source] io::Error),
+}

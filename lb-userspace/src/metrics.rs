@@ -23,7 +23,7 @@ use aya::{
     maps::{HashMap as BpfHashMap, Map, MapData, MapError, PerCpuArray},
 };
 use lb_common::{
-    Counter as VerdictCounter, CtEntry, Event, FlowKey, HostRouting, SnatEntry, Verdict, map_names,
+    Counter as VerdictCounter, CtEntry, Event, FlowKey, HostRouting, Verdict, map_names,
 };
 use prometheus_client::{
     collector::Collector,
@@ -193,15 +193,15 @@ impl CountEntries for crate::flows::FlowTable {
     }
 }
 
-/// Where the metrics read the running datapath: the stats map, and the flow table, conntrack
-/// and SNAT maps to count.
+/// Where the metrics read the running datapath: the stats map, and the flow table and
+/// conntrack map to count (the SNAT table is counted by the agent's SNAT upkeep, see
+/// [`Metrics::set_snat_fill`]).
 pub struct DatapathSources {
     pub verdicts: Box<dyn VerdictCounters>,
     pub events: Box<dyn EventCounters>,
     pub services: Box<dyn ServiceCounters>,
     pub flows: Box<dyn CountEntries>,
     pub conntrack: Box<dyn CountEntries>,
-    pub snat: Box<dyn CountEntries>,
 }
 
 impl DatapathSources {
@@ -224,15 +224,12 @@ impl DatapathSources {
         let conntrack: BpfHashMap<MapData, FlowKey, CtEntry> =
             BpfHashMap::try_from(reopen(ebpf, map_names::CONNTRACK)?)
                 .map_err(err(map_names::CONNTRACK))?;
-        let snat: BpfHashMap<MapData, FlowKey, SnatEntry> =
-            BpfHashMap::try_from(reopen(ebpf, map_names::SNAT)?).map_err(err(map_names::SNAT))?;
         Ok(Self {
             verdicts: Box::new(verdicts),
             events: Box::new(events),
             services: Box::new(services),
             flows: Box::new(crate::flows::FlowTable::open(ebpf)?),
             conntrack: Box::new(conntrack),
-            snat: Box::new(snat),
         })
     }
 }
@@ -443,7 +440,9 @@ pub struct Metrics {
     failed_services: Gauge,
     overflowed_buckets: Gauge,
     map_entries: Family<MapLabels, Gauge>,
+    map_capacity: Family<MapLabels, Gauge>,
     attached: Family<MapLabels, Gauge>,
+    snat: SnatMetrics,
     /// Refused objects of the previous sync, with how many records each had.
     invalid_seen: Mutex<BTreeMap<InvalidId, usize>>,
     walker: Option<MapWalker>,
@@ -517,7 +516,8 @@ impl Metrics {
              also look there), at the agent's last sweep",
             overflowed_buckets.clone(),
         );
-        let map_entries = register_map_levels(&mut registry, caps);
+        let (map_entries, map_capacity) = register_map_levels(&mut registry, caps);
+        let snat = SnatMetrics::register(&mut registry);
         let attached = Family::<MapLabels, Gauge>::default();
         registry.register(
             "xlb_attached_interfaces",
@@ -549,7 +549,9 @@ impl Metrics {
             failed_services,
             overflowed_buckets,
             map_entries,
+            map_capacity,
             attached,
+            snat,
             invalid_seen: Mutex::new(BTreeMap::new()),
             walker,
             service_names,
@@ -635,6 +637,24 @@ impl Metrics {
         *seen = now;
     }
 
+    /// Records the SNAT table's fill: `usable` ports per backend (the SNAT ranges less the
+    /// excluded ports), `capacity` entries in the table.
+    pub fn set_snat_fill(&self, fill: &crate::nattable::Fill, usable: u32, capacity: u64) {
+        let to_gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.map_entries
+            .get_or_create(&[("map", map_label::SNAT)])
+            .set(to_gauge(fill.live));
+        self.map_capacity
+            .get_or_create(&[("map", map_label::SNAT)])
+            .set(to_gauge(capacity));
+        self.snat.set(fill, usable);
+    }
+
+    /// Counts a warning about a backend whose SNAT ports run short.
+    pub fn snat_fill_warned(&self) {
+        self.snat.warnings.inc();
+    }
+
     /// Records the flow-table buckets left marked as overflowed by a sweep.
     pub fn set_overflowed_buckets(&self, n: usize) {
         self.overflowed_buckets.set(gauge(n));
@@ -661,13 +681,114 @@ impl Metrics {
     }
 }
 
-/// `xlb_map_entries` (returned: filled in by syncs and walks) and `xlb_map_capacity`.
-fn register_map_levels(registry: &mut Registry, caps: &Capacities) -> Family<MapLabels, Gauge> {
+type ValueLabels = [(&'static str, String); 1];
+
+/// The SNAT ports in use, with bounded cardinality: per SNAT address (one or two per node),
+/// the busiest backends only, and how many backends are past each fill level.
+struct SnatMetrics {
+    by_address: Family<ValueLabels, Gauge>,
+    busiest: Family<ValueLabels, Gauge>,
+    over: Family<MapLabels, Gauge>,
+    usable: Gauge,
+    warnings: Counter,
+}
+
+/// How many of the busiest backends `xlb_snat_backend_ports_in_use` names.
+pub const SNAT_TOP_BACKENDS: usize = 10;
+/// The fill levels `xlb_snat_backends_over` counts backends past.
+const SNAT_FILL_LEVELS: [(&str, f64); 3] = [("0.5", 0.5), ("0.8", 0.8), ("0.95", 0.95)];
+
+impl SnatMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let by_address = Family::<ValueLabels, Gauge>::default();
+        registry.register(
+            "xlb_snat_ports_in_use",
+            "SNAT ports in use (live SNATed flows, or in their close timeout) per SNAT address, \
+             over all backends",
+            by_address.clone(),
+        );
+        let busiest = Family::<ValueLabels, Gauge>::default();
+        registry.register(
+            "xlb_snat_backend_ports_in_use",
+            "SNAT ports in use to one backend (address:port/protocol), for the 10 busiest \
+             backends; each backend has xlb_snat_backend_port_capacity of them",
+            busiest.clone(),
+        );
+        let usable = Gauge::default();
+        registry.register(
+            "xlb_snat_backend_port_capacity",
+            "SNAT ports each backend can have in use at once from this node (the SNAT ranges \
+             less the ports excluded: frontends, bound sockets)",
+            usable.clone(),
+        );
+        let over = Family::<MapLabels, Gauge>::default();
+        registry.register(
+            "xlb_snat_backends_over",
+            "Backends whose SNAT ports in use exceed a fraction (fill) of their capacity",
+            over.clone(),
+        );
+        for (level, _) in SNAT_FILL_LEVELS {
+            over.get_or_create(&[("fill", level)]).set(0);
+        }
+        let warnings = Counter::default();
+        registry.register(
+            "xlb_snat_fill_warnings",
+            "Times a backend's SNAT ports passed 80 % in use (logged each time)",
+            warnings.clone(),
+        );
+        Self {
+            by_address,
+            busiest,
+            over,
+            usable,
+            warnings,
+        }
+    }
+
+    fn set(&self, fill: &crate::nattable::Fill, usable: u32) {
+        self.usable.set(i64::from(usable));
+        self.by_address.clear();
+        for (addr, n) in &fill.by_address {
+            self.by_address
+                .get_or_create(&[("address", addr.to_string())])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        let mut backends: Vec<_> = fill.by_backend.iter().collect();
+        backends.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        self.busiest.clear();
+        for ((addr, port, proto), n) in backends.iter().take(SNAT_TOP_BACKENDS) {
+            let proto = if *proto == lb_common::IPPROTO_TCP {
+                "tcp"
+            } else {
+                "udp"
+            };
+            self.busiest
+                .get_or_create(&[("backend", format!("{addr}:{port}/{proto}"))])
+                .set(i64::from(**n));
+        }
+        let usable = f64::from(usable.max(1));
+        for (level, ratio) in SNAT_FILL_LEVELS {
+            let n = fill
+                .by_backend
+                .values()
+                .filter(|&&used| f64::from(used) / usable > ratio)
+                .count();
+            self.over.get_or_create(&[("fill", level)]).set(gauge(n));
+        }
+    }
+}
+
+/// `xlb_map_entries` (filled in by syncs and walks) and `xlb_map_capacity`.
+fn register_map_levels(
+    registry: &mut Registry,
+    caps: &Capacities,
+) -> (Family<MapLabels, Gauge>, Family<MapLabels, Gauge>) {
     let map_entries = Family::<MapLabels, Gauge>::default();
     registry.register(
         "xlb_map_entries",
-        "Entries in use per datapath map (ring_slots: Maglev ring slots; conntrack and snat: \
-         from the last background walk, at most one per 30 s, started by a scrape)",
+        "Entries in use per datapath map (ring_slots: Maglev ring slots; flows and \
+         conntrack: from the last background walk, at most one per 30 s, started by a \
+         scrape; snat: SNATed flows live or in their close timeout, counted every 10 s)",
         map_entries.clone(),
     );
     let map_capacity = Family::<MapLabels, Gauge>::default();
@@ -681,14 +802,14 @@ fn register_map_levels(registry: &mut Registry, caps: &Capacities) -> Family<Map
         (map_label::BACKENDS, caps.backends),
         (map_label::RING_SLOTS, caps.ring_slots),
         (map_label::CONNTRACK, caps.conntrack),
-        (map_label::SNAT, caps.snat),
+        (map_label::SNAT, nat_slots(caps)),
         (map_label::FLOWS, flow_slots(caps)),
     ] {
         map_capacity
             .get_or_create(&[("map", label)])
             .set(i64::from(capacity));
     }
-    map_entries
+    (map_entries, map_capacity)
 }
 
 /// The verdict counters (read at scrape time) and the walker of the conntrack and SNAT maps.
@@ -716,13 +837,13 @@ fn register_datapath(
             capacity: u64::from(caps.conntrack),
             map: d.conntrack,
         },
-        Walked {
-            label: map_label::SNAT,
-            capacity: u64::from(caps.snat),
-            map: d.snat,
-        },
     ];
     MapWalker::spawn(maps, map_entries.clone(), WALK_INTERVAL)
+}
+
+/// Flows the SNAT table holds (3 per bucket).
+fn nat_slots(caps: &Capacities) -> u32 {
+    crate::loader::flow_buckets(caps.nat_buckets).saturating_mul(lb_common::FLOW_WAYS as u32)
 }
 
 /// Flows the flow table holds (3 per bucket).
@@ -955,12 +1076,8 @@ mod tests {
                 entries: 777,
                 walks: Arc::clone(&walks),
             }),
-            conntrack: Box::new(FakeTable {
-                entries: 1234,
-                walks: Arc::clone(&walks),
-            }),
             // A walk that restarted and over-counted: clamped to the capacity.
-            snat: Box::new(FakeTable {
+            conntrack: Box::new(FakeTable {
                 entries: 1_000_000,
                 walks: Arc::clone(&walks),
             }),
@@ -1019,19 +1136,15 @@ mod tests {
         );
         // The first scrape started a walk; a later scrape reports it.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while walks.load(Ordering::SeqCst) < 3 {
+        while walks.load(Ordering::SeqCst) < 2 {
             assert!(Instant::now() < deadline, "no walk");
             std::thread::sleep(Duration::from_millis(5));
         }
         let text = m.encode().expect("encode");
         assert_eq!(
             value(&text, "xlb_map_entries{map=\"conntrack\"}").as_deref(),
-            Some("1234"),
+            Some("16384"),
             "{text}"
-        );
-        assert_eq!(
-            value(&text, "xlb_map_entries{map=\"snat\"}").as_deref(),
-            Some("4096")
         );
         assert_eq!(
             value(&text, "xlb_map_entries{map=\"flows\"}").as_deref(),
@@ -1041,5 +1154,70 @@ mod tests {
             value(&text, "xlb_map_capacity{map=\"flows\"}").as_deref(),
             Some("12288")
         );
+    }
+
+    /// SNAT fill: per address, the busiest backends only (10), and how many backends are
+    /// past each fill level; a later fill replaces the series of backends no longer among
+    /// the busiest.
+    #[test]
+    fn snat_fill_reports_addresses_busiest_backends_and_levels() {
+        use std::net::Ipv4Addr;
+        let m = Metrics::new(&Capacities::small(), None).expect("metrics");
+        let mut fill = crate::nattable::Fill {
+            live: 0,
+            ..Default::default()
+        };
+        for i in 0..20u16 {
+            let backend = (
+                Ipv4Addr::new(10, 244, 1, 1),
+                8000 + i,
+                lb_common::IPPROTO_TCP,
+            );
+            fill.by_backend.insert(backend, u32::from(i) * 50);
+            fill.live += u64::from(i) * 50;
+        }
+        fill.by_address
+            .insert(Ipv4Addr::new(192, 168, 1, 10), fill.live);
+        m.set_snat_fill(&fill, 1000, 12_288);
+        let text = m.encode().expect("encode");
+        let series = |name: &str| text.lines().filter(|l| l.starts_with(name)).count();
+        assert_eq!(series("xlb_snat_backend_ports_in_use{"), 10, "{text}");
+        assert_eq!(
+            value(
+                &text,
+                "xlb_snat_backend_ports_in_use{backend=\"10.244.1.1:8019/tcp\"}"
+            )
+            .as_deref(),
+            Some("950")
+        );
+        assert!(!text.contains("10.244.1.1:8009/tcp"), "{text}");
+        assert_eq!(
+            value(&text, "xlb_snat_ports_in_use{address=\"192.168.1.10\"}").as_deref(),
+            Some("9500")
+        );
+        // 50 × i > 500 for i ≥ 11, > 800 for i ≥ 17, > 950 for none.
+        for (level, n) in [("0.5", "9"), ("0.8", "3"), ("0.95", "0")] {
+            assert_eq!(
+                value(
+                    &text,
+                    &format!("xlb_snat_backends_over{{fill=\"{level}\"}}")
+                )
+                .as_deref(),
+                Some(n),
+                "{level}"
+            );
+        }
+        assert_eq!(
+            value(&text, "xlb_map_entries{map=\"snat\"}").as_deref(),
+            Some("9500")
+        );
+        assert_eq!(
+            value(&text, "xlb_snat_backend_port_capacity").as_deref(),
+            Some("1000")
+        );
+        fill.by_backend.clear();
+        m.set_snat_fill(&fill, 1000, 12_288);
+        let text = m.encode().expect("encode");
+        assert!(!text.contains("xlb_snat_backend_ports_in_use{"), "{text}");
     }
 }

@@ -1049,7 +1049,7 @@ mod tests {
             backends: 4096,
             ring_slots: 1 << 20,
             conntrack: 1024,
-            snat: 1024,
+            nat_buckets: 1024,
             flow_buckets: 1024,
         }
     }
@@ -1430,7 +1430,7 @@ mod tests {
             backends: 1024,
             ring_slots: 1 << 16,
             conntrack: 16,
-            snat: 16,
+            nat_buckets: 16,
             flow_buckets: 16,
         };
         let mut p = Programmer::new(&small);
@@ -1482,7 +1482,7 @@ mod tests {
             backends: 1024,
             ring_slots: 500,
             conntrack: 16,
-            snat: 16,
+            nat_buckets: 16,
             flow_buckets: 16,
         };
         let mut p = Programmer::new(&small);
@@ -1518,7 +1518,7 @@ mod tests {
             backends: 1024,
             ring_slots: 402,
             conntrack: 16,
-            snat: 16,
+            nat_buckets: 16,
             flow_buckets: 16,
         };
         let mut p = Programmer::new(&tiny);

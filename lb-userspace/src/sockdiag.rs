@@ -109,6 +109,31 @@ pub fn end_udp_sockets_to<S: std::hash::BuildHasher>(
     Ok(ended)
 }
 
+/// `TCP_LISTEN` (10) as a state bit.
+const STATE_LISTEN: u32 = 1 << 10;
+
+/// The local ports that sockets of this network namespace's processes hold where the kernel
+/// would not give them out itself: TCP listeners and every UDP socket (IPv4 and IPv6, whose
+/// sockets may be dual-stack).
+pub fn bound_ports() -> io::Result<std::collections::BTreeSet<u16>> {
+    let nl = Netlink::open()?;
+    let mut ports = std::collections::BTreeSet::new();
+    for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+        for (protocol, states) in [
+            (libc::IPPROTO_TCP as u8, STATE_LISTEN),
+            (libc::IPPROTO_UDP as u8, u32::MAX),
+        ] {
+            for id in nl.dump(family, protocol, states)? {
+                let port = u16::from_be(id.sport_be);
+                if port != 0 {
+                    ports.insert(port);
+                }
+            }
+        }
+    }
+    Ok(ports)
+}
+
 struct Netlink {
     fd: OwnedFd,
 }
@@ -159,10 +184,33 @@ impl Netlink {
     }
 
     fn connected_udp(&self) -> io::Result<Vec<UdpSocket>> {
+        let sockets = self.dump(
+            libc::AF_INET as u8,
+            libc::IPPROTO_UDP as u8,
+            STATE_ESTABLISHED,
+        )?;
+        sockets
+            .into_iter()
+            .map(|id| {
+                Ok(UdpSocket {
+                    cookie: u64::from(id.cookie[0]) | (u64::from(id.cookie[1]) << 32),
+                    peer: (
+                        Ipv4Addr::from(id.dst_be[0].to_ne_bytes()),
+                        u16::from_be(id.dport_be),
+                    ),
+                    id: as_bytes(&id).try_into().map_err(|_| truncated())?,
+                })
+            })
+            .collect()
+    }
+
+    /// The ids of this network namespace's sockets of `family` and `protocol` in `states`
+    /// (a bit per TCP state).
+    fn dump(&self, family: u8, protocol: u8, states: u32) -> io::Result<Vec<SockId>> {
         let req = DiagReq {
-            family: libc::AF_INET as u8,
-            protocol: libc::IPPROTO_UDP as u8,
-            states: STATE_ESTABLISHED,
+            family,
+            protocol,
+            states,
             ..DiagReq::default()
         };
         self.send(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, &req)?;
@@ -183,15 +231,7 @@ impl Netlink {
                     SOCK_DIAG_BY_FAMILY => {
                         let msg: DiagMsg = read(&buf[at + size_of::<NlMsgHdr>()..at + len])
                             .ok_or_else(truncated)?;
-                        let id = msg.id;
-                        out.push(UdpSocket {
-                            cookie: u64::from(id.cookie[0]) | (u64::from(id.cookie[1]) << 32),
-                            peer: (
-                                Ipv4Addr::from(id.dst_be[0].to_ne_bytes()),
-                                u16::from_be(id.dport_be),
-                            ),
-                            id: as_bytes(&id).try_into().map_err(|_| truncated())?,
-                        });
+                        out.push(msg.id);
                     }
                     _ => {}
                 }

@@ -7,11 +7,16 @@ use aya::{
     maps::{Array, HashMap, PerCpuArray},
     programs::{ProgramError, SchedClassifier, TestRun as _, TestRunOptions, TestRunResult},
 };
-use lb_common::{Config, Counter, CtEntry, FlowBucket, FlowKey, SnatEntry, Verdict, map_names};
+use lb_common::{
+    Config, Counter, CtEntry, FlowBucket, FlowKey, NatBucket, NatEntry, PortRange, SnatEntry,
+    Timeouts, Verdict, map_names,
+};
 use lb_userspace::{
     flows::{FlowTable, OverflowSweeper, Sweep, open_conntrack},
     loader::{self, Capacities, HostRouting},
+    mapmem::BucketArray,
     maps::{AyaMaps, LbMaps as _, Op},
+    nattable::NatTable,
     programmer::Programmer,
     state::DesiredState,
 };
@@ -63,12 +68,21 @@ impl Datapath {
 
     /// Sets the SNAT address and port range (host order, inclusive).
     pub fn set_snat(&mut self, addr: Ipv4Addr, ports: (u16, u16)) {
-        self.set_config(Config {
-            snat_addr_be: u32::from_ne_bytes(addr.octets()),
-            snat_port_min: ports.0,
-            snat_port_max: ports.1,
-            ..Config::default()
-        });
+        self.set_snat_ranges(
+            addr,
+            &[PortRange::new(ports.0, ports.1)],
+            Timeouts::default(),
+        );
+    }
+
+    /// Sets the SNAT address, port ranges and timeouts, as the agent writes them.
+    pub fn set_snat_ranges(&mut self, addr: Ipv4Addr, ranges: &[PortRange], timeouts: Timeouts) {
+        self.set_config(lb_userspace::agent::node_config(
+            addr,
+            ranges,
+            &[],
+            timeouts,
+        ));
     }
 
     /// Writes the node configuration (SNAT address, range, timeouts).
@@ -158,6 +172,19 @@ impl Datapath {
             .sum()
     }
 
+    /// Times the datapath counted `event`, summed over CPUs.
+    #[must_use]
+    pub fn event(&self, event: lb_common::Event) -> u64 {
+        let events: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(self.ebpf.map(map_names::EVENTS).expect("events map"))
+                .expect("events map type");
+        events
+            .get(&(event as u32), 0)
+            .expect("events read")
+            .iter()
+            .sum()
+    }
+
     /// All conntrack entries: those the flow table's flows stand for, then the LRU map's.
     #[must_use]
     pub fn conntrack(&self) -> Vec<(FlowKey, CtEntry)> {
@@ -243,13 +270,69 @@ impl Datapath {
         ct.iter().filter_map(Result::ok).collect()
     }
 
-    /// All SNAT entries.
+    /// All entries of the SNAT table in use (expired ones included until they are reused).
     #[must_use]
-    pub fn snat(&self) -> Vec<(FlowKey, SnatEntry)> {
-        let m: HashMap<_, FlowKey, SnatEntry> =
-            HashMap::try_from(self.ebpf.map(map_names::SNAT).expect("snat map"))
-                .expect("snat map type");
+    pub fn snat(&self) -> Vec<NatEntry> {
+        NatTable::open(&self.ebpf)
+            .expect("SNAT table")
+            .entries()
+            .expect("SNAT table read")
+    }
+
+    /// The entries of the legacy LRU SNAT map (a layout-version-1 datapath's).
+    #[must_use]
+    pub fn snat_legacy(&self) -> Vec<(FlowKey, SnatEntry)> {
+        let m: HashMap<_, FlowKey, SnatEntry> = HashMap::try_from(
+            self.ebpf
+                .map(map_names::SNAT_LEGACY)
+                .expect("legacy snat map"),
+        )
+        .expect("legacy snat map type");
         m.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Writes entries into the legacy LRU SNAT map, as a layout-version-1 datapath did.
+    pub fn insert_snat_legacy(&mut self, entries: &[(FlowKey, SnatEntry)]) {
+        let mut m: HashMap<_, FlowKey, SnatEntry> = HashMap::try_from(
+            self.ebpf
+                .map_mut(map_names::SNAT_LEGACY)
+                .expect("legacy snat map"),
+        )
+        .expect("legacy snat map type");
+        for (k, v) in entries {
+            m.insert(k, v, 0).expect("legacy snat insert");
+        }
+    }
+
+    /// Moves the datapath's clock `secs` seconds on, as far as tracked flows can tell: every
+    /// time the flow table and the SNAT table hold (last seen, created) moves that far back,
+    /// so a test sees hours of idleness pass at once.
+    pub fn advance_clock(&self, secs: u32) {
+        let flows: BucketArray<FlowBucket> =
+            BucketArray::open(&self.ebpf, map_names::FLOWS).expect("flow table");
+        flows
+            .for_each_mut(|_, b| {
+                // SAFETY: a mapped bucket of a table no program runs on meanwhile (tests run
+                // the programs from this thread).
+                for slot in unsafe { &mut (*b).slots } {
+                    if slot.client_addr_be != 0 {
+                        slot.last_seen_s = slot.last_seen_s.wrapping_sub(secs);
+                    }
+                }
+            })
+            .expect("aging the flow table");
+        let nat: BucketArray<NatBucket> =
+            BucketArray::open(&self.ebpf, map_names::NAT).expect("SNAT table");
+        nat.for_each_mut(|_, b| {
+            // SAFETY: as above.
+            for e in unsafe { &mut (*b).entries } {
+                if e.nat_addr_be != 0 {
+                    e.last_seen_s = e.last_seen_s.wrapping_sub(secs);
+                    e.created_s = e.created_s.wrapping_sub(secs);
+                }
+            }
+        })
+        .expect("aging the SNAT table");
     }
 }
 

@@ -45,13 +45,15 @@ const CLIENT: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const FLOWS: std::ops::Range<u16> = 40000..40016;
 
 /// Every map of the datapath, pinned under `<dir>/<map name>` as the agent pins them.
-const MAPS: [&str; 8] = [
+const MAPS: [&str; 10] = [
     map_names::FRONTENDS,
     map_names::BACKENDS,
     map_names::RINGS,
     map_names::CONNTRACK,
     map_names::FLOWS,
-    map_names::SNAT,
+    map_names::NAT,
+    map_names::NAT_CURSORS,
+    map_names::NAT_EXCLUDED,
     map_names::STATS,
     map_names::CONFIG,
 ];

@@ -317,6 +317,110 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> std::io::Result<T>) -> T {
     }
 }
 
+/// The reference case's SNAT path at the scale users run it: Service `remote` (TCP NodePort
+/// 32510 and UDP NodePort 32653 → 8080) whose only pod runs on node 2, reached from the client
+/// through node 1, which SNATs every flow to its own address.
+const REMOTE: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: remote, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  ports:
+    - {name: http, port: 80, targetPort: 8080, nodePort: 32510, protocol: TCP}
+    - {name: dns, port: 53, targetPort: 8080, nodePort: 32653, protocol: UDP}
+";
+
+/// Connections (or exchanges) each SNAT test makes: more than four times what the SNAT range
+/// of xlb's first releases held (4,536 ports, each kept 120 s after its flow).
+const SNAT_SCALE: usize = 20_000;
+
+/// A cluster of two nodes with Service `remote`'s only pod on node 2, agents running.
+fn remote_backend(tag: &str) -> Cluster {
+    let mut c = Cluster::new(tag, 2).expect("lab");
+    c.add_pod("remote-0", 1, &echo_bin(), &[8080]).expect("pod");
+    c.write_manifest("remote.yaml", REMOTE).expect("manifest");
+    let ports = [("http", 8080, "TCP"), ("dns", 8080, "UDP")];
+    c.write_manifest(
+        "eps.yaml",
+        &c.endpoint_slice("remote", &ports, &["remote-0"], &EndpointStates::default()),
+    )
+    .expect("manifest");
+    start_agents(&c);
+    c
+}
+
+/// Runs `one` `SNAT_SCALE` times from the client; panics at the first failure, saying which
+/// and how far it got, and checks every answer came from the pod, as seen from node 1.
+fn sustain(c: &Cluster, what: &str, one: impl Fn() -> std::io::Result<Answer> + Send + Sync) {
+    let node1 = c.nodes[0].ip;
+    let started = Instant::now();
+    let done = c
+        .client
+        .enter(|| {
+            for i in 0..SNAT_SCALE {
+                match one() {
+                    Ok(a) if a.pod == "remote-0" && ip_of(&a) == IpAddr::V4(node1) => {}
+                    Ok(a) => return Err(format!("{what} {i}: answered by {a:?}")),
+                    Err(e) => {
+                        return Err(format!(
+                            "{what} {i} of {SNAT_SCALE} failed after {:.1} s: {e}",
+                            started.elapsed().as_secs_f64()
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        })
+        .expect("netns");
+    if let Err(e) = done {
+        let log = std::fs::read_to_string(c.log_path("agent-node1.log")).unwrap_or_default();
+        let tail: String = log.lines().rev().take(20).collect::<Vec<_>>().join("\n");
+        panic!("{e}\nagent log (last lines, newest first):\n{tail}");
+    }
+    eprintln!(
+        "{what}: {SNAT_SCALE} in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// 20,000 sequential TCP connections (one HTTP/1.0-style request each, the server closing
+/// first, as curl against Tomcat) through node 1's NodePort to the pod on node 2: every one
+/// succeeds and is answered by that pod. Each connection's SNAT port stays with it for the
+/// backend's `TIME_WAIT`, so this needs a range of more than 20,000 ports.
+#[test]
+fn snat_sustains_tcp_connections() {
+    if !privileged("snat_sustains_tcp_connections") {
+        return;
+    }
+    let c = remote_backend("snattcp");
+    let addr = SocketAddrV4::new(c.nodes[0].ip, 32510);
+    eventually("first answer", || {
+        c.client
+            .enter(|| echo::http_get(addr, T))
+            .map_err(std::io::Error::other)?
+    });
+    sustain(&c, "TCP connection", || echo::http_get(addr, T));
+}
+
+/// 20,000 UDP request/response exchanges, each from a new socket (as a DNS client's), through
+/// node 1's NodePort to the pod on node 2: every one answered by that pod.
+#[test]
+fn snat_sustains_udp_exchanges() {
+    if !privileged("snat_sustains_udp_exchanges") {
+        return;
+    }
+    let c = remote_backend("snatudp");
+    let addr = SocketAddrV4::new(c.nodes[0].ip, 32653);
+    eventually("first answer", || {
+        c.client
+            .enter(|| echo::udp_ask(addr, T))
+            .map_err(std::io::Error::other)?
+    });
+    sustain(&c, "UDP exchange", || echo::udp_ask(addr, T));
+}
+
 /// externalTrafficPolicy=Local: each node answers only from its own pod, which sees the
 /// client's real address.
 #[test]

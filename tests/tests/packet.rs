@@ -7,7 +7,9 @@
 //! (on other nodes); this node is 192.168.50.11; the client is 203.0.113.7.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb_common::{IPPROTO_UDP, Verdict, XDP_META_TO_POD, hash::flow_hash};
+use lb_common::{
+    IPPROTO_TCP, IPPROTO_UDP, PortRange, Timeouts, Verdict, XDP_META_TO_POD, hash::flow_hash,
+};
 use lb_lab::{Lab, Netns};
 use lb_userspace::loader::HostRouting;
 use lb_userspace::state::{
@@ -912,8 +914,9 @@ fn expiring_ttl_passes_untouched() {
 }
 
 /// SNAT ports are reused once their flow is over: with a range of two ports, a third flow is
-/// dropped while both are in use; after a RST on one of them and its closing timeout, the
-/// third flow gets that port, and the old flow's conntrack entry is gone.
+/// dropped while both are in use; after a RST on one of them and its closed timeout (10 s,
+/// the clock advanced by the test), the third flow gets that port, and the old flow's
+/// conntrack entry is gone.
 #[test]
 fn snat_ports_of_finished_flows_are_reused() {
     if !privileged("snat_ports_of_finished_flows_are_reused") {
@@ -922,14 +925,14 @@ fn snat_ports_of_finished_flows_are_reused() {
     on_node(|eth0, _| {
         let mut dp = Datapath::load();
         dp.program(&tomcat6(&[REMOTE_POD_A], false));
-        dp.set_config(lb_common::Config {
-            snat_addr_be: u32::from_ne_bytes(NODE.octets()),
-            snat_port_min: 61000,
-            snat_port_max: 61001,
-            snat_timeout_new_s: 3600,
-            snat_timeout_closing_s: 1,
-            ..lb_common::Config::default()
-        });
+        dp.set_snat_ranges(
+            NODE,
+            &[PortRange::new(61000, 61001)],
+            Timeouts {
+                tcp_syn_s: 3600,
+                ..Timeouts::default()
+            },
+        );
         let flow = |port| Frame::tcp(SocketAddrV4::new(*client().ip(), port), node_port());
         let snat_port = |out: &Outcome| parse(&out.frame).src.port();
         let a = dp.xdp_on(&flow(40001).build(), eth0);
@@ -942,7 +945,10 @@ fn snat_ports_of_finished_flows_are_reused() {
         let mut rst = flow(40001);
         rst.tcp_flags = 0x14; // RST+ACK
         assert_eq!(dp.xdp_on(&rst.build(), eth0).action, XDP_TX);
-        std::thread::sleep(std::time::Duration::from_millis(2100));
+        // Its port is held for the closed timeout (10 s) after the RST.
+        dp.advance_clock(9);
+        assert_eq!(dp.xdp_on(&flow(40003).build(), eth0).action, XDP_DROP);
+        dp.advance_clock(2);
         let c = dp.xdp_on(&flow(40003).build(), eth0);
         assert_eq!(c.action, XDP_TX, "the closed flow's port was not reclaimed");
         assert_eq!(snat_port(&c), snat_port(&a));
@@ -953,6 +959,212 @@ fn snat_ports_of_finished_flows_are_reused() {
             !a_key_left,
             "the reclaimed flow's forward entry is still there"
         );
+    });
+}
+
+/// A SNATed flow's packets through the NIC, as the client and the remote backend send them.
+struct SnatFlows<'a> {
+    dp: &'a mut Datapath,
+    eth0: u32,
+}
+
+const SYN: u8 = 0x02;
+const SYN_ACK: u8 = 0x12;
+const ACK: u8 = 0x10;
+const FIN_ACK: u8 = 0x11;
+const RST: u8 = 0x04;
+
+impl SnatFlows<'_> {
+    /// The client's packet from `port` with `flags` (UDP for flags 0): the SNAT port it left
+    /// with, or None if the datapath dropped it.
+    fn client(&mut self, proto: u8, port: u16, flags: u8) -> Option<u16> {
+        let mut f = if proto == IPPROTO_UDP {
+            Frame::udp(SocketAddrV4::new(*client().ip(), port), node_port())
+        } else {
+            Frame::tcp(SocketAddrV4::new(*client().ip(), port), node_port())
+        };
+        f.tcp_flags = flags;
+        let out = self.dp.xdp_on(&f.build(), self.eth0);
+        if out.action == XDP_DROP {
+            return None;
+        }
+        assert_eq!(out.action, XDP_TX, "client packet from {port}");
+        assert_valid(&out, "client packet");
+        let p = parse(&out.frame);
+        assert_eq!(p.dst, pod(REMOTE_POD_A), "client packet from {port}");
+        assert_eq!(*p.src.ip(), NODE);
+        Some(p.src.port())
+    }
+
+    /// The backend's packet to SNAT port `nat_port`: the client port it was translated to.
+    fn backend(&mut self, proto: u8, nat_port: u16, flags: u8) -> u16 {
+        let mut f = if proto == IPPROTO_UDP {
+            Frame::udp(pod(REMOTE_POD_A), SocketAddrV4::new(NODE, nat_port))
+        } else {
+            Frame::tcp(pod(REMOTE_POD_A), SocketAddrV4::new(NODE, nat_port))
+        };
+        f.src_mac = NODE2_MAC;
+        f.tcp_flags = flags;
+        let out = self.dp.xdp_on(&f.build(), self.eth0);
+        assert_eq!(out.action, XDP_TX, "backend packet to {nat_port}");
+        assert_valid(&out, "backend packet");
+        let p = parse(&out.frame);
+        assert_eq!(p.src, node_port(), "backend packet to {nat_port}");
+        assert_eq!(*p.dst.ip(), *client().ip());
+        p.dst.port()
+    }
+
+    /// A TCP connection from `port`: SYN, SYN-ACK; its SNAT port.
+    fn connect(&mut self, port: u16) -> Option<u16> {
+        let nat = self.client(IPPROTO_TCP, port, SYN)?;
+        assert_eq!(self.backend(IPPROTO_TCP, nat, SYN_ACK), port);
+        Some(nat)
+    }
+}
+
+/// SNAT ports come back only when their flow is over, after the time each close needs
+/// (`lb_common::timeout`; the clock advanced by the test): the backend closing first holds
+/// the port 65 s (the backend's `TIME_WAIT`), a close the client began or a RST 10 s, an
+/// unanswered or quickly answered UDP exchange 30 s, a UDP stream 120 s. A live flow's port
+/// is never taken, and an established flow idle for 3 h keeps its port and its backend.
+#[test]
+fn snat_ports_are_reused_only_after_their_flows_time() {
+    if !privileged("snat_ports_are_reused_only_after_their_flows_time") {
+        return;
+    }
+    on_node(|eth0, _| {
+        let mut dp = loaded(&[REMOTE_POD_A], false);
+        dp.set_snat_ranges(NODE, &[PortRange::new(61000, 61001)], Timeouts::default());
+        let mut n = SnatFlows { dp: &mut dp, eth0 };
+        let tcp = IPPROTO_TCP;
+        let pa = n.connect(40001).expect("a port for the first flow");
+        let pb = n.connect(40002).expect("a port for the second flow");
+        assert_ne!(pa, pb);
+        assert_eq!(n.client(tcp, 40003, SYN), None, "both ports are live");
+
+        // The backend closes first: it keeps the tuple in TIME_WAIT for 60 s.
+        n.backend(tcp, pa, FIN_ACK);
+        assert_eq!(n.client(tcp, 40001, FIN_ACK), Some(pa));
+        n.backend(tcp, pa, ACK);
+        n.dp.advance_clock(64);
+        assert_eq!(
+            n.client(tcp, 40003, SYN),
+            None,
+            "reused within the TIME_WAIT hold"
+        );
+        n.dp.advance_clock(2);
+        let pc = n.connect(40003).expect("the closed flow's port after 65 s");
+        assert_eq!(pc, pa);
+        assert!(
+            !n.dp
+                .conntrack()
+                .iter()
+                .any(|(k, _)| k.sport_be == 40001u16.to_be()),
+            "the flow whose port was reused is still tracked"
+        );
+
+        // Established flows idle for 3 h keep port and backend; no new flow takes either.
+        n.dp.advance_clock(3 * 3600);
+        assert_eq!(n.client(tcp, 40002, ACK), Some(pb));
+        assert_eq!(n.backend(tcp, pb, ACK), 40002);
+        assert_eq!(n.client(tcp, 40003, ACK), Some(pc));
+        assert_eq!(
+            n.client(tcp, 40004, SYN),
+            None,
+            "an idle flow's port was taken"
+        );
+
+        // The client closes first: the backend holds no TIME_WAIT, 10 s suffice.
+        assert_eq!(n.client(tcp, 40003, FIN_ACK), Some(pc));
+        n.backend(tcp, pc, FIN_ACK);
+        assert_eq!(n.client(tcp, 40003, ACK), Some(pc));
+        n.dp.advance_clock(9);
+        assert_eq!(
+            n.client(tcp, 40004, SYN),
+            None,
+            "reused within the close hold"
+        );
+        n.dp.advance_clock(2);
+        assert_eq!(n.connect(40004), Some(pc));
+
+        // A RST: 10 s as well.
+        n.backend(tcp, pb, RST);
+        n.dp.advance_clock(11);
+        assert_eq!(n.connect(40005), Some(pb));
+
+        // UDP: an exchange answered at once holds its port 30 s, a stream (traffic 2 s and
+        // more after its first packet) 120 s.
+        let udp = IPPROTO_UDP;
+        let exchange = |n: &mut SnatFlows<'_>, port: u16| {
+            let nat = n.client(udp, port, 0)?;
+            assert_eq!(n.backend(udp, nat, 0), port);
+            Some(nat)
+        };
+        let u1 = exchange(&mut n, 41001).expect("a port for an exchange");
+        let u2 = exchange(&mut n, 41002).expect("a port for a stream");
+        assert_eq!(n.client(udp, 41003, 0), None, "both UDP ports are live");
+        n.dp.advance_clock(3);
+        assert_eq!(exchange(&mut n, 41002), Some(u2), "the stream goes on");
+        n.dp.advance_clock(28);
+        assert_eq!(
+            exchange(&mut n, 41003),
+            Some(u1),
+            "the exchange's port after 30 s"
+        );
+        n.dp.advance_clock(3);
+        assert_eq!(exchange(&mut n, 41003), Some(u1), "a second stream");
+        n.dp.advance_clock(66);
+        assert_eq!(
+            n.client(udp, 41004, 0),
+            None,
+            "a stream idle 97 s lost its port"
+        );
+        n.dp.advance_clock(24);
+        assert_eq!(
+            exchange(&mut n, 41004),
+            Some(u2),
+            "the stream's port after 120 s"
+        );
+        assert_eq!(n.dp.count(Verdict::DropSnatExhausted), 6);
+    });
+}
+
+/// A client that reuses its port for a new connection after the old one closed (a SYN on a
+/// closed flow) gets a new flow: balanced anew and SNATed to another port, since the
+/// backend may still hold the old tuple in `TIME_WAIT`; the old port stays held meanwhile.
+#[test]
+fn a_new_connection_on_a_closed_flows_port_gets_a_new_snat_port() {
+    if !privileged("a_new_connection_on_a_closed_flows_port_gets_a_new_snat_port") {
+        return;
+    }
+    on_node(|eth0, _| {
+        let mut dp = loaded(&[REMOTE_POD_A], false);
+        dp.set_snat_ranges(NODE, &[PortRange::new(61000, 61003)], Timeouts::default());
+        let mut n = SnatFlows { dp: &mut dp, eth0 };
+        let tcp = IPPROTO_TCP;
+        let first = n.connect(40001).expect("a port");
+        assert_eq!(
+            n.client(tcp, 40001, ACK),
+            Some(first),
+            "established: same port"
+        );
+        assert_eq!(
+            n.client(tcp, 40001, SYN),
+            Some(first),
+            "a retransmitted SYN: same port"
+        );
+        n.backend(tcp, first, FIN_ACK);
+        assert_eq!(n.client(tcp, 40001, FIN_ACK), Some(first));
+        n.backend(tcp, first, ACK);
+        let second = n.connect(40001).expect("a port for the new connection");
+        assert_ne!(
+            second, first,
+            "the new connection reused a tuple in TIME_WAIT"
+        );
+        assert_eq!(n.client(tcp, 40001, ACK), Some(second));
+        // The old port is still held for the backend's TIME_WAIT; the new flow's is live.
+        assert_eq!(n.dp.snat().len(), 2);
+        assert_eq!(n.dp.event(lb_common::Event::FlowRestarted), 1);
     });
 }
 
@@ -983,7 +1195,7 @@ fn flows_of_a_full_bucket_overflow_to_conntrack_and_keep_working() {
     }
     on_node(|eth0, lxc0| {
         let mut dp = loaded(&[LOCAL_POD], false);
-        let ports = ports_in_one_bucket(&dp, lb_common::IPPROTO_TCP, 5);
+        let ports = ports_in_one_bucket(&dp, IPPROTO_TCP, 5);
         assert_eq!(ports.len(), 5);
         let flow = |port| Frame::tcp(SocketAddrV4::new(*client().ip(), port), node_port());
         for &port in &ports {
@@ -1021,18 +1233,19 @@ fn flows_of_a_full_bucket_overflow_to_conntrack_and_keep_working() {
         assert_eq!(dp.count(Verdict::NatEstablished), 5);
         assert_eq!(dp.count(Verdict::ReverseNat), 5);
 
-        // Unanswered flows give up their slots after the timeout of new flows (1 s here),
-        // answered ones only after theirs (an hour): of three UDP flows of one bucket, the
-        // one that got a reply keeps its slot, the two others give theirs to new flows, and
-        // the flow after those overflows.
-        dp.set_config(lb_common::Config {
-            snat_addr_be: u32::from_ne_bytes(NODE.octets()),
-            snat_port_min: SNAT_PORTS.0,
-            snat_port_max: SNAT_PORTS.1,
-            snat_timeout_new_s: 1,
-            snat_timeout_udp_established_s: 3600,
-            ..lb_common::Config::default()
-        });
+        // Unanswered flows give up their slots after the timeout of unanswered UDP flows
+        // (1 s here), answered ones only after theirs (an hour): of three UDP flows of one
+        // bucket, the one that got a reply keeps its slot, the two others give theirs to new
+        // flows, and the flow after those overflows.
+        dp.set_snat_ranges(
+            NODE,
+            &[PortRange::new(SNAT_PORTS.0, SNAT_PORTS.1)],
+            Timeouts {
+                udp_s: 1,
+                udp_stream_s: 3600,
+                ..Timeouts::default()
+            },
+        );
         let udp_ports = ports_in_one_bucket(&dp, IPPROTO_UDP, 6);
         let udp = |port| Frame::udp(SocketAddrV4::new(*client().ip(), port), node_port());
         for &port in &udp_ports[..3] {
@@ -1046,7 +1259,7 @@ fn flows_of_a_full_bucket_overflow_to_conntrack_and_keep_working() {
         };
         assert_eq!(dp.tc_on(&reply.build(), lxc0).action, TC_ACT_REDIRECT);
         let overflowed = dp.overflow_conntrack().len();
-        std::thread::sleep(std::time::Duration::from_millis(2100));
+        dp.advance_clock(2);
         for &port in &udp_ports[3..5] {
             let input = udp(port);
             let out = dp.xdp_on(&input.build(), eth0);
@@ -1134,7 +1347,7 @@ fn concurrent_new_flows_in_shared_buckets_are_each_recorded_once() {
         lb_common::hash::flow_bucket(
             u32::from_ne_bytes(c.ip().octets()),
             c.port().to_be(),
-            lb_common::IPPROTO_TCP,
+            IPPROTO_TCP,
         ) & (buckets - 1)
     };
     // 400 pod clients (address, port) whose flows fall into 4 buckets, split between two

@@ -133,7 +133,10 @@ fn udp_session(addr: SocketAddrV4, count: u32) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Serves HTTP/1.1 requests on one connection until the client closes it.
+/// Serves HTTP requests on one connection until the client closes it, or, as HTTP servers
+/// (Tomcat among them) do, closes it itself after a response to an HTTP/1.0 request without
+/// keep-alive or a request with `Connection: close`: the server then closes first, and its
+/// side of the connection goes to `TIME_WAIT`.
 fn serve(name: &str, conn: TcpStream) {
     let Ok(peer) = conn.peer_addr() else { return };
     let Ok(read_half) = conn.try_clone() else {
@@ -146,7 +149,7 @@ fn serve(name: &str, conn: TcpStream) {
         if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
             return;
         }
-        // Skip headers.
+        let mut close = request_line.trim_end().ends_with("HTTP/1.0");
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h).unwrap_or(0) == 0 {
@@ -154,6 +157,9 @@ fn serve(name: &str, conn: TcpStream) {
             }
             if h == "\r\n" || h == "\n" {
                 break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("connection:") {
+                close = v.trim() != "keep-alive";
             }
         }
         let path = request_line.split_whitespace().nth(1).unwrap_or("/");
@@ -172,7 +178,8 @@ fn serve(name: &str, conn: TcpStream) {
             // (Nagle), adding ~40 ms to every request on a kept-alive connection.
             out.write_all(format!("{head}{body}").as_bytes()).is_ok()
         };
-        if !ok {
+        if !ok || close {
+            // Dropping the stream closes it: the server's FIN goes first.
             return;
         }
     }

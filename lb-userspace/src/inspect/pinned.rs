@@ -5,6 +5,7 @@
 use std::{
     ffi::CString,
     io,
+    net::Ipv4Addr,
     os::{
         fd::{FromRawFd as _, OwnedFd},
         unix::ffi::OsStrExt as _,
@@ -21,6 +22,7 @@ use lb_common::{
 use super::{InspectError, MapSource};
 use crate::{
     flows::{self, FlowTable},
+    nattable::{self, NatTable},
     pin,
 };
 
@@ -68,6 +70,10 @@ pub struct PinnedMaps {
     config: Array<MapData, Config>,
     /// Session affinity; absent in datapaths pinned before it existed.
     affinity: Option<HashMap<MapData, AffinityKey, AffinityEntry>>,
+    /// The SNAT table, its per-backend cursors and the excluded ports.
+    nat: Option<NatTable>,
+    nat_cursors: Option<Array<MapData, u32>>,
+    nat_excluded: Option<Array<MapData, u64>>,
 }
 
 /// `BPF_OBJ_GET` with `BPF_F_RDONLY`: a read-only descriptor of the object pinned at `path`.
@@ -169,6 +175,13 @@ impl PinnedMaps {
             stats: open(dir, map_names::STATS)?,
             config: open(dir, map_names::CONFIG)?,
             affinity: open(dir, map_names::AFFINITY).ok(),
+            nat: match open_map(dir, map_names::NAT) {
+                Ok(Map::Array(data)) => Some(NatTable::new(data)?),
+                Ok(_) | Err(OpenError::NoMap { .. }) => None,
+                Err(e) => return Err(e),
+            },
+            nat_cursors: open(dir, map_names::NAT_CURSORS).ok(),
+            nat_excluded: open(dir, map_names::NAT_EXCLUDED).ok(),
         })
     }
 }
@@ -305,6 +318,34 @@ impl MapSource for PinnedMaps {
             out.push((v, sum));
         }
         Ok(out)
+    }
+
+    fn snat_cursor(&self, id: u32) -> Result<Option<u32>, InspectError> {
+        match &self.nat_cursors {
+            Some(m) if id < m.len() => m
+                .get(&id, 0)
+                .map(Some)
+                .map_err(read(map_names::NAT_CURSORS)),
+            _ => Ok(None),
+        }
+    }
+
+    fn snat_in_use(&self, backend: (Ipv4Addr, u16, u8)) -> Result<Option<u32>, InspectError> {
+        let (Some(table), Some(config)) = (&self.nat, self.config()?) else {
+            return Ok(None);
+        };
+        let fill = table.fill(nattable::now_s(), &config.timeouts)?;
+        Ok(Some(fill.by_backend.get(&backend).copied().unwrap_or(0)))
+    }
+
+    fn snat_excluded(&self) -> Result<Option<Vec<u64>>, InspectError> {
+        let Some(m) = &self.nat_excluded else {
+            return Ok(None);
+        };
+        m.iter()
+            .collect::<Result<Vec<u64>, _>>()
+            .map(Some)
+            .map_err(read(map_names::NAT_EXCLUDED))
     }
 
     fn config(&self) -> Result<Option<Config>, InspectError> {

@@ -144,8 +144,14 @@ fn tomcat6(pods: &[Ipv4Addr], etp_local: bool) -> Fake {
     fake.maps
         .apply(&Op::SetConfig(Config {
             snat_addr_be: be(NODE),
-            snat_port_min: 61000,
-            snat_port_max: 61999,
+            snat_ranges: [
+                lb_common::PortRange::new(61000, 61999),
+                lb_common::PortRange::default(),
+                lb_common::PortRange::default(),
+                lb_common::PortRange::default(),
+            ],
+            snat_range_count: 1,
+            snat_port_count: 1000,
             ..Config::default()
         }))
         .expect("config");
@@ -340,7 +346,7 @@ fn explain_picks_the_backend_maglev_picks() {
         );
         assert_eq!(m.hash, hash);
         // Remote backends from a NIC are SNATed; the first port tried follows the hash.
-        match (got.local, pick.snat) {
+        match (got.local, pick.snat.clone()) {
             (true, None) => {}
             (false, Some(s)) => {
                 assert_eq!(s.addr, NODE);
@@ -441,7 +447,7 @@ fn explain_prefers_conntrack_while_its_backend_lives() {
     let pick = e.scopes[0].pick.as_ref().expect("pick");
     assert_eq!(pick.outcome, Outcome::Established);
     assert_eq!(pick.backend.as_ref().expect("backend").id, other.0);
-    assert_eq!(pick.snat.expect("snat").port, Some(61234));
+    assert_eq!(pick.snat.as_ref().expect("snat").port, Some(61234));
     assert!(pick.reason.contains("conntrack"), "{}", pick.reason);
     // A reused id (another generation): the entry is stale, Maglev decides again.
     fake.ct.insert(
@@ -554,7 +560,13 @@ fn explain_hairpin_from_a_pod_to_itself() {
     let fake = tomcat6(&[LOCAL_POD], false);
     let pod = SocketAddrV4::new(LOCAL_POD, 33000);
     let e = explain(&fake, &query(pod, Scope::Internal)).expect("explain");
-    let s = e.scopes[0].pick.as_ref().expect("pick").snat.expect("snat");
+    let s = e.scopes[0]
+        .pick
+        .as_ref()
+        .expect("pick")
+        .snat
+        .clone()
+        .expect("snat");
     assert_eq!(s.addr, Ipv4Addr::new(169, 254, 42, 1));
     assert_eq!(s.port, Some(33000));
 }
