@@ -9,6 +9,7 @@ mod forward;
 mod report;
 mod rules;
 mod scenario;
+mod snat;
 mod stats;
 
 use std::{
@@ -36,6 +37,9 @@ enum Bench {
     Forward(ForwardArgs),
     /// The agent: full sync and change latency at 10,000 Services, and its RSS.
     ControlPlane(ControlPlaneArgs),
+    /// Sustained new TCP connections per second through one node to a remote backend (SNAT):
+    /// xlb vs kube-proxy's iptables ruleset.
+    Snat(SnatArgs),
     /// Combine the JSON the benchmarks wrote into report.md, PNG charts and results.json.
     Report,
     /// Print the kube-proxy ruleset the forwarding benchmark loads for N Services.
@@ -56,6 +60,22 @@ struct ControlPlaneArgs {
     /// Skip the agent RSS measurement (needs the release xlb binary and a lab).
     #[arg(long)]
     no_rss: bool,
+}
+
+#[derive(Args)]
+struct SnatArgs {
+    /// 10 s per dataplane instead of 120 s: a smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object on stdout (the table goes to stderr then).
+    #[arg(long)]
+    json: bool,
+    /// Where to write the JSON results [default: <target dir>/bench/snat.json].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Seconds of load per dataplane (10..=600).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(10..=600))]
+    seconds: Option<u64>,
 }
 
 #[derive(Args)]
@@ -113,6 +133,7 @@ fn main() -> ExitCode {
         Bench::Datapath(args) => datapath_bench(&args),
         Bench::Forward(args) => forward_bench(&args),
         Bench::ControlPlane(args) => control_plane_bench(&args),
+        Bench::Snat(args) => snat_bench(&args),
         Bench::Report => combined_report(),
         Bench::Rules(args) => {
             print_rules(&args);
@@ -244,6 +265,31 @@ fn forward_bench(args: &ForwardArgs) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| target_dir().join("bench/forward.json"));
+    write_json(&out, &json)?;
+    present(&table, &out, args.json.then_some(&json))
+}
+
+fn snat_bench(args: &SnatArgs) -> anyhow::Result<()> {
+    if !lb_lab::is_root() {
+        bail!("the SNAT benchmark builds network namespaces: run it as root");
+    }
+    let mut plan = if args.quick {
+        snat::Plan::QUICK
+    } else {
+        snat::Plan::FULL
+    };
+    if let Some(s) = args.seconds {
+        plan.seconds = s;
+    }
+    let bins = forward::Bins::find(&target_dir())?;
+    let machine = report::Machine::probe();
+    let runs = snat::run_bench(plan, &bins)?;
+    let table = snat::table(&runs, &machine, args.quick);
+    let json = snat::json(&runs, &machine, args.quick);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| target_dir().join("bench/snat.json"));
     write_json(&out, &json)?;
     present(&table, &out, args.json.then_some(&json))
 }

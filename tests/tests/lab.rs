@@ -999,6 +999,107 @@ fn upgrade_across_map_layout_versions_drops_no_flow() {
     assert!(left.is_empty(), "old maps left pinned: {left:?}");
 }
 
+/// The `xlb` binary of the previous release (layout version 1), which `cargo xtask test`
+/// builds from git (`XLB_PREVIOUS_BIN`).
+fn previous_xlb_bin() -> Option<PathBuf> {
+    std::env::var_os("XLB_PREVIOUS_BIN").map(PathBuf::from)
+}
+
+/// An upgrade from the previous release (layout version 1, whose SNATed flows live in an LRU
+/// SNAT map with ports of 61000-65535) to this one: the new agent takes that map over, so
+/// the SNATed connections through the node keep working, and no new connection fails while
+/// the programs are swapped; new SNATed connections then take ports of the new ranges.
+#[test]
+fn upgrade_from_the_previous_release_keeps_snat_flows() {
+    if !privileged("upgrade_from_the_previous_release_keeps_snat_flows") {
+        return;
+    }
+    let Some(previous) = previous_xlb_bin() else {
+        eprintln!(
+            "upgrade_from_the_previous_release_keeps_snat_flows: XLB_PREVIOUS_BIN is not set \
+             (cargo xtask test builds the previous release and sets it)"
+        );
+        return;
+    };
+    let t = Tomcat6::start("prevup", 3, 3, &previous, &echo_bin(), &[]).expect("lab");
+    t.wait_ready(Duration::from_secs(20))
+        .expect("previous agents ready");
+    let addr = t.node_port(0);
+    let c = &t.cluster;
+    let mut keep = keepalives(c, addr, 9);
+    let node1 = IpAddr::V4(c.nodes[0].ip);
+    // The SNAT ports of the kept connections that node 1 SNATs, as their pods see them.
+    let snat_ports = |keep: &mut [(KeepAlive, String)]| -> Vec<u16> {
+        c.client
+            .enter(|| {
+                keep.iter_mut()
+                    .map(|(k, pod)| {
+                        let a = k.get().expect("a long-lived connection broke");
+                        assert_eq!(&a.pod, pod, "a long-lived connection changed pods");
+                        a
+                    })
+                    .filter(|a| ip_of(a) == node1)
+                    .map(|a| a.client.port())
+                    .collect()
+            })
+            .expect("netns")
+    };
+    let old_ports = snat_ports(&mut keep);
+    assert!(
+        !old_ports.is_empty() && old_ports.iter().all(|p| *p >= 61000),
+        "SNATed connections of the previous release: ports {old_ports:?}"
+    );
+    c.lab.kill(t.agents[0]);
+    let before = c.agent_syncs(0);
+    c.start_agent(0, &xlb_bin(), &[]).expect("upgrade");
+    let deadline = Instant::now() + SYNC;
+    while c.agent_syncs(0) <= before {
+        let a = c.client.enter(|| echo::http_get(addr, T)).expect("netns");
+        assert!(
+            a.is_ok(),
+            "a new connection failed during the upgrade: {a:?}"
+        );
+        assert!(Instant::now() < deadline, "the upgraded agent never synced");
+    }
+    // Ready (the second time in this log) once the old programs are gone everywhere.
+    let deadline = Instant::now() + SYNC;
+    while c.agent_ready_count(0) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the upgraded agent never got ready"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(c.log_path("agent-node1.log")).unwrap_or_default();
+    assert!(
+        log.contains("LRU SNAT map") && log.contains("to=xlb_snat_lru_v2"),
+        "{log}"
+    );
+    assert_eq!(
+        snat_ports(&mut keep),
+        old_ports,
+        "a SNATed connection changed ports"
+    );
+    // New SNATed connections take ports of the new ranges (the old one is skipped while
+    // its flows live).
+    let fresh = c
+        .client
+        .enter(|| {
+            (0..30)
+                .filter_map(|_| echo::http_get(addr, T).ok())
+                .filter(|a| ip_of(a) == node1)
+                .map(|a| a.client.port())
+                .collect::<Vec<u16>>()
+        })
+        .expect("netns");
+    assert!(
+        !fresh.is_empty() && fresh.iter().all(|p| (1024..=29999).contains(p)),
+        "new SNATed connections after the upgrade: ports {fresh:?}\n{}",
+        std::fs::read_to_string(c.log_path("agent-node1.log")).unwrap_or_default()
+    );
+    check_keepalives(&t, &mut keep);
+}
+
 /// `GET path` on 127.0.0.1:`port` inside `ns`: status and body.
 fn local_get(ns: &Netns, port: u16, path: &str) -> (u16, String) {
     use std::io::{Read as _, Write as _};

@@ -1168,6 +1168,118 @@ fn a_new_connection_on_a_closed_flows_port_gets_a_new_snat_port() {
     });
 }
 
+/// An upgrade from a datapath of layout version 1, whose SNATed flows live in its LRU SNAT
+/// map (taken over as the legacy map) with ports of its range: their replies and packets are
+/// translated as before. While its programs may still run, new flows take ports of that
+/// range and reserve them in its map too (so the old programs translate them and never give
+/// them away); once they are gone, new flows take the new ranges and skip the old one while
+/// its flows live.
+#[test]
+fn flows_of_a_version_1_datapath_keep_their_snat_ports_through_the_upgrade() {
+    if !privileged("flows_of_a_version_1_datapath_keep_their_snat_ports_through_the_upgrade") {
+        return;
+    }
+    on_node(|eth0, _| {
+        let mut dp = loaded(&[REMOTE_POD_A], false);
+        let legacy = PortRange::new(61000, 61001);
+        let mut cfg = lb_userspace::agent::node_config(
+            NODE,
+            &[PortRange::new(1024, 1025)],
+            &[],
+            Timeouts::default(),
+        );
+        cfg.flags = lb_common::CONFIG_F_SNAT_LEGACY | lb_common::CONFIG_F_SNAT_LEGACY_TOO;
+        cfg.legacy_ports = legacy;
+        dp.set_config(cfg);
+        // The old datapath's flow from client port 40001, SNATed to 61000: its conntrack
+        // entry in the LRU conntrack map (the table marked, as on adoption), its SNAT entry
+        // in its LRU SNAT map.
+        let be = |a: Ipv4Addr| u32::from_ne_bytes(a.octets());
+        let (id, b) = dp
+            .maps
+            .backends()
+            .into_iter()
+            .find(|(_, b)| b.addr_be == be(REMOTE_POD_A))
+            .expect("the remote backend");
+        let service_id = dp
+            .maps
+            .frontends()
+            .first()
+            .map(|(_, f)| f.service_id)
+            .expect("a frontend");
+        let key = |src: SocketAddrV4, dst: SocketAddrV4| lb_common::FlowKey {
+            src_be: be(*src.ip()),
+            dst_be: be(*dst.ip()),
+            sport_be: src.port().to_be(),
+            dport_be: dst.port().to_be(),
+            proto: IPPROTO_TCP,
+            ..lb_common::FlowKey::default()
+        };
+        let old_client = SocketAddrV4::new(*client().ip(), 40001);
+        dp.insert_conntrack(&[(
+            key(old_client, node_port()),
+            lb_common::CtEntry {
+                backend_id: id,
+                backend_generation: b.generation,
+                nat_addr_be: be(NODE),
+                service_id,
+                nat_port_be: 61000u16.to_be(),
+                kind: lb_common::CT_FORWARD,
+                _pad: 0,
+            },
+        )]);
+        dp.insert_snat_legacy(&[(
+            key(pod(REMOTE_POD_A), SocketAddrV4::new(NODE, 61000)),
+            lb_common::SnatEntry {
+                client_addr_be: be(*client().ip()),
+                frontend_addr_be: be(NODE),
+                client_port_be: 40001u16.to_be(),
+                frontend_port_be: NODE_PORT.to_be(),
+                service_id,
+                last_seen_s: lb_userspace::nattable::now_s(),
+                state: lb_common::SNAT_ESTABLISHED,
+                _pad: [0; 3],
+            },
+        )]);
+        dp.mark_flow_table_overflowed();
+        let mut n = SnatFlows { dp: &mut dp, eth0 };
+        let tcp = IPPROTO_TCP;
+        let old_flow_works = |n: &mut SnatFlows<'_>| {
+            assert_eq!(n.backend(tcp, 61000, ACK), 40001, "the old flow's reply");
+            assert_eq!(
+                n.client(tcp, 40001, ACK),
+                Some(61000),
+                "the old flow's packet"
+            );
+        };
+        old_flow_works(&mut n);
+
+        // The old programs may run: new flows take the old range's free port, in both maps.
+        assert_eq!(n.connect(40002), Some(61001));
+        assert_eq!(n.client(tcp, 40003, SYN), None, "the old range is full");
+        assert_eq!(n.dp.snat_legacy().len(), 2);
+
+        // They are gone: new flows take the new ranges and skip the old one.
+        cfg.flags = lb_common::CONFIG_F_SNAT_LEGACY;
+        n.dp.set_config(cfg);
+        let mut excluded = lb_userspace::snat::ExcludedMap::open(&n.dp.ebpf).expect("map");
+        excluded
+            .write(&lb_userspace::snat::Exclusions {
+                ranges: vec![legacy],
+                ..Default::default()
+            })
+            .expect("exclusions");
+        let p = n.connect(40003).expect("a port of the new ranges");
+        assert!((1024..=1025).contains(&p), "{p}");
+        old_flow_works(&mut n);
+        assert_eq!(
+            n.backend(tcp, 61001, ACK),
+            40002,
+            "the flow made during the switch"
+        );
+    });
+}
+
 /// Client ports of `client()` whose flows share one flow-table bucket (the small test table).
 fn ports_in_one_bucket(dp: &Datapath, proto: u8, n: usize) -> Vec<u16> {
     let buckets = dp.flow_buckets();

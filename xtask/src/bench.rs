@@ -30,10 +30,17 @@ enum Bench {
     Forward,
     /// The agent: full sync and change latency at 10,000 Services, and its memory.
     ControlPlane,
+    /// New TCP connections/s through a node to a remote backend (SNAT): xlb vs iptables.
+    Snat,
 }
 
 impl Bench {
-    const ALL: [Bench; 3] = [Bench::Datapath, Bench::Forward, Bench::ControlPlane];
+    const ALL: [Bench; 4] = [
+        Bench::Datapath,
+        Bench::Forward,
+        Bench::ControlPlane,
+        Bench::Snat,
+    ];
 
     /// The `xlb-bench` subcommand.
     fn subcommand(self) -> &'static str {
@@ -41,12 +48,13 @@ impl Bench {
             Bench::Datapath => "datapath",
             Bench::Forward => "forward",
             Bench::ControlPlane => "control-plane",
+            Bench::Snat => "snat",
         }
     }
 
     /// Runs the `xlb` agent or the lab's echo server.
     fn needs_binaries(self) -> bool {
-        matches!(self, Bench::Forward | Bench::ControlPlane)
+        matches!(self, Bench::Forward | Bench::ControlPlane | Bench::Snat)
     }
 }
 

@@ -96,11 +96,94 @@ const STAGES: &[Stage] = &[
     },
 ];
 
+/// The previous release: the last commit of map layout version 1. The lab test
+/// `upgrade_from_the_previous_release_keeps_snat_flows` upgrades from its `xlb`.
+const PREVIOUS_RELEASE: &str = "40d656394fa295dfb57a1cb39b9718b4b57b6551";
+
+/// Builds the previous release's `xlb` (debug) from git into `target/previous-release`, once
+/// per commit; returns its path, or None where this checkout has no such commit (a shallow
+/// or exported tree), which is said.
+fn build_previous_release() -> anyhow::Result<Option<std::path::PathBuf>> {
+    let root = crate::root();
+    let dir = root.join("target/previous-release");
+    let src = dir.join("src");
+    let bin = dir.join("target/debug/xlb");
+    let stamp = dir.join("commit");
+    if bin.exists() && std::fs::read_to_string(&stamp).is_ok_and(|c| c == PREVIOUS_RELEASE) {
+        return Ok(Some(bin));
+    }
+    let has_commit = std::process::Command::new("git")
+        .args(["-C"])
+        .arg(&root)
+        .args(["cat-file", "-e", &format!("{PREVIOUS_RELEASE}^{{commit}}")])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_commit {
+        eprintln!(
+            "xtask: commit {PREVIOUS_RELEASE} (the previous release) is not in this checkout: \
+             the upgrade-from-the-previous-release lab test is skipped"
+        );
+        return Ok(None);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&src)?;
+    let mut archive = std::process::Command::new("git")
+        .arg("-C")
+        .arg(&root)
+        .args(["archive", "--format=tar", PREVIOUS_RELEASE])
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("git archive")?;
+    let out = archive.stdout.take().context("git archive output")?;
+    let untar = std::process::Command::new("tar")
+        .arg("-x")
+        .arg("-C")
+        .arg(&src)
+        .stdin(out)
+        .status()
+        .context("tar")?;
+    let archived = archive.wait().context("git archive")?;
+    if !untar.success() || !archived.success() {
+        bail!("unpacking the previous release failed: git archive {archived}, tar {untar}");
+    }
+    crate::run(
+        cargo()
+            .current_dir(&src)
+            .env("CARGO_TARGET_DIR", dir.join("target"))
+            .env_remove("AYA_BUILD_SKIP")
+            .args(["build", "-p", "lb-userspace", "--bin", "xlb"]),
+    )?;
+    std::fs::write(&stamp, PREVIOUS_RELEASE)?;
+    Ok(Some(bin))
+}
+
 pub fn run() -> anyhow::Result<()> {
     setup::ensure()?;
     let started = Instant::now();
     let mut summary = Vec::new();
     for stage in STAGES {
+        if stage.name == "lab" {
+            eprintln!("\n==> stage previous-release: build {PREVIOUS_RELEASE}");
+            let t = Instant::now();
+            let previous = build_previous_release();
+            let secs = t.elapsed().as_secs_f64();
+            let line = match &previous {
+                Ok(Some(_)) => format!("{:<11} ok ({secs:.0} s)", "previous"),
+                Ok(None) => format!("{:<11} skipped: no such commit ({secs:.0} s)", "previous"),
+                Err(e) => format!("{:<11} FAILED ({secs:.0} s): {e:#}", "previous"),
+            };
+            eprintln!("==> {line}");
+            summary.push(line);
+            match previous {
+                // SAFETY: xtask runs one thread; the lab stage's cargo inherits the variable.
+                Ok(Some(bin)) => unsafe { std::env::set_var("XLB_PREVIOUS_BIN", bin) },
+                Ok(None) => {}
+                Err(_) => {
+                    print_summary(&summary, started);
+                    bail!("stage previous-release failed");
+                }
+            }
+        }
         eprintln!("\n==> stage {}: cargo {}", stage.name, stage.args.join(" "));
         let t = Instant::now();
         let result = run_stage(stage);

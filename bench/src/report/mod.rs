@@ -43,6 +43,15 @@ impl Machine {
 }
 
 impl Machine {
+    /// One line for a table's heading.
+    #[must_use]
+    pub fn line(&self) -> String {
+        format!(
+            "{} cores ({}), kernel {}, load {} at start",
+            self.cores, self.cpu, self.kernel, self.load
+        )
+    }
+
     /// As the JSON reports carry it.
     #[must_use]
     pub fn json(&self) -> Value {
