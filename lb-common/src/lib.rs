@@ -424,6 +424,19 @@ impl NatEntry {
         }
     }
 
+    /// Whether the entry's TCP flow is over (a RST, or FINs both ways) though its close time
+    /// may run still: when every port of a backend is held, a new flow may take such a port
+    /// early rather than be refused (see `lb-ebpf/src/snat.rs`).
+    #[inline(always)]
+    #[must_use]
+    pub const fn finished(&self) -> bool {
+        let (c, b) = (self.client_state, self.backend_state);
+        self.proto == IPPROTO_TCP
+            && (c & NAT_C_RST != 0
+                || b & NAT_B_RST != 0
+                || (c & NAT_C_FIN != 0 && b & NAT_B_FIN != 0))
+    }
+
     /// Whether the entry is free, or its flow has been idle past its state's timeout (at
     /// coarse second `now`), so a new flow may take it.
     #[inline(always)]
@@ -683,10 +696,13 @@ pub enum Event {
     SnatPortReused = 4,
     /// A client's SYN met its own port's finished flow: a new flow was started.
     FlowRestarted = 5,
+    /// Every SNAT port tried was held: a new flow took the port of a finished flow whose
+    /// close time still ran (a tuple the backend may hold in `TIME_WAIT`).
+    SnatPortTakenEarly = 6,
 }
 
 impl Event {
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     pub const ALL: [Event; Self::COUNT as usize] = [
         Event::SockTranslated,
         Event::SockNoBackend,
@@ -694,6 +710,7 @@ impl Event {
         Event::AffinityNew,
         Event::SnatPortReused,
         Event::FlowRestarted,
+        Event::SnatPortTakenEarly,
     ];
 
     /// Metric label value.
@@ -706,6 +723,7 @@ impl Event {
             Event::AffinityNew => "affinity_new",
             Event::SnatPortReused => "snat_port_reused",
             Event::FlowRestarted => "flow_restarted",
+            Event::SnatPortTakenEarly => "snat_port_taken_early",
         }
     }
 }
@@ -927,4 +945,87 @@ mod pod {
     unsafe impl aya::Pod for super::NatEntry {}
     unsafe impl aya::Pod for super::NatBucket {}
     unsafe impl aya::Pod for super::PortRange {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(client_state: u8, backend_state: u8) -> NatEntry {
+        NatEntry {
+            nat_addr_be: 1,
+            proto: IPPROTO_TCP,
+            client_state,
+            backend_state,
+            ..NatEntry::default()
+        }
+    }
+
+    #[test]
+    fn each_close_holds_its_snat_port_for_its_time() {
+        let t = Timeouts::default();
+        let r = NAT_B_REPLIED;
+        for (what, e, secs, finished) in [
+            ("unanswered SYN", tcp(0, 0), 60, false),
+            ("established", tcp(0, r), 24 * 3600, false),
+            ("client FIN only", tcp(NAT_C_FIN, r), 3600, false),
+            ("backend FIN only", tcp(0, r | NAT_B_FIN), 3600, false),
+            ("backend first", tcp(NAT_C_FIN, r | NAT_B_FIN), 65, true),
+            (
+                "client first",
+                tcp(NAT_C_FIN, r | NAT_B_FIN | NAT_B_PASSIVE),
+                10,
+                true,
+            ),
+            ("client RST", tcp(NAT_C_RST, r), 10, true),
+            ("backend RST", tcp(0, r | NAT_B_RST), 10, true),
+        ] {
+            assert_eq!(e.timeout(&t), secs, "{what}");
+            assert_eq!(e.finished(), finished, "{what}");
+            assert!(!e.expired(secs, &t), "{what}: expired at its time");
+            assert!(e.expired(secs + 1, &t), "{what}: not expired after it");
+        }
+        let udp = |b, created, last| NatEntry {
+            nat_addr_be: 1,
+            proto: IPPROTO_UDP,
+            backend_state: b,
+            created_s: created,
+            last_seen_s: last,
+            ..NatEntry::default()
+        };
+        assert_eq!(udp(0, 100, 150).timeout(&t), 30, "unanswered");
+        assert_eq!(udp(r, 100, 101).timeout(&t), 30, "an exchange");
+        assert_eq!(udp(r, 100, 102).timeout(&t), 120, "a stream");
+        assert!(!udp(r, 100, 102).finished());
+        assert!(NatEntry::default().expired(0, &t), "a free entry");
+        let custom = Timeouts {
+            tcp_time_wait_s: 240,
+            ..Timeouts::default()
+        };
+        assert_eq!(tcp(NAT_C_FIN, r | NAT_B_FIN).timeout(&custom), 240);
+    }
+
+    #[test]
+    fn snat_ports_are_numbered_through_the_ranges() {
+        let mut ranges = [PortRange::default(); MAX_SNAT_RANGES];
+        ranges[0] = PortRange::new(1024, 29999);
+        ranges[1] = PortRange::new(61000, 65535);
+        assert_eq!(snat_port_at(&ranges, 0), Some(1024));
+        assert_eq!(snat_port_at(&ranges, 28_975), Some(29999));
+        assert_eq!(snat_port_at(&ranges, 28_976), Some(61000));
+        assert_eq!(snat_port_at(&ranges, 33_511), Some(65535));
+        assert_eq!(snat_port_at(&ranges, 33_512), None);
+        let c = Config {
+            snat_ranges: ranges,
+            legacy_ports: PortRange::new(50000, 50009),
+            ..Config::default()
+        };
+        assert!(c.is_snat_port(1024) && c.is_snat_port(65535) && !c.is_snat_port(32510));
+        assert!(!c.is_snat_port(50000), "the legacy range without its flag");
+        let legacy = Config {
+            flags: CONFIG_F_SNAT_LEGACY,
+            ..c
+        };
+        assert!(legacy.is_snat_port(50000));
+    }
 }

@@ -17,7 +17,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile};
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use lb_common::{
-    CONFIG_F_SNAT_LEGACY, CONFIG_F_SNAT_LEGACY_TOO, Config, FLOW_WAYS, FlowKey, IPPROTO_TCP,
+    CONFIG_F_SNAT_LEGACY, CONFIG_F_SNAT_LEGACY_TOO, Config, Event, FLOW_WAYS, FlowKey, IPPROTO_TCP,
     NAT_B_FIN, NAT_B_PASSIVE, NAT_B_REPLIED, NAT_B_RST, NAT_C_FIN, NAT_C_RST, NatBucket, NatEntry,
     SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, SnatEntry, Timeouts, capacity, hash::nat_bucket,
     snat_port_at,
@@ -26,7 +26,7 @@ use lb_common::{
 use crate::{
     conntrack,
     maps::{CONFIG, NAT, NAT_CURSORS, NAT_EXCLUDED, SNAT_LEGACY},
-    seqlock,
+    seqlock, stats,
 };
 
 /// The table's bucket count minus one (a power of two minus one); the agent sets it at load
@@ -108,19 +108,39 @@ pub fn closing(e: &NatEntry) -> bool {
     e.client_state & (NAT_C_FIN | NAT_C_RST) != 0 || e.backend_state & (NAT_B_FIN | NAT_B_RST) != 0
 }
 
-/// Writes `entry` (reply tuple `key`) into its bucket: over the tuple's own entry if that
-/// flow is over (or always, with `replace`), else into a free entry, else over another
-/// flow's entry whose time is over. False if a live flow holds the tuple, the bucket is
-/// full of live flows, or another writer holds it. The entry taken over is copied to
-/// `previous` (free: none was).
+/// Which of a tuple's own entries [`take`] may write over.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Over {
+    /// Only one whose time is over.
+    Expired,
+    /// Also one whose flow is finished, its close time running (see [`reserve`]).
+    Finished,
+    /// Any (a hairpin tuple, unique by construction).
+    Any,
+}
+
+/// How a tuple's own entry stood in [`take`]: `FINISHED_OTHER` / `FINISHED_SAME`, a finished
+/// flow of another client or of the new flow's client (whose TCP timestamps, if it sends
+/// them, are newer than its old connection's: the backend accepts a SYN on a tuple in
+/// `TIME_WAIT` then, RFC 6191).
+const FINISHED_OTHER: u32 = 1;
+const FINISHED_SAME: u32 = 2;
+
+/// Writes `entry` (reply tuple `key`) into its bucket: over the tuple's own entry as `over`
+/// allows, else into a free entry, else over another flow's entry whose time is over. False
+/// if a live flow holds the tuple, the bucket is full of live flows, or another writer holds
+/// it. The entry taken over is copied to `previous` (free: none was); `own` says whether the
+/// tuple's own entry, when it was not taken, is a finished flow's (`FINISHED_*`, else 0).
 #[inline(always)]
 fn take(
     key: &FlowKey,
     entry: &NatEntry,
     timeouts: &Timeouts,
-    replace: bool,
+    over: Over,
     previous: &mut NatEntry,
+    own: &mut u32,
 ) -> bool {
+    *own = 0;
     let Some(b) = bucket(key) else {
         return false;
     };
@@ -130,14 +150,26 @@ fn take(
     };
     let now = entry.last_seen_s;
     // The entry to write: 3 = the tuple's own, 2 = a free one, 1 = another's expired one.
-    let (mut pick, mut rank, mut live_owner) = (0usize, 0u8, false);
+    let (mut pick, mut rank, mut own_held) = (0usize, 0u8, false);
     for i in 0..FLOW_WAYS {
         // SAFETY: the bucket is ours.
         let e = unsafe { &*entry_at(b, i) };
         let r = if e.nat_addr_be == 0 {
             2
         } else if is_reply_of(e, key) {
-            live_owner = !replace && !expired(e, now, timeouts);
+            let finished = e.finished();
+            own_held = match over {
+                Over::Any => false,
+                Over::Finished => !finished && !expired(e, now, timeouts),
+                Over::Expired => !expired(e, now, timeouts),
+            };
+            if own_held && finished {
+                *own = if e.client_addr_be == entry.client_addr_be {
+                    FINISHED_SAME
+                } else {
+                    FINISHED_OTHER
+                };
+            }
             3
         } else {
             u8::from(expired(e, now, timeouts))
@@ -146,8 +178,9 @@ fn take(
             (pick, rank) = (i, r);
         }
     }
-    let done = rank != 0 && !live_owner;
+    let done = rank != 0 && !own_held;
     if done {
+        *own = 0;
         let p = entry_at(b, pick);
         // SAFETY: the bucket is ours; `pick` is in bounds.
         unsafe {
@@ -211,7 +244,13 @@ pub fn reserve(entry: &NatEntry, backend_id: u32, cfg: &Config, h: u32) -> Optio
     tries.legacy_too = u32::from(legacy_too);
     tries.taken_index = 0;
     tries.taken = 0;
+    tries.early = 0;
+    tries.early_rank = 0;
+    tries.early_index = 0;
     run_tries();
+    if tries.early != 0 && tries.taken != 0 {
+        stats::event(Event::SnatPortTakenEarly);
+    }
     if tries.taken == 0 {
         return None;
     }
@@ -243,6 +282,14 @@ pub struct Tries {
     /// The index (in the ranges) of the port taken.
     taken_index: u32,
     taken: u32,
+    /// 1: this try may take a finished flow's port early (`Over::Finished`).
+    early: u32,
+    /// The best port to take early (`FINISHED_*`, 0: none) and its index.
+    early_rank: u32,
+    early_index: u32,
+    /// The reply tuple of the port being tried, and its legacy map entry.
+    key: FlowKey,
+    legacy: SnatEntry,
 }
 
 /// Runs `try_port` for each try until one takes a port: as a `bpf_loop` callback, which the
@@ -256,7 +303,7 @@ fn run_tries() {
         // SAFETY: the callback has bpf_loop's signature and takes no context.
         unsafe {
             bpf_loop(
-                SEQ_TRIES + SPREAD_TRIES,
+                SEQ_TRIES + SPREAD_TRIES + 1,
                 try_port_callback as *mut core::ffi::c_void,
                 core::ptr::null_mut(),
                 0,
@@ -264,7 +311,7 @@ fn run_tries() {
         }
     }
     #[cfg(not(target_arch = "bpf"))]
-    for i in 0..SEQ_TRIES + SPREAD_TRIES {
+    for i in 0..=SEQ_TRIES + SPREAD_TRIES {
         if try_port_callback(u64::from(i), core::ptr::null_mut()) != 0 {
             break;
         }
@@ -282,13 +329,25 @@ extern "C" fn try_port_callback(i: u64, _ctx: *mut core::ffi::c_void) -> i64 {
 }
 
 /// Try `i` of a new flow's port (see [`reserve`]): the `i`-th port after its backend's cursor
-/// for the first `SEQ_TRIES`, then ports spread from the flow hash. True (stop) once a port
-/// is taken.
+/// for the first `SEQ_TRIES`, then ports spread from the flow hash, then (the last) a
+/// finished flow's port early. True (stop) once a port is taken.
 #[inline(always)]
 fn try_port(i: u32, t: &mut Tries) -> bool {
-    let Some(cfg) = CONFIG.get(0) else {
-        return true;
-    };
+    if i == SEQ_TRIES + SPREAD_TRIES {
+        // Every port tried is held. Rather than refuse the connection (the client would
+        // retry in a second, and again, until ports come back, which for a burst that took
+        // the whole range is a minute), take the port of a flow that is over but whose close
+        // time runs, the one that finished longest ago: as kube-proxy's NAT reuses a tuple
+        // in TIME_WAIT. The backend accepts the SYN if the client's timestamps or sequence
+        // numbers are newer than its old connection's (a client's own old port: so those
+        // first); else it answers with an ACK, the client resets it and retransmits its SYN.
+        // Never with the older datapath's programs about (its map decides then).
+        if t.early_rank == 0 || t.legacy_too != 0 {
+            return true;
+        }
+        t.early = 1;
+        return try_index(t.early_index, t);
+    }
     let idx = if i < SEQ_TRIES {
         t.start.wrapping_add(i)
     } else {
@@ -297,6 +356,15 @@ fn try_port(i: u32, t: &mut Tries) -> bool {
     }
     .checked_rem(t.count)
     .unwrap_or(0);
+    try_index(idx, t)
+}
+
+/// Tries the port with index `idx` (in the ranges) for the flow of `t`.
+#[inline(always)]
+fn try_index(idx: u32, t: &mut Tries) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return true;
+    };
     let legacy_too = t.legacy_too != 0;
     let port = if legacy_too {
         // The older datapath's range, as it is: it skips nothing.
@@ -308,23 +376,48 @@ fn try_port(i: u32, t: &mut Tries) -> bool {
         return false;
     };
     t.entry.nat_port_be = port.to_be();
-    let k = reply_key(
+    // In the work area, as everything of some size here: the callback's frame adds to the
+    // program's, and all frames share 512 bytes.
+    t.key = reply_key(
         (t.entry.backend_addr_be, t.entry.backend_port_be),
         (t.entry.nat_addr_be, t.entry.nat_port_be),
         t.entry.proto,
     );
     // While the older datapath may run, its map decides who gets a port: it reserves ports
     // there itself and knows nothing of this table.
-    if legacy_too && !legacy_reserve(&k, &t.entry) {
+    if legacy_too && !legacy_reserve(t) {
         return false;
     }
-    if take(&k, &t.entry, &cfg.timeouts, false, &mut t.previous) {
+    let over = if t.early != 0 {
+        Over::Finished
+    } else {
+        Over::Expired
+    };
+    let mut own = 0;
+    if take(
+        &t.key,
+        &t.entry,
+        &cfg.timeouts,
+        over,
+        &mut t.previous,
+        &mut own,
+    ) {
         t.taken_index = idx;
         t.taken = 1;
         return true;
     }
+    // The first finished flow's port after the cursor (the one that finished longest ago),
+    // of this client if there is one: the port to take early if none is free.
+    if own > t.early_rank {
+        t.early_rank = own;
+        t.early_index = idx;
+    }
     if legacy_too {
-        let _ = SNAT_LEGACY.remove(k);
+        #[expect(
+            clippy::needless_borrows_for_generic_args,
+            reason = "a copy would take stack the callback does not have"
+        )]
+        let _ = SNAT_LEGACY.remove(&t.key);
     }
     false
 }
@@ -338,8 +431,8 @@ pub fn put_hairpin(entry: &NatEntry, t: &Timeouts) -> bool {
         (entry.nat_addr_be, entry.nat_port_be),
         entry.proto,
     );
-    let mut previous = NatEntry::default();
-    take(&k, entry, t, true, &mut previous)
+    let (mut previous, mut own) = (NatEntry::default(), 0);
+    take(&k, entry, t, Over::Any, &mut previous, &mut own)
 }
 
 /// Notes a reply (the backend's packet) in its entry: answered, a FIN (a passive close if
@@ -401,12 +494,13 @@ pub fn legacy_find(k: &FlowKey, cfg: &Config) -> Option<*mut SnatEntry> {
     SNAT_LEGACY.get_ptr_mut(k)
 }
 
-/// Reserves reply tuple `k` in the legacy map for new flow `e` (the older datapath's
+/// Reserves the tuple of try `t` in the legacy map for its flow (the older datapath's
 /// programs may run): false if one of them, or a flow of theirs, has it.
 #[inline(always)]
-fn legacy_reserve(k: &FlowKey, e: &NatEntry) -> bool {
+fn legacy_reserve(t: &mut Tries) -> bool {
     const BPF_NOEXIST: u64 = 1;
-    let old = SnatEntry {
+    let e = &t.entry;
+    t.legacy = SnatEntry {
         client_addr_be: e.client_addr_be,
         frontend_addr_be: e.frontend_addr_be,
         client_port_be: e.client_port_be,
@@ -416,7 +510,12 @@ fn legacy_reserve(k: &FlowKey, e: &NatEntry) -> bool {
         state: SNAT_NEW,
         _pad: [0; 3],
     };
-    SNAT_LEGACY.insert(k, old, BPF_NOEXIST).is_ok()
+    #[expect(
+        clippy::needless_borrows_for_generic_args,
+        reason = "a copy would take stack the callback does not have"
+    )]
+    let inserted = SNAT_LEGACY.insert(&t.key, &t.legacy, BPF_NOEXIST);
+    inserted.is_ok()
 }
 
 /// Notes a packet of a legacy entry's flow as the older datapath did: a reply makes it

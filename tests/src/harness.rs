@@ -304,6 +304,15 @@ impl Datapath {
         }
     }
 
+    /// Sets backend `id`'s SNAT port cursor (the index, in the ranges, of the port its next
+    /// new flow tries first; 0 means "from the flow hash").
+    pub fn set_snat_cursor(&mut self, id: u32, index: u32) {
+        let mut cursors: Array<_, u32> =
+            Array::try_from(self.ebpf.map_mut(map_names::NAT_CURSORS).expect("cursors"))
+                .expect("cursors type");
+        cursors.set(id, index, 0).expect("cursor write");
+    }
+
     /// Moves the datapath's clock `secs` seconds on, as far as tracked flows can tell: every
     /// time the flow table and the SNAT table hold (last seen, created) moves that far back,
     /// so a test sees hours of idleness pass at once.

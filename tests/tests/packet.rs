@@ -946,12 +946,11 @@ fn snat_ports_of_finished_flows_are_reused() {
         rst.tcp_flags = 0x14; // RST+ACK
         assert_eq!(dp.xdp_on(&rst.build(), eth0).action, XDP_TX);
         // Its port is held for the closed timeout (10 s) after the RST.
-        dp.advance_clock(9);
-        assert_eq!(dp.xdp_on(&flow(40003).build(), eth0).action, XDP_DROP);
-        dp.advance_clock(2);
+        dp.advance_clock(11);
         let c = dp.xdp_on(&flow(40003).build(), eth0);
         assert_eq!(c.action, XDP_TX, "the closed flow's port was not reclaimed");
         assert_eq!(snat_port(&c), snat_port(&a));
+        assert_eq!(dp.event(lb_common::Event::SnatPortTakenEarly), 0);
         let a_key_left = dp.conntrack().iter().any(|(k, _)| {
             k.src_be == u32::from_ne_bytes(client().ip().octets()) && k.sport_be == 40001u16.to_be()
         });
@@ -1025,8 +1024,11 @@ impl SnatFlows<'_> {
 /// SNAT ports come back only when their flow is over, after the time each close needs
 /// (`lb_common::timeout`; the clock advanced by the test): the backend closing first holds
 /// the port 65 s (the backend's `TIME_WAIT`), a close the client began or a RST 10 s, an
-/// unanswered or quickly answered UDP exchange 30 s, a UDP stream 120 s. A live flow's port
-/// is never taken, and an established flow idle for 3 h keeps its port and its backend.
+/// unanswered or quickly answered UDP exchange 30 s, a UDP stream 120 s. Before that a new
+/// flow takes a free port instead, and only when none is free does it take a finished TCP
+/// flow's port early (counted); a live flow's port is never taken, and an established flow
+/// idle for 3 h keeps its port and its backend. (The test points the backend's port cursor
+/// at the port in question, so the new flow tries it first.)
 #[test]
 fn snat_ports_are_reused_only_after_their_flows_time() {
     if !privileged("snat_ports_are_reused_only_after_their_flows_time") {
@@ -1034,27 +1036,49 @@ fn snat_ports_are_reused_only_after_their_flows_time() {
     }
     on_node(|eth0, _| {
         let mut dp = loaded(&[REMOTE_POD_A], false);
-        dp.set_snat_ranges(NODE, &[PortRange::new(61000, 61001)], Timeouts::default());
+        dp.set_snat_ranges(NODE, &[PortRange::new(61000, 61003)], Timeouts::default());
+        let be = u32::from_ne_bytes(REMOTE_POD_A.octets());
+        let (id, _) = dp
+            .maps
+            .backends()
+            .into_iter()
+            .find(|(_, b)| b.addr_be == be)
+            .expect("the remote backend");
         let mut n = SnatFlows { dp: &mut dp, eth0 };
         let tcp = IPPROTO_TCP;
-        let pa = n.connect(40001).expect("a port for the first flow");
-        let pb = n.connect(40002).expect("a port for the second flow");
-        assert_ne!(pa, pb);
-        assert_eq!(n.client(tcp, 40003, SYN), None, "both ports are live");
+        let point = |n: &mut SnatFlows<'_>, port: u16| {
+            // The cursor holds the index of the port to try next (0 means "from the hash").
+            n.dp.set_snat_cursor(
+                id,
+                if port == 61000 {
+                    4
+                } else {
+                    u32::from(port - 61000)
+                },
+            );
+        };
+        let early = |n: &SnatFlows<'_>| n.dp.event(lb_common::Event::SnatPortTakenEarly);
+        let pa = n.connect(40001).expect("a port");
+        let pb = n.connect(40002).expect("a port");
+        let pc = n.connect(40003).expect("a port");
 
-        // The backend closes first: it keeps the tuple in TIME_WAIT for 60 s.
+        // The backend closes first: it keeps the tuple in TIME_WAIT for 60 s, so the port
+        // waits 65 s while another is free, and after that is reused as any.
         n.backend(tcp, pa, FIN_ACK);
         assert_eq!(n.client(tcp, 40001, FIN_ACK), Some(pa));
         n.backend(tcp, pa, ACK);
+        point(&mut n, pa);
         n.dp.advance_clock(64);
-        assert_eq!(
-            n.client(tcp, 40003, SYN),
-            None,
-            "reused within the TIME_WAIT hold"
-        );
+        let pd = n.connect(40004).expect("the free port");
+        assert!(![pa, pb, pc].contains(&pd), "took {pd} of a held flow");
+        point(&mut n, pa);
         n.dp.advance_clock(2);
-        let pc = n.connect(40003).expect("the closed flow's port after 65 s");
-        assert_eq!(pc, pa);
+        assert_eq!(
+            n.connect(40005),
+            Some(pa),
+            "the closed flow's port after 65 s"
+        );
+        assert_eq!(early(&n), 0);
         assert!(
             !n.dp
                 .conntrack()
@@ -1062,38 +1086,62 @@ fn snat_ports_are_reused_only_after_their_flows_time() {
                 .any(|(k, _)| k.sport_be == 40001u16.to_be()),
             "the flow whose port was reused is still tracked"
         );
+        assert_eq!(
+            n.client(tcp, 40006, SYN),
+            None,
+            "every port holds a live flow"
+        );
 
         // Established flows idle for 3 h keep port and backend; no new flow takes either.
         n.dp.advance_clock(3 * 3600);
         assert_eq!(n.client(tcp, 40002, ACK), Some(pb));
         assert_eq!(n.backend(tcp, pb, ACK), 40002);
-        assert_eq!(n.client(tcp, 40003, ACK), Some(pc));
+        for (port, nat) in [(40003, pc), (40004, pd), (40005, pa)] {
+            assert_eq!(n.client(tcp, port, ACK), Some(nat), "idle flow from {port}");
+        }
         assert_eq!(
-            n.client(tcp, 40004, SYN),
+            n.client(tcp, 40006, SYN),
             None,
             "an idle flow's port was taken"
         );
 
-        // The client closes first: the backend holds no TIME_WAIT, 10 s suffice.
+        // The client closes first (the backend holds no TIME_WAIT), or a RST: 10 s. Within
+        // them, with no port free, a new flow takes such a port early; after, as any.
         assert_eq!(n.client(tcp, 40003, FIN_ACK), Some(pc));
         n.backend(tcp, pc, FIN_ACK);
         assert_eq!(n.client(tcp, 40003, ACK), Some(pc));
+        n.backend(tcp, pd, RST);
+        point(&mut n, pc);
         n.dp.advance_clock(9);
-        assert_eq!(
-            n.client(tcp, 40004, SYN),
-            None,
-            "reused within the close hold"
-        );
+        assert_eq!(n.connect(40007), Some(pc), "a finished flow's port, early");
+        assert_eq!(early(&n), 1);
+        point(&mut n, pd);
         n.dp.advance_clock(2);
-        assert_eq!(n.connect(40004), Some(pc));
+        assert_eq!(
+            n.connect(40008),
+            Some(pd),
+            "the reset flow's port after 10 s"
+        );
+        assert_eq!(early(&n), 1, "taken early although its time was over");
 
-        // A RST: 10 s as well.
-        n.backend(tcp, pb, RST);
-        n.dp.advance_clock(11);
-        assert_eq!(n.connect(40005), Some(pb));
+        assert_eq!(n.dp.count(Verdict::DropSnatExhausted), 2);
+    });
+}
 
-        // UDP: an exchange answered at once holds its port 30 s, a stream (traffic 2 s and
-        // more after its first packet) 120 s.
+/// UDP ports come back 30 s after an exchange answered at once (as DNS), 120 s after a
+/// stream (traffic 2 s and more after its first packet) goes idle; never earlier, even with
+/// no port free (a late answer would reach another client).
+#[test]
+fn snat_ports_of_udp_flows_come_back_after_their_time() {
+    if !privileged("snat_ports_of_udp_flows_come_back_after_their_time") {
+        return;
+    }
+    on_node(|eth0, _| {
+        let mut dp = loaded(&[REMOTE_POD_A], false);
+        dp.set_snat_ranges(NODE, &[PortRange::new(61000, 61001)], Timeouts::default());
+        let mut n = SnatFlows { dp: &mut dp, eth0 };
+        // UDP (never taken early: a late answer would reach another client), two ports.
+        n.dp.set_snat_ranges(NODE, &[PortRange::new(61000, 61001)], Timeouts::default());
         let udp = IPPROTO_UDP;
         let exchange = |n: &mut SnatFlows<'_>, port: u16| {
             let nat = n.client(udp, port, 0)?;
@@ -1125,7 +1173,7 @@ fn snat_ports_are_reused_only_after_their_flows_time() {
             Some(u2),
             "the stream's port after 120 s"
         );
-        assert_eq!(n.dp.count(Verdict::DropSnatExhausted), 6);
+        assert_eq!(n.dp.count(Verdict::DropSnatExhausted), 2);
     });
 }
 
