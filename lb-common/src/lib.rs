@@ -364,6 +364,12 @@ pub const NAT_B_REPLIED: u8 = 1 << 0;
 pub const NAT_B_FIN: u8 = 1 << 1;
 pub const NAT_B_RST: u8 = 1 << 2;
 pub const NAT_B_PASSIVE: u8 = 1 << 3;
+/// `NatEntry::backend_state`: the backend answered the SYN (the connection was established
+/// once). A client's SYN on a flow that is over starts a new flow only then; before, it is
+/// the retry of a connect the backend refused (a SYN on a tuple it held in `TIME_WAIT`
+/// answered with an ACK, which the client reset), and keeps its port: the reset ended that
+/// `TIME_WAIT`.
+pub const NAT_B_SYN: u8 = 1 << 4;
 
 /// One SNATed (or hairpin) flow in the SNAT table, found by its reply tuple: the backend's
 /// address and port, the SNAT address and port the flow was given, the protocol. It restores

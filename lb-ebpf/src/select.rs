@@ -140,7 +140,10 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
     if let Some(b) = flows::bucket(key.src_be, key.sport_be, key.proto) {
         match flows::forward(b, key) {
             Probe::Hit(p, s) => {
-                if syn && s.state & FLOW_S_CLOSING != 0 {
+                let snat = slot_snat(&s);
+                // A SNATed flow's entry knows whether its connection was ever established
+                // (see `consult`); other flows restart on a SYN once they close.
+                if syn && snat.is_none() && s.state & FLOW_S_CLOSING != 0 {
                     stats::event(Event::FlowRestarted);
                     return Tracked::Untracked;
                 }
@@ -148,8 +151,8 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
                 else {
                     return Tracked::Untracked;
                 };
-                let snat = slot_snat(&s);
                 let mut mirrored = 0;
+                let mut retried = false;
                 if let Some(nat) = snat {
                     let flow = SnatFlow {
                         client: (s.client_addr_be, s.client_port_be),
@@ -164,6 +167,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
                     match consult(&flow, tcp_flags, syn, quiet, cfg) {
                         Consult::Skip => {}
                         Consult::Mirror(bits) => mirrored = bits,
+                        Consult::Retry => retried = true,
                         Consult::Gone => {
                             if syn {
                                 stats::event(Event::FlowRestarted);
@@ -172,7 +176,11 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
                         }
                     }
                 }
-                touch(p, &s, key.proto, tcp_flags, false, mirrored);
+                if retried {
+                    restart_slot(p, &s);
+                } else {
+                    touch(p, &s, key.proto, tcp_flags, false, mirrored);
+                }
                 let (snat_addr_be, snat_port_be) = snat.unwrap_or((0, 0));
                 return Tracked::Forward(Forward {
                     backend,
@@ -259,6 +267,18 @@ fn touch(p: *mut FlowSlot, s: &FlowSlot, proto: u8, tcp_flags: u8, reply: bool, 
     }
 }
 
+/// A retried connect of a SNATed flow (see `snat::retry`): its slot starts over too.
+#[inline(always)]
+fn restart_slot(p: *mut FlowSlot, s: &FlowSlot) {
+    // SAFETY: `p` points at a slot of the flow table; the fields packets own.
+    unsafe {
+        (*p).last_seen_s = now_s();
+        if s.state != FLOW_S_REPLIED {
+            (*p).state = FLOW_S_REPLIED;
+        }
+    }
+}
+
 /// A SNATed (or hairpin) flow as its flow-table slot or conntrack entry knows it.
 struct SnatFlow {
     client: (u32, u16),
@@ -274,6 +294,8 @@ enum Consult {
     Skip,
     /// The flow goes on; these state bits of its backend go into its slot.
     Mirror(u8),
+    /// A retried connect: the flow starts over on its port (`snat::retry`).
+    Retry,
     /// The entry is gone, over, or another flow's (its port was reused after its time): the
     /// packet starts a new flow.
     Gone,
@@ -302,8 +324,12 @@ fn consult(
             && e.client_port_be == flow.client.1
             && e.frontend_addr_be == flow.frontend.0
             && e.frontend_port_be == flow.frontend.1;
-        if !ours || snat::expired(&e, now, &timeouts(cfg)) || (syn && snat::closing(&e)) {
+        if !ours || snat::expired(&e, now, &timeouts(cfg)) || (syn && snat::restarts(&e)) {
             return Consult::Gone;
+        }
+        if syn && snat::closing(&e) {
+            snat::retry(p, now);
+            return Consult::Retry;
         }
         snat::touch_forward(p, &e, tcp_flags, now);
         let mut bits = 0;

@@ -18,9 +18,9 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile};
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use lb_common::{
     CONFIG_F_SNAT_LEGACY, CONFIG_F_SNAT_LEGACY_TOO, Config, Event, FLOW_WAYS, FlowKey, IPPROTO_TCP,
-    NAT_B_FIN, NAT_B_PASSIVE, NAT_B_REPLIED, NAT_B_RST, NAT_C_FIN, NAT_C_RST, NatBucket, NatEntry,
-    SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, SnatEntry, Timeouts, capacity, hash::nat_bucket,
-    snat_port_at,
+    NAT_B_FIN, NAT_B_PASSIVE, NAT_B_REPLIED, NAT_B_RST, NAT_B_SYN, NAT_C_FIN, NAT_C_RST, NatBucket,
+    NatEntry, SNAT_CLOSING, SNAT_ESTABLISHED, SNAT_NEW, SnatEntry, Timeouts, capacity,
+    hash::nat_bucket, snat_port_at,
 };
 
 use crate::{
@@ -102,10 +102,30 @@ pub fn expired(e: &NatEntry, now: u32, t: &Timeouts) -> bool {
     e.expired(now, t)
 }
 
-/// Whether entry `e`'s flow is over: a new connection on its client's port is a new flow.
+/// Whether entry `e`'s flow is over: a FIN or RST either way.
 #[inline(always)]
 pub fn closing(e: &NatEntry) -> bool {
     e.client_state & (NAT_C_FIN | NAT_C_RST) != 0 || e.backend_state & (NAT_B_FIN | NAT_B_RST) != 0
+}
+
+/// Whether a client's SYN on entry `e`'s flow starts a new connection (the old one was
+/// established and is over) rather than retrying its connect (see `NAT_B_SYN`).
+#[inline(always)]
+pub fn restarts(e: &NatEntry) -> bool {
+    closing(e) && e.backend_state & NAT_B_SYN != 0
+}
+
+/// A retried connect on entry `p` (a client's SYN on a flow the backend never answered with
+/// a SYN-ACK, reset since): the entry starts over as a new attempt on the same port.
+#[inline(always)]
+pub fn retry(p: *mut NatEntry, now: u32) {
+    // SAFETY: `p` is a SNAT-table entry. Both state bytes, though the backend's packets own
+    // one: nothing of this flow is in flight from the backend once the client reset it.
+    unsafe {
+        (*p).client_state = 0;
+        (*p).backend_state = 0;
+        (*p).last_seen_s = now;
+    }
 }
 
 /// Which of a tuple's own entries [`take`] may write over.
@@ -443,6 +463,9 @@ pub fn touch_reply(p: *mut NatEntry, e: &NatEntry, tcp_flags: u8, now: u32) {
     if e.proto == IPPROTO_TCP {
         if tcp_flags & TCP_RST != 0 {
             b |= NAT_B_RST;
+        }
+        if tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK {
+            b |= NAT_B_SYN;
         }
         if tcp_flags & TCP_FIN != 0 && b & NAT_B_FIN == 0 {
             b |= NAT_B_FIN;

@@ -2,6 +2,7 @@
 //! real checksums, a checksum verifier, and a harness around `BPF_PROG_TEST_RUN`.
 pub mod capture;
 pub mod harness;
+pub mod node;
 pub mod packet;
 
 /// Whether this test can use BPF and namespaces. Without root it is skipped with a note, except

@@ -10,7 +10,6 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, PortRange, Timeouts, Verdict, XDP_META_TO_POD, hash::flow_hash,
 };
-use lb_lab::{Lab, Netns};
 use lb_userspace::loader::HostRouting;
 use lb_userspace::state::{
     BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, Proto, Scope,
@@ -721,49 +720,19 @@ fn tc_pod_to_cluster_ip_is_dnatted_exactly() {
 /// A network namespace playing this node for FIB lookups: NIC eth0 (192.168.50.11/24) with
 /// the other nodes' pod CIDRs routed via 192.168.50.12, a default route via 192.168.50.1,
 /// and the local pod behind lxc0. Neighbours are static so results are exact.
-struct Node {
-    _lab: Lab,
-    ns: Netns,
-}
-
-const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
-const NODE2_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x12];
-
-fn node() -> Node {
-    let lab = Lab::new("pkt").expect("lab");
-    let ns = lab.netns("node").expect("netns");
-    let wire = lab.netns("wire").expect("netns");
-    lb_lab::veth(&ns, "eth0", &wire, "up0", false).expect("veth");
-    lb_lab::veth(&ns, "lxc0", &wire, "pod0", false).expect("veth");
-    for args in [
-        "addr add 192.168.50.11/24 dev eth0",
-        "route add 10.244.2.0/24 via 192.168.50.12",
-        "route add 10.244.3.0/24 via 192.168.50.12",
-        "route add default via 192.168.50.1",
-        "route add 10.244.1.5/32 dev lxc0",
-        "neigh replace 192.168.50.1 lladdr 02:00:00:00:00:01 nud permanent dev eth0",
-        "neigh replace 192.168.50.12 lladdr 02:00:00:00:00:12 nud permanent dev eth0",
-        "neigh replace 10.244.1.5 lladdr 02:00:00:00:00:05 nud permanent dev lxc0",
-    ] {
-        ns.ip(args.split(' ')).expect("ip");
-    }
-    ns.sysctl("net.ipv4.ip_forward", "1").expect("sysctl");
-    Node { _lab: lab, ns }
-}
+use xlb_tests::node::{GW_MAC, NODE2_MAC, Node};
 
 /// Runs `test` inside a fresh node namespace, with the indexes of its `eth0` (toward the
 /// world) and `lxc0` (toward a pod).
 fn on_node(test: impl FnOnce(u32, u32) + Send) {
-    let node = node();
+    let node = Node::new("pkt").expect("node namespace");
     node.ns
         .enter(|| test(ifindex("eth0"), ifindex("lxc0")))
         .expect("enter netns");
 }
 
 fn ifindex(name: &str) -> u32 {
-    let c = std::ffi::CString::new(name).expect("name");
-    // SAFETY: a valid C string; called on a thread inside the lab namespace.
-    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    let i = xlb_tests::node::ifindex(name);
     assert!(i != 0, "no interface {name}");
     i
 }
@@ -1180,6 +1149,7 @@ fn snat_ports_of_udp_flows_come_back_after_their_time() {
 /// A client that reuses its port for a new connection after the old one closed (a SYN on a
 /// closed flow) gets a new flow: balanced anew and SNATed to another port, since the
 /// backend may still hold the old tuple in `TIME_WAIT`; the old port stays held meanwhile.
+/// A connect that never got through (reset after the backend's ACK) keeps its port.
 #[test]
 fn a_new_connection_on_a_closed_flows_port_gets_a_new_snat_port() {
     if !privileged("a_new_connection_on_a_closed_flows_port_gets_a_new_snat_port") {
@@ -1212,6 +1182,24 @@ fn a_new_connection_on_a_closed_flows_port_gets_a_new_snat_port() {
         assert_eq!(n.client(tcp, 40001, ACK), Some(second));
         // The old port is still held for the backend's TIME_WAIT; the new flow's is live.
         assert_eq!(n.dp.snat().len(), 2);
+        assert_eq!(n.dp.event(lb_common::Event::FlowRestarted), 1);
+
+        // A connect the backend refuses (its TIME_WAIT answers the SYN with an ACK, which
+        // the client resets) is retried on the same port: the reset ended that TIME_WAIT.
+        let third = n.client(tcp, 40002, SYN).expect("a port");
+        assert_eq!(
+            n.backend(tcp, third, ACK),
+            40002,
+            "the backend's ACK reaches the client"
+        );
+        assert_eq!(n.client(tcp, 40002, RST), Some(third));
+        assert_eq!(
+            n.client(tcp, 40002, SYN),
+            Some(third),
+            "the retry moved to another port"
+        );
+        assert_eq!(n.backend(tcp, third, SYN_ACK), 40002);
+        assert_eq!(n.client(tcp, 40002, ACK), Some(third));
         assert_eq!(n.dp.event(lb_common::Event::FlowRestarted), 1);
     });
 }
