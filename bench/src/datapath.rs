@@ -27,7 +27,7 @@ use lb_userspace::{
     state::DesiredState,
 };
 use xlb_tests::{
-    harness::action::XDP_PASS,
+    harness::action::{XDP_PASS, XDP_TX},
     packet::{parse, verify_checksums},
 };
 
@@ -92,6 +92,10 @@ impl Plan {
 /// Targets, as ratios to the floor of the same round.
 pub const ESTABLISHED_MAX: f64 = 2.5;
 pub const NEW_FLOW_MAX: f64 = 4.0;
+/// A new SNATed flow against a new flow to a local backend, in the same rounds.
+pub const SNAT_NEW_FLOW_VS_LOCAL_MAX: f64 = 1.5;
+/// The p99 of single runs of a new SNATed flow, ns.
+pub const SNAT_NEW_FLOW_P99_MAX: u32 = 2000;
 /// The 10k-service figures may differ from the 1-service ones by this fraction.
 pub const SCALE_MAX: f64 = 0.10;
 
@@ -218,6 +222,24 @@ enum Traffic {
     Established,
     /// A new 5-tuple to the NodePort every run.
     NewFlows,
+    /// The same 5-tuple to the SNAT service's NodePort every run (SNATed to a remote pod).
+    SnatEstablished,
+    /// A new 5-tuple to the SNAT service's NodePort every run.
+    SnatNewFlows,
+}
+
+impl Traffic {
+    /// What the NIC program returns for it: SNATed packets go back out of the NIC.
+    fn action(self) -> u32 {
+        match self {
+            Traffic::SnatEstablished | Traffic::SnatNewFlows => XDP_TX,
+            _ => XDP_PASS,
+        }
+    }
+
+    fn new_flows(self) -> bool {
+        matches!(self, Traffic::NewFlows | Traffic::SnatNewFlows)
+    }
 }
 
 /// One case of the table.
@@ -234,10 +256,14 @@ struct CaseSpec {
     target: Option<f64>,
     /// The 1-service case this one is compared with (10k cases).
     compare_with: Option<&'static str>,
+    /// A target against another case of the same rounds: (its key, the ratio at most).
+    relative: Option<(&'static str, f64)>,
+    /// A target on the p99 of single runs, ns.
+    p99_max: Option<u32>,
 }
 
 /// The cases, in measuring order.
-const CASES: [CaseSpec; 7] = [
+const CASES: [CaseSpec; 11] = [
     CaseSpec {
         key: "noop_ns",
         label: "no-op XDP (floor)",
@@ -247,6 +273,8 @@ const CASES: [CaseSpec; 7] = [
         verdict: None,
         target: None,
         compare_with: None,
+        relative: None,
+        p99_max: None,
     },
     CaseSpec {
         key: "nonservice_ns",
@@ -257,6 +285,8 @@ const CASES: [CaseSpec; 7] = [
         verdict: Some(Verdict::PassNotService),
         target: None,
         compare_with: None,
+        relative: None,
+        p99_max: None,
     },
     CaseSpec {
         key: "established_ns",
@@ -267,6 +297,8 @@ const CASES: [CaseSpec; 7] = [
         verdict: Some(Verdict::NatEstablished),
         target: Some(ESTABLISHED_MAX),
         compare_with: None,
+        relative: None,
+        p99_max: None,
     },
     CaseSpec {
         key: "new_flow_ns",
@@ -277,6 +309,8 @@ const CASES: [CaseSpec; 7] = [
         verdict: Some(Verdict::NatNew),
         target: Some(NEW_FLOW_MAX),
         compare_with: None,
+        relative: None,
+        p99_max: None,
     },
     CaseSpec {
         key: "nonservice_ns_10k",
@@ -287,6 +321,8 @@ const CASES: [CaseSpec; 7] = [
         verdict: Some(Verdict::PassNotService),
         target: None,
         compare_with: Some("nonservice_ns"),
+        relative: None,
+        p99_max: None,
     },
     CaseSpec {
         key: "established_ns_10k",
@@ -297,6 +333,8 @@ const CASES: [CaseSpec; 7] = [
         verdict: Some(Verdict::NatEstablished),
         target: Some(ESTABLISHED_MAX),
         compare_with: Some("established_ns"),
+        relative: None,
+        p99_max: None,
     },
     CaseSpec {
         key: "new_flow_ns_10k",
@@ -307,6 +345,56 @@ const CASES: [CaseSpec; 7] = [
         verdict: Some(Verdict::NatNew),
         target: Some(NEW_FLOW_MAX),
         compare_with: Some("new_flow_ns"),
+        relative: None,
+        p99_max: None,
+    },
+    CaseSpec {
+        key: "snat_established_ns",
+        label: "SNAT established, 1 svc",
+        setup: Setup::One,
+        program: Program::Nic,
+        traffic: Traffic::SnatEstablished,
+        verdict: Some(Verdict::SnatTx),
+        target: Some(ESTABLISHED_MAX),
+        compare_with: None,
+        relative: None,
+        p99_max: None,
+    },
+    CaseSpec {
+        key: "snat_new_flow_ns",
+        label: "SNAT new flow, 1 svc",
+        setup: Setup::One,
+        program: Program::Nic,
+        traffic: Traffic::SnatNewFlows,
+        verdict: Some(Verdict::SnatTx),
+        target: None,
+        compare_with: None,
+        relative: Some(("new_flow_ns", SNAT_NEW_FLOW_VS_LOCAL_MAX)),
+        p99_max: Some(SNAT_NEW_FLOW_P99_MAX),
+    },
+    CaseSpec {
+        key: "snat_established_ns_10k",
+        label: "SNAT established, 10k",
+        setup: Setup::Many,
+        program: Program::Nic,
+        traffic: Traffic::SnatEstablished,
+        verdict: Some(Verdict::SnatTx),
+        target: Some(ESTABLISHED_MAX),
+        compare_with: Some("snat_established_ns"),
+        relative: None,
+        p99_max: None,
+    },
+    CaseSpec {
+        key: "snat_new_flow_ns_10k",
+        label: "SNAT new flow, 10k",
+        setup: Setup::Many,
+        program: Program::Nic,
+        traffic: Traffic::SnatNewFlows,
+        verdict: Some(Verdict::SnatTx),
+        target: None,
+        compare_with: Some("snat_new_flow_ns"),
+        relative: Some(("new_flow_ns_10k", SNAT_NEW_FLOW_VS_LOCAL_MAX)),
+        p99_max: Some(SNAT_NEW_FLOW_P99_MAX),
     },
 ];
 
@@ -330,6 +418,7 @@ impl Case {
         let frame = match spec.traffic {
             Traffic::NonService => scenario::non_service_frame(),
             Traffic::Established | Traffic::NewFlows => scenario::established_frame(),
+            Traffic::SnatEstablished | Traffic::SnatNewFlows => scenario::snat_established_frame(),
         };
         Self {
             spec,
@@ -343,21 +432,27 @@ impl Case {
         self.rounds.iter().map(|r| r.len() as u64).sum()
     }
 
-    /// Flows this case leaves tracked: one per new flow.
+    /// Flows this case leaves tracked: one per new flow (and the SNATed established flow,
+    /// which its first run made).
     fn tracked_flows(&self) -> u64 {
-        u64::from(self.flows)
+        u64::from(self.flows) + u64::from(self.spec.traffic == Traffic::SnatEstablished)
     }
 
     /// `n` runs with `repeat = 1`, each on a fresh packet, timed into the current round (not
     /// at all before the first round: the warm-up).
-    fn run_batch(&mut self, prog: &Xdp, n: u32) -> anyhow::Result<()> {
+    fn run_batch(&mut self, prog: &Xdp, ingress: u32, n: u32) -> anyhow::Result<()> {
+        let (label, action) = (self.spec.label, self.spec.traffic.action());
         for _ in 0..n {
-            let ns = if self.spec.traffic == Traffic::NewFlows {
-                let frame = scenario::new_flow_frame(self.flows);
+            let fresh = match self.spec.traffic {
+                Traffic::NewFlows => Some(scenario::new_flow_frame(self.flows)),
+                Traffic::SnatNewFlows => Some(scenario::snat_new_flow_frame(self.flows)),
+                _ => None,
+            };
+            let ns = if let Some(frame) = fresh {
                 self.flows += 1;
-                run(prog, &frame, 1, self.spec.label)?
+                run(prog, &frame, 1, ingress, action, label)?
             } else {
-                run(prog, &self.frame, 1, self.spec.label)?
+                run(prog, &self.frame, 1, ingress, action, label)?
             };
             if let Some(round) = self.rounds.last_mut() {
                 round.push(u32::try_from(ns).unwrap_or(u32::MAX));
@@ -367,17 +462,31 @@ impl Case {
     }
 }
 
-/// One run with `repeat`; returns the kernel's duration per iteration in ns.
-fn run(prog: &Xdp, frame: &[u8], repeat: u32, what: &str) -> anyhow::Result<u64> {
+/// One run with `repeat` of a frame received on `ingress` (an ifindex of the benchmark's
+/// node namespace, whose routes the SNAT cases' FIB lookups use); returns the kernel's
+/// duration per iteration in ns.
+fn run(
+    prog: &Xdp,
+    frame: &[u8],
+    repeat: u32,
+    ingress: u32,
+    action: u32,
+    what: &str,
+) -> anyhow::Result<u64> {
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+    // egress_ifindex.
+    let md: [u32; 6] = [0, u32::try_from(frame.len()).unwrap_or(0), 0, ingress, 0, 0];
+    let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx);
     opts.repeat = repeat;
     let r = prog
         .test_run(opts)
         .with_context(|| format!("BPF_PROG_TEST_RUN ({what})"))?;
     ensure!(
-        r.return_value == XDP_PASS,
-        "{what}: the program returned {} instead of XDP_PASS",
+        r.return_value == action,
+        "{what}: the program returned {} instead of {action}",
         r.return_value
     );
     Ok(u64::try_from(r.duration.as_nanos()).unwrap_or(u64::MAX))
@@ -430,14 +539,25 @@ pub struct CaseResult {
     pub p50: u32,
     pub p99: u32,
     pub target: Option<f64>,
+    /// A target against another case: (its key, the ratio at most, the median over rounds
+    /// of this case / that case).
+    pub relative: Option<(&'static str, f64, f64)>,
+    /// A target on `p99`, ns.
+    pub p99_max: Option<u32>,
     /// Every run inserted a new flow (its per-round figures grow as conntrack fills).
     pub new_flows: bool,
 }
 
 impl CaseResult {
+    /// Whether the case's targets are met (None: it has none).
     #[must_use]
     pub fn met(&self) -> Option<bool> {
-        self.target.map(|t| self.ratio.median <= t)
+        let checks = [
+            self.target.map(|t| self.ratio.median <= t),
+            self.relative.map(|(_, t, r)| r <= t),
+            self.p99_max.map(|m| self.p99 <= m),
+        ];
+        checks.into_iter().flatten().reduce(|a, b| a && b)
     }
 }
 
@@ -539,12 +659,23 @@ impl Datapaths {
     }
 }
 
+/// Runs the benchmark in a node namespace of its own (the SNAT cases' FIB lookups see its
+/// routes to the other node's pods, and nothing of the host's).
 pub fn run_bench(plan: Plan) -> anyhow::Result<Results> {
+    let node = xlb_tests::node::Node::new("dpbench").context("the node namespace")?;
+    node.ns.enter(|| {
+        let ingress = xlb_tests::node::ifindex("eth0");
+        ensure!(ingress != 0, "no eth0 in the node namespace");
+        run_in_node(plan, ingress)
+    })?
+}
+
+fn run_in_node(plan: Plan, ingress: u32) -> anyhow::Result<Results> {
     let started = Instant::now();
     let caps = Capacities::default();
-    // Both conntrack entries of every new flow must fit with room to spare, or LRU eviction
-    // would be part of what is measured.
-    let flows_needed = plan.new_flows() + 1;
+    // Every new flow (of both new-flow cases of a setup) must fit with room to spare, or
+    // overflow to the LRU map would be part of what is measured.
+    let flows_needed = 2 * plan.new_flows() + 2;
     let flow_slots = u64::from(loader::flow_buckets(caps.flow_buckets)) * FLOW_WAYS as u64;
     ensure!(
         flows_needed <= flow_slots / 2,
@@ -562,12 +693,21 @@ pub fn run_bench(plan: Plan) -> anyhow::Result<Results> {
     for case in &mut cases {
         case.run_batch(
             dps.program(case.spec.setup, case.spec.program)?,
+            ingress,
             plan.warmup,
         )?;
     }
     let classic_frame = scenario::self_backend_frame();
     // The first packet creates the conntrack entry every later iteration hits.
-    run(dps.classic.nic()?, &classic_frame, 1, "classic warm-up")?;
+    let pass = XDP_PASS;
+    run(
+        dps.classic.nic()?,
+        &classic_frame,
+        1,
+        ingress,
+        pass,
+        "classic warm-up",
+    )?;
     let before = [
         dps.setups[0].counts()?,
         dps.setups[1].counts()?,
@@ -580,17 +720,27 @@ pub fn run_bench(plan: Plan) -> anyhow::Result<Results> {
         noop_ns: Vec::new(),
     };
     for round in 0..plan.rounds {
-        measure_round(&plan, &mut dps, &mut cases)?;
+        measure_round(&plan, &mut dps, &mut cases, ingress)?;
         let floor = dps.program(Setup::One, Program::Floor)?;
         let what = "classic no-op";
-        classic
-            .noop_ns
-            .push(run(floor, &classic_frame, plan.classic_repeat, what)? as f64);
+        classic.noop_ns.push(run(
+            floor,
+            &classic_frame,
+            plan.classic_repeat,
+            ingress,
+            pass,
+            what,
+        )? as f64);
         let nic = dps.classic.nic()?;
         let what = "classic established";
-        classic
-            .established_ns
-            .push(run(nic, &classic_frame, plan.classic_repeat, what)? as f64);
+        classic.established_ns.push(run(
+            nic,
+            &classic_frame,
+            plan.classic_repeat,
+            ingress,
+            pass,
+            what,
+        )? as f64);
         eprintln!("datapath: round {}/{} done", round + 1, plan.rounds);
     }
 
@@ -609,7 +759,12 @@ pub fn run_bench(plan: Plan) -> anyhow::Result<Results> {
 }
 
 /// One round: `runs_per_round` runs of every case, in batches, the cases taking turns.
-fn measure_round(plan: &Plan, dps: &mut Datapaths, cases: &mut [Case]) -> anyhow::Result<()> {
+fn measure_round(
+    plan: &Plan,
+    dps: &mut Datapaths,
+    cases: &mut [Case],
+    ingress: u32,
+) -> anyhow::Result<()> {
     for case in cases.iter_mut() {
         case.rounds
             .push(Vec::with_capacity(plan.runs_per_round as usize));
@@ -620,7 +775,7 @@ fn measure_round(plan: &Plan, dps: &mut Datapaths, cases: &mut [Case]) -> anyhow
         // Rotate which case goes first, so that none always follows the same other one.
         for i in 0..count {
             let case = &mut cases[(i + b as usize) % count];
-            case.run_batch(dps.program(case.spec.setup, case.spec.program)?, n)?;
+            case.run_batch(dps.program(case.spec.setup, case.spec.program)?, ingress, n)?;
         }
     }
     Ok(())
@@ -711,9 +866,19 @@ fn summarize(cases: &[Case]) -> anyhow::Result<Vec<CaseResult>> {
                 ratio: stats::summarize(&ratios).context("no rounds")?,
                 p50: stats::quantile(&all, 0.5).unwrap_or(0),
                 p99: stats::quantile(&all, 0.99).unwrap_or(0),
+                relative: c.spec.relative.and_then(|(key, t)| {
+                    let other = cases.iter().find(|o| o.spec.key == key)?;
+                    let ratios: Vec<f64> = per_round
+                        .iter()
+                        .zip(per_round_means(other))
+                        .map(|(x, o)| x / o)
+                        .collect();
+                    Some((key, t, stats::median(&ratios)?))
+                }),
+                p99_max: c.spec.p99_max,
                 per_round,
                 target: c.spec.target,
-                new_flows: c.spec.traffic == Traffic::NewFlows,
+                new_flows: c.spec.traffic.new_flows(),
             })
         })
         .collect()

@@ -13,8 +13,14 @@ use xlb_tests::packet::Frame;
 pub const NODE: Ipv4Addr = Ipv4Addr::new(192, 168, 50, 11);
 /// The measured service's NodePort.
 pub const NODE_PORT: u16 = 32510;
-/// The node's SNAT port range (the agent's default).
-pub const SNAT_PORTS: &[lb_common::PortRange] = &[lb_common::PortRange::new(61000, 65535)];
+/// The node's SNAT port ranges (the agent's default).
+pub const SNAT_PORTS: &[lb_common::PortRange] = &[
+    lb_common::PortRange::new(1024, 29999),
+    lb_common::PortRange::new(61000, 65535),
+];
+/// The SNAT service's NodePort: its backends are pods on another node, so its flows from a
+/// NIC are SNATed to the node and sent back out (`XDP_TX`).
+pub const SNAT_NODE_PORT: u16 = 32520;
 /// Backends of the measured service, all on this node: the NIC program translates and passes
 /// to the kernel, no FIB lookup or SNAT involved.
 pub const MEASURED_BACKENDS: usize = 10;
@@ -69,6 +75,36 @@ pub fn new_flow_frame(k: u32) -> Vec<u8> {
     let src = Ipv4Addr::from(u32::from_be_bytes([198, 18, 0, 0]) + k / PORTS);
     let sport = 1024 + (k % PORTS) as u16;
     Frame::tcp(SocketAddrV4::new(src, sport), node_port()).build()
+}
+
+/// The SNAT service's NodePort frontend.
+#[must_use]
+pub fn snat_node_port() -> SocketAddrV4 {
+    SocketAddrV4::new(NODE, SNAT_NODE_PORT)
+}
+
+/// The SNATed established flow's packet (the same 5-tuple every time).
+#[must_use]
+pub fn snat_established_frame() -> Vec<u8> {
+    Frame::tcp(client(), snat_node_port()).build()
+}
+
+/// The `k`-th new flow to the SNAT service's NodePort (5-tuples as [`new_flow_frame`]'s).
+#[must_use]
+pub fn snat_new_flow_frame(k: u32) -> Vec<u8> {
+    const PORTS: u32 = 60_000;
+    let src = Ipv4Addr::from(u32::from_be_bytes([198, 18, 128, 0]) + k / PORTS);
+    let sport = 1024 + (k % PORTS) as u16;
+    Frame::tcp(SocketAddrV4::new(src, sport), snat_node_port()).build()
+}
+
+/// The SNAT service's backends: pods on node 2 (10.244.2.0/24, routed via 192.168.50.12 in
+/// the benchmark's node namespace).
+#[must_use]
+pub fn snat_backends() -> Vec<SocketAddrV4> {
+    (0..MEASURED_BACKENDS)
+        .map(|j| SocketAddrV4::new(Ipv4Addr::new(10, 244, 2, 10 + j as u8), TARGET_PORT))
+        .collect()
 }
 
 /// The classic figure's packet: translated to itself, so every iteration of a repeat-N run
@@ -150,7 +186,8 @@ pub fn one_service() -> DesiredState {
 
 /// `count` services (`count` ≥ 1) with `MEASURED_BACKENDS` backends each: the measured one,
 /// and fillers whose backends are pods on other nodes. Every 4th filler is a NodePort
-/// service, the others ClusterIP only; all backends are distinct.
+/// service, the others ClusterIP only; all backends are distinct. Besides them, the SNAT
+/// service (NodePort `SNAT_NODE_PORT`, pods on node 2), whose SNAT cases are measured.
 #[must_use]
 pub fn services(count: usize) -> DesiredState {
     let mut d = DesiredState::default();
@@ -164,6 +201,17 @@ pub fn services(count: usize) -> DesiredState {
         Ipv4Addr::from(CLUSTER_IP_BASE),
         Some(NODE_PORT),
         measured,
+    );
+    let remote = snat_backends()
+        .into_iter()
+        .map(|b| backend(*b.ip(), b.port(), false))
+        .collect();
+    add_service(
+        &mut d,
+        "snat".into(),
+        Ipv4Addr::new(10, 96, 255, 253),
+        Some(SNAT_NODE_PORT),
+        remote,
     );
     for i in 1..count {
         let backends = (0..MEASURED_BACKENDS)
@@ -224,10 +272,11 @@ mod tests {
             .values()
             .flat_map(|s| s.backends.iter().map(|b| b.addr))
             .collect();
-        assert_eq!(services.len(), 10_000);
-        assert_eq!(backends.len(), 100_000);
-        // 2,500 NodePort services with 4 frontends, 7,500 ClusterIP ones with 2.
-        assert_eq!(d.frontends.len(), 25_000);
+        assert_eq!(services.len(), 10_001);
+        assert_eq!(backends.len(), 100_010);
+        // 2,500 NodePort services with 4 frontends, 7,500 ClusterIP ones with 2, and the
+        // SNAT service's 4.
+        assert_eq!(d.frontends.len(), 25_004);
         assert!(d.frontends.values().all(|s| s.backends.len() == 10));
     }
 

@@ -253,6 +253,12 @@ fn explain_predicts_the_datapath(
         .map(|c| {
             let pick = explain_pick(dir, *c);
             assert_eq!(pick["outcome"], "new_flow", "{c}: {pick}");
+            // A remote backend's new flow: SNATed, its backend's fill (none in use yet, the
+            // whole range of 61000-61999 usable).
+            if !pick["snat"].is_null() {
+                assert_eq!(pick["snat"]["backend_ports_in_use"], 0, "{c}: {pick}");
+                assert_eq!(pick["snat"]["backend_port_capacity"], 1000, "{c}: {pick}");
+            }
             let b = &pick["backend"];
             SocketAddrV4::new(addr(&b["addr"]), b["port"].as_u64().expect("port") as u16)
         })
@@ -308,6 +314,8 @@ fn explain_predicts_the_datapath(
             Some(src) => {
                 assert_eq!(addr(&pick["snat"]["addr"]), *src.ip(), "{c}: {pick}");
                 assert_eq!(pick["snat"]["port"], src.port(), "{c}: {pick}");
+                let used = pick["snat"]["backend_ports_in_use"].as_u64().unwrap_or(0);
+                assert!(used >= 1, "{c}: its own port is not counted: {pick}");
             }
             None => {}
         }

@@ -421,6 +421,117 @@ fn snat_sustains_udp_exchanges() {
     sustain(&c, "UDP exchange", || echo::udp_ask(addr, T));
 }
 
+/// The node's reserved ports, as its kernel lists them.
+fn reserved_ports(ns: &Netns) -> String {
+    let out = lb_lab::run(
+        ns.command("cat")
+            .arg("/proc/sys/net/ipv4/ip_local_reserved_ports"),
+    )
+    .expect("reading ip_local_reserved_ports");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The agent adds its SNAT ranges to the node's `ip_local_reserved_ports` (keeping what an
+/// operator reserved), so a node process asking for any port never gets one: a thousand
+/// sockets bound to port 0 all get ports outside them. Its metrics report the ports in use
+/// per backend and address, and `xlb cleanup` removes exactly what it added.
+#[test]
+fn snat_ports_are_reserved_on_the_node_and_released_by_cleanup() {
+    if !privileged("snat_ports_are_reserved_on_the_node_and_released_by_cleanup") {
+        return;
+    }
+    let mut c = Cluster::new("snatres", 2).expect("lab");
+    let node1 = c.nodes[0].ns.clone();
+    node1
+        .sysctl("net.ipv4.ip_local_reserved_ports", "5000,20000-20009")
+        .expect("an operator's reservation");
+    // Every port an unbound socket may get, so the kernel would pick SNAT ports if it could.
+    node1
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+        .expect("a wide local port range");
+    c.add_pod("remote-0", 1, &echo_bin(), &[8080]).expect("pod");
+    c.write_manifest("remote.yaml", REMOTE).expect("manifest");
+    let ports = [("http", 8080, "TCP"), ("dns", 8080, "UDP")];
+    c.write_manifest(
+        "eps.yaml",
+        &c.endpoint_slice("remote", &ports, &["remote-0"], &EndpointStates::default()),
+    )
+    .expect("manifest");
+    let agent = c.start_agent(0, &xlb_bin(), &[]).expect("agent");
+    let addr = SocketAddrV4::new(c.nodes[0].ip, 32510);
+    eventually("first answer", || {
+        c.client
+            .enter(|| echo::http_get(addr, T))
+            .map_err(std::io::Error::other)?
+    });
+    assert_eq!(
+        reserved_ports(&node1),
+        "1024-29999,61000-65535",
+        "the SNAT ranges joined the operator's reservation"
+    );
+    let bound: Vec<u16> = node1
+        .enter(|| {
+            let sockets: Vec<std::net::UdpSocket> = (0..1000)
+                .map(|_| std::net::UdpSocket::bind("0.0.0.0:0").expect("bind"))
+                .collect();
+            sockets
+                .iter()
+                .map(|s| s.local_addr().expect("addr").port())
+                .collect()
+        })
+        .expect("netns");
+    let snat = |p: &u16| (1024..=29999).contains(p) || (61000..=65535).contains(p);
+    assert!(
+        !bound.iter().any(snat),
+        "the kernel gave a node socket SNAT ports: {:?}",
+        bound.iter().filter(|p| snat(p)).collect::<Vec<_>>()
+    );
+    // Ports in use show within the upkeep's period (10 s).
+    for _ in 0..50 {
+        c.client
+            .enter(|| echo::http_get(addr, T))
+            .expect("netns")
+            .expect("a connection");
+    }
+    let pod = format!("{}:8080/tcp", c.pods[0].ip);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, page) = local_get(&node1, 10249, "/metrics");
+        let series = format!("xlb_snat_backend_ports_in_use{{backend=\"{pod}\"}}");
+        if page.lines().any(|l| l.starts_with(&series)) {
+            assert!(sample(&page, &series) >= 50, "{page}");
+            assert!(
+                sample(&page, "xlb_snat_backend_port_capacity") > 33_000,
+                "{page}"
+            );
+            let by_address = format!("xlb_snat_ports_in_use{{address=\"{}\"}}", c.nodes[0].ip);
+            assert!(sample(&page, &by_address) >= 50, "{page}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no SNAT fill in\n{page}");
+        thread::sleep(Duration::from_millis(500));
+    }
+    c.lab.kill(agent);
+    let out = node1
+        .command_host_mounts(xlb_bin())
+        .arg("cleanup")
+        .arg("--pin-dir")
+        .arg(c.pin_dir(0))
+        .output()
+        .expect("xlb cleanup");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert_eq!(
+        reserved_ports(&node1),
+        "5000,20000-20009",
+        "cleanup left the SNAT ranges reserved, or took the operator's: {said}"
+    );
+}
+
 /// externalTrafficPolicy=Local: each node answers only from its own pod, which sees the
 /// client's real address.
 #[test]

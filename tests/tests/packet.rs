@@ -1316,6 +1316,30 @@ fn flows_of_a_version_1_datapath_keep_their_snat_ports_through_the_upgrade() {
     });
 }
 
+/// A SNATed flow whose route cannot be used (IP forwarding off on the node: the FIB lookup
+/// says so) is dropped and counted under `drop_no_route`, not as a translated flow.
+#[test]
+fn snat_without_a_usable_route_is_dropped_as_no_route() {
+    if !privileged("snat_without_a_usable_route_is_dropped_as_no_route") {
+        return;
+    }
+    on_node(|eth0, _| {
+        // This thread is in the test's node namespace: the sysctl is that namespace's.
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "0").expect("forwarding off");
+        let mut dp = loaded(&[REMOTE_POD_A], false);
+        let input = Frame::tcp(client(), node_port());
+        let out = dp.xdp_on(&input.build(), eth0);
+        assert_eq!(out.action, XDP_DROP);
+        assert_eq!(dp.count(Verdict::DropNoRoute), 1);
+        assert_eq!(dp.count(Verdict::NatNew), 0);
+        let mut ack = input;
+        ack.tcp_flags = 0x10;
+        assert_eq!(dp.xdp_on(&ack.build(), eth0).action, XDP_DROP);
+        assert_eq!(dp.count(Verdict::DropNoRoute), 2);
+        assert_eq!(dp.count(Verdict::NatEstablished), 0);
+    });
+}
+
 /// Client ports of `client()` whose flows share one flow-table bucket (the small test table).
 fn ports_in_one_bucket(dp: &Datapath, proto: u8, n: usize) -> Vec<u16> {
     let buckets = dp.flow_buckets();
