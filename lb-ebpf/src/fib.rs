@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::{bpf_fib_lookup, bpf_redir_neigh, xdp_action::XDP_ABORTED},
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     macros::map,
-    maps::PerCpuArray,
+    maps::{Array, PerCpuArray},
 };
 
 use crate::parse::{EthHdr, ptr_at_mut};
@@ -73,6 +73,80 @@ pub fn lookup(
         BPF_FIB_LKUP_RET_NO_NEIGH => Lookup::NoNeighbour(p.ifindex),
         _ => Lookup::Fail,
     }
+}
+
+/// A backend's route as a FIB lookup last gave it (see [`lookup_cached`]).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct CachedRoute {
+    pub ifindex: u32,
+    /// Coarse second of the lookup; the entry serves packets of that second only.
+    pub stamp_s: u32,
+    /// The source and destination the lookup was made for (the SNAT address, the backend:
+    /// a backend id reused for another address never gets the old one's route).
+    pub src_be: u32,
+    pub dst_be: u32,
+    /// The largest IPv4 total length the lookup (and its MTU check) passed this second.
+    pub max_len: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+}
+
+/// Per backend id: its route, looked up at most once a second per backend (and again for a
+/// packet larger than any checked this second). A FIB lookup is about as dear as the rest
+/// of an established SNATed packet's path; a route or neighbour change is followed within a
+/// second. A cache of this load only: not pinned.
+#[map(name = "xlb_routes")]
+static ROUTES: Array<CachedRoute> = Array::with_max_entries(lb_common::capacity::BACKENDS, 0);
+
+/// [`lookup`] for the packets of backend `id`, through its cached route when that is of
+/// this second, for this source, and has checked a packet at least this long.
+#[inline(always)]
+pub fn lookup_cached(
+    ctx: *mut c_void,
+    id: u32,
+    ifindex: u32,
+    src_be: u32,
+    dst_be: u32,
+    proto: u8,
+    tot_len: u16,
+) -> Lookup {
+    // SAFETY: plain helper call.
+    let now = (unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
+    let cached = ROUTES.get_ptr_mut(id);
+    if let Some(c) = cached {
+        // SAFETY: the map's value, copied; a racing writer can at worst make this packet
+        // take a fresh lookup or the route of the same second.
+        let c = unsafe { *c };
+        if c.stamp_s == now
+            && c.src_be == src_be
+            && c.dst_be == dst_be
+            && c.ifindex != 0
+            && tot_len <= c.max_len
+        {
+            return Lookup::Found(Route {
+                ifindex: c.ifindex,
+                smac: c.smac,
+                dmac: c.dmac,
+            });
+        }
+    }
+    let found = lookup(ctx, ifindex, src_be, dst_be, proto, tot_len);
+    if let (Lookup::Found(r), Some(c)) = (&found, cached) {
+        // SAFETY: as above; the whole entry is written.
+        unsafe {
+            *c = CachedRoute {
+                ifindex: r.ifindex,
+                stamp_s: now,
+                src_be,
+                dst_be,
+                max_len: tot_len,
+                smac: r.smac,
+                dmac: r.dmac,
+            };
+        }
+    }
+    found
 }
 
 /// Writes the route's MAC addresses into the frame's Ethernet header.

@@ -134,7 +134,7 @@ fn nic_forward(ctx: &XdpContext, f: &Flow, fwd: &Forward) -> (Verdict, u32) {
             }
         }
         Some(src) => {
-            let (v, action) = nic_transmit(ctx, f, Some(src), dst);
+            let (v, action) = nic_transmit(ctx, f, Some(src), dst, Some(fwd.backend_id));
             // Sent (`snat_tx`), or handed to the kernel to resolve the neighbour: the flow's
             // own verdict; a drop keeps its reason.
             let v = match v {
@@ -162,7 +162,7 @@ fn nic_reply(ctx: &XdpContext, f: &Flow, rev: Reverse) -> (Verdict, u32) {
         }
         return (Verdict::PassMalformed, xdp_action::XDP_PASS);
     }
-    let (v, action) = nic_transmit(ctx, f, Some(src), dst);
+    let (v, action) = nic_transmit(ctx, f, Some(src), dst, None);
     let v = match v {
         Verdict::SnatTx | Verdict::NatNew => Verdict::ReverseNat,
         v => v,
@@ -170,20 +170,28 @@ fn nic_reply(ctx: &XdpContext, f: &Flow, rev: Reverse) -> (Verdict, u32) {
     (v, action)
 }
 
-/// Rewrites a frame that this node must send on (SNATed flows and their replies) and
-/// transmits it from XDP. Without a resolved neighbour the translated frame goes to the
-/// kernel, which resolves it and forwards (the agent enables `accept_local` on NICs for this).
+/// Rewrites a frame that this node must send on (SNATed flows and their replies; with
+/// `backend_id`, a packet to that backend, routed through its cached route) and transmits it
+/// from XDP. Without a resolved neighbour the translated frame goes to the kernel, which
+/// resolves it and forwards (the agent enables `accept_local` on NICs for this).
 #[inline(always)]
 fn nic_transmit(
     ctx: &XdpContext,
     f: &Flow,
     src: Option<nat::Endpoint>,
     dst: Option<nat::Endpoint>,
+    backend_id: Option<u32>,
 ) -> (Verdict, u32) {
     let new_src = src.map_or(f.src_be, |s| s.0);
     let new_dst = dst.map_or(f.dst_be, |d| d.0);
     let ingress = ctx.ingress_ifindex() as u32;
-    match fib::lookup(ctx.as_ptr(), ingress, new_src, new_dst, f.proto, f.tot_len) {
+    let (p, len) = (ctx.as_ptr(), f.tot_len);
+    // Packets to a backend: its cached route (see `fib::lookup_cached`).
+    let found = match backend_id {
+        Some(id) => fib::lookup_cached(p, id, ingress, new_src, new_dst, f.proto, len),
+        None => fib::lookup(p, ingress, new_src, new_dst, f.proto, len),
+    };
+    match found {
         Lookup::Found(route) => {
             let (data, end) = (ctx.data(), ctx.data_end());
             if !nat::xdp_rewrite(data, end, f, src, dst, true) || !fib::set_macs(data, end, &route)

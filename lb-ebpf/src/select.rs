@@ -75,6 +75,7 @@ fn timeouts(cfg: Option<&Config>) -> Timeouts {
 /// What to do with a packet of a frontend's flow.
 pub struct Forward {
     pub backend: Backend,
+    pub backend_id: u32,
     pub service_id: u32,
     /// New source address for SNATed flows (0: not SNATed) and port. Plain fields rather than
     /// an `Option`: every path writes both, so the verifier never meets a port slot that one
@@ -184,6 +185,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
                 let (snat_addr_be, snat_port_be) = snat.unwrap_or((0, 0));
                 return Tracked::Forward(Forward {
                     backend,
+                    backend_id: s.backend_id,
                     service_id: s.service_id,
                     snat_addr_be,
                     snat_port_be,
@@ -390,6 +392,7 @@ fn overflow_tracked(key: &FlowKey, tcp_flags: u8, syn: bool, cfg: Option<&Config
         }
         return Tracked::Forward(Forward {
             backend: b,
+            backend_id: ct.backend_id,
             service_id: ct.service_id,
             snat_addr_be: ct.nat_addr_be,
             snat_port_be: if ct.nat_addr_be == 0 {
@@ -489,6 +492,7 @@ pub fn new_flow(
     record(key, &slot, snat, b.addr_be, cfg)?;
     Ok(Forward {
         backend: b,
+        backend_id: id,
         service_id: fe.service_id,
         snat_addr_be: nat_addr_be,
         snat_port_be: nat_port_be,

@@ -1340,6 +1340,53 @@ fn snat_without_a_usable_route_is_dropped_as_no_route() {
     });
 }
 
+/// A SNATed flow's route is cached per backend for at most a second: after the next hop's
+/// MAC changes (a node replaced behind the same address), the flow's packets go to the new
+/// MAC within a second, with no agent involved.
+#[test]
+fn snat_route_follows_a_neighbour_change_within_a_second() {
+    const NEW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x22];
+    if !privileged("snat_route_follows_a_neighbour_change_within_a_second") {
+        return;
+    }
+    on_node(|eth0, _| {
+        let mut dp = loaded(&[REMOTE_POD_A], false);
+        let input = Frame::tcp(client(), node_port());
+        let out = dp.xdp_on(&input.build(), eth0);
+        assert_eq!(out.action, XDP_TX);
+        assert_eq!(out.frame[..6], NODE2_MAC);
+        // This thread is in the node namespace; `ip` forked from it is too.
+        let status = std::process::Command::new("ip")
+            .args([
+                "neigh",
+                "replace",
+                "192.168.50.12",
+                "lladdr",
+                "02:00:00:00:00:22",
+            ])
+            .args(["nud", "permanent", "dev", "eth0"])
+            .status()
+            .expect("run ip");
+        assert!(status.success(), "ip neigh replace");
+        let mut ack = input;
+        ack.tcp_flags = 0x10;
+        let start = std::time::Instant::now();
+        let mut macs = Vec::new();
+        while start.elapsed() < std::time::Duration::from_millis(1500) {
+            let out = dp.xdp_on(&ack.build(), eth0);
+            assert_eq!(out.action, XDP_TX);
+            assert_valid(&out, "established");
+            macs.push(<[u8; 6]>::try_from(&out.frame[..6]).expect("mac"));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(macs.last(), Some(&NEW_MAC), "new MAC after 1.5 s");
+        // Within the first 1.1 s the new MAC is in use.
+        let by_1100ms = macs.iter().take(22).any(|m| *m == NEW_MAC);
+        assert!(by_1100ms, "route cache held past a second: {macs:?}");
+        assert!(macs.iter().all(|m| *m == NODE2_MAC || *m == NEW_MAC));
+    });
+}
+
 /// Client ports of `client()` whose flows share one flow-table bucket (the small test table).
 fn ports_in_one_bucket(dp: &Datapath, proto: u8, n: usize) -> Vec<u16> {
     let buckets = dp.flow_buckets();
