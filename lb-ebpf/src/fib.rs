@@ -100,19 +100,17 @@ pub struct CachedRoute {
 static ROUTES: Array<CachedRoute> = Array::with_max_entries(lb_common::capacity::BACKENDS, 0);
 
 /// [`lookup`] for the packets of backend `id`, through its cached route when that is of
-/// this second, for this source, and has checked a packet at least this long.
+/// second `now`, for this source, and has checked a packet at least this long.
 #[inline(always)]
 pub fn lookup_cached(
     ctx: *mut c_void,
-    id: u32,
+    (id, now): (u32, u32),
     ifindex: u32,
     src_be: u32,
     dst_be: u32,
     proto: u8,
     tot_len: u16,
 ) -> Lookup {
-    // SAFETY: plain helper call.
-    let now = (unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32;
     let cached = ROUTES.get_ptr_mut(id);
     if let Some(c) = cached {
         // SAFETY: the map's value, copied; a racing writer can at worst make this packet

@@ -134,7 +134,8 @@ fn nic_forward(ctx: &XdpContext, f: &Flow, fwd: &Forward) -> (Verdict, u32) {
             }
         }
         Some(src) => {
-            let (v, action) = nic_transmit(ctx, f, Some(src), dst, Some(fwd.backend_id));
+            let (v, action) =
+                nic_transmit(ctx, f, Some(src), dst, Some((fwd.backend_id, fwd.now_s)));
             // Sent (`snat_tx`), or handed to the kernel to resolve the neighbour: the flow's
             // own verdict; a drop keeps its reason.
             let v = match v {
@@ -171,7 +172,7 @@ fn nic_reply(ctx: &XdpContext, f: &Flow, rev: Reverse) -> (Verdict, u32) {
 }
 
 /// Rewrites a frame that this node must send on (SNATed flows and their replies; with
-/// `backend_id`, a packet to that backend, routed through its cached route) and transmits it
+/// `backend` (its id and the packet's second), a packet to that backend, routed through its cached route) and transmits it
 /// from XDP. Without a resolved neighbour the translated frame goes to the kernel, which
 /// resolves it and forwards (the agent enables `accept_local` on NICs for this).
 #[inline(always)]
@@ -180,15 +181,15 @@ fn nic_transmit(
     f: &Flow,
     src: Option<nat::Endpoint>,
     dst: Option<nat::Endpoint>,
-    backend_id: Option<u32>,
+    backend: Option<(u32, u32)>,
 ) -> (Verdict, u32) {
     let new_src = src.map_or(f.src_be, |s| s.0);
     let new_dst = dst.map_or(f.dst_be, |d| d.0);
     let ingress = ctx.ingress_ifindex() as u32;
     let (p, len) = (ctx.as_ptr(), f.tot_len);
     // Packets to a backend: its cached route (see `fib::lookup_cached`).
-    let found = match backend_id {
-        Some(id) => fib::lookup_cached(p, id, ingress, new_src, new_dst, f.proto, len),
+    let found = match backend {
+        Some(b) => fib::lookup_cached(p, b, ingress, new_src, new_dst, f.proto, len),
         None => fib::lookup(p, ingress, new_src, new_dst, f.proto, len),
     };
     match found {

@@ -83,6 +83,8 @@ pub struct Forward {
     pub snat_addr_be: u32,
     pub snat_port_be: u16,
     pub verdict: Verdict,
+    /// The coarse second the packet was seen at (one clock read per packet).
+    pub now_s: u32,
 }
 
 impl Forward {
@@ -141,6 +143,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
     if let Some(b) = flows::bucket(key.src_be, key.sport_be, key.proto) {
         match flows::forward(b, key) {
             Probe::Hit(p, s) => {
+                let now = now_s();
                 let snat = slot_snat(&s);
                 // A SNATed flow's entry knows whether its connection was ever established
                 // (see `consult`); other flows restart on a SYN once they close.
@@ -162,10 +165,10 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
                         nat,
                         proto: key.proto,
                     };
-                    let quiet = s.last_seen_s == now_s()
+                    let quiet = s.last_seen_s == now
                         && s.state & (FLOW_S_FIN_CLIENT | FLOW_S_FIN_BACKEND | FLOW_S_RST)
                             != FLOW_S_FIN_CLIENT;
-                    match consult(&flow, tcp_flags, syn, quiet, cfg) {
+                    match consult(&flow, tcp_flags, syn, quiet, now, cfg) {
                         Consult::Skip => {}
                         Consult::Mirror(bits) => mirrored = bits,
                         Consult::Retry => retried = true,
@@ -178,9 +181,9 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
                     }
                 }
                 if retried {
-                    restart_slot(p, &s);
+                    restart_slot(p, &s, now);
                 } else {
-                    touch(p, &s, key.proto, tcp_flags, false, mirrored);
+                    touch(p, &s, key.proto, tcp_flags, false, mirrored, now);
                 }
                 let (snat_addr_be, snat_port_be) = snat.unwrap_or((0, 0));
                 return Tracked::Forward(Forward {
@@ -190,6 +193,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
                     snat_addr_be,
                     snat_port_be,
                     verdict: Verdict::NatEstablished,
+                    now_s: now,
                 });
             }
             Probe::Miss { overflow: o } => overflow = o,
@@ -198,7 +202,7 @@ pub fn tracked(key: &FlowKey, tcp_flags: u8, replies: bool, cfg: Option<&Config>
     if replies && let Some(b) = flows::bucket(key.dst_be, key.dport_be, key.proto) {
         match flows::reply(b, key) {
             Probe::Hit(p, s) => {
-                touch(p, &s, key.proto, tcp_flags, true, 0);
+                touch(p, &s, key.proto, tcp_flags, true, 0, now_s());
                 return Tracked::Reply(Reverse {
                     src: (s.frontend_addr_be, s.frontend_port_be),
                     dst: None,
@@ -239,8 +243,15 @@ fn slot_snat(s: &FlowSlot) -> Option<(u32, u16)> {
 /// gives the slot to another flow meanwhile can at worst see a newer time or a wrong state,
 /// which only changes when the slot may be reused.
 #[inline(always)]
-fn touch(p: *mut FlowSlot, s: &FlowSlot, proto: u8, tcp_flags: u8, reply: bool, mirrored: u8) {
-    let now = now_s();
+fn touch(
+    p: *mut FlowSlot,
+    s: &FlowSlot,
+    proto: u8,
+    tcp_flags: u8,
+    reply: bool,
+    mirrored: u8,
+    now: u32,
+) {
     let mut state = s.state | mirrored;
     if reply {
         state |= FLOW_S_REPLIED;
@@ -271,10 +282,10 @@ fn touch(p: *mut FlowSlot, s: &FlowSlot, proto: u8, tcp_flags: u8, reply: bool, 
 
 /// A retried connect of a SNATed flow (see `snat::retry`): its slot starts over too.
 #[inline(always)]
-fn restart_slot(p: *mut FlowSlot, s: &FlowSlot) {
+fn restart_slot(p: *mut FlowSlot, s: &FlowSlot, now: u32) {
     // SAFETY: `p` points at a slot of the flow table; the fields packets own.
     unsafe {
-        (*p).last_seen_s = now_s();
+        (*p).last_seen_s = now;
         if s.state != FLOW_S_REPLIED {
             (*p).state = FLOW_S_REPLIED;
         }
@@ -314,12 +325,12 @@ fn consult(
     tcp_flags: u8,
     syn: bool,
     quiet: bool,
+    now: u32,
     cfg: Option<&Config>,
 ) -> Consult {
     if quiet && tcp_flags & (TCP_FIN | TCP_RST | TCP_SYN) == 0 {
         return Consult::Skip;
     }
-    let now = now_s();
     let k = snat::reply_key(flow.backend, flow.nat, flow.proto);
     if let Some((p, e)) = snat::find(&k) {
         let ours = e.client_addr_be == flow.client.0
@@ -366,6 +377,7 @@ fn overflow_tracked(key: &FlowKey, tcp_flags: u8, syn: bool, cfg: Option<&Config
     let Some(ct) = conntrack::lookup(key) else {
         return Tracked::Untracked;
     };
+    let now = now_s();
     if ct.kind == CT_REVERSE {
         return Tracked::Reply(Reverse {
             src: (ct.nat_addr_be, ct.nat_port_be),
@@ -386,7 +398,7 @@ fn overflow_tracked(key: &FlowKey, tcp_flags: u8, syn: bool, cfg: Option<&Config
                 proto: key.proto,
             };
             // Without a slot's time: looked up for FINs, RSTs and SYNs only.
-            if let Consult::Gone = consult(&flow, tcp_flags, syn, true, cfg) {
+            if let Consult::Gone = consult(&flow, tcp_flags, syn, true, now, cfg) {
                 return Tracked::Untracked;
             }
         }
@@ -401,6 +413,7 @@ fn overflow_tracked(key: &FlowKey, tcp_flags: u8, syn: bool, cfg: Option<&Config
                 ct.nat_port_be
             },
             verdict: Verdict::NatEstablished,
+            now_s: now,
         });
     }
     Tracked::Untracked
@@ -497,6 +510,7 @@ pub fn new_flow(
         snat_addr_be: nat_addr_be,
         snat_port_be: nat_port_be,
         verdict: Verdict::NatNew,
+        now_s: now,
     })
 }
 
