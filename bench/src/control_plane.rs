@@ -24,11 +24,15 @@ use k8s_openapi::api::{
 };
 use lb_lab::cluster::Cluster;
 use lb_userspace::{
-    loader::{self, Capacities},
-    maps::{AyaMaps, FakeMaps, LbMaps},
-    model::{ModelOptions, NodeInfo, Translator},
-    programmer::Programmer,
-    store::Store,
+    control::{
+        model::{ModelOptions, NodeInfo, Translator},
+        programmer::Programmer,
+        store::Store,
+    },
+    datapath::{
+        loader::{self, Capacities},
+        maps::{AyaMaps, FakeMaps, LbMaps},
+    },
 };
 use serde_json::{Value, json};
 
@@ -646,7 +650,8 @@ pub fn json(r: &Results, machine: &Machine, quick: bool) -> Value {
 #[cfg(test)]
 mod tests {
     use lb_userspace::{
-        loader::Capacities, maps::FakeMaps, programmer::Programmer, source::manifests, store::Store,
+        control::{programmer::Programmer, source::manifests, store::Store},
+        datapath::{loader::Capacities, maps::FakeMaps},
     };
 
     use super::{full_sync, manifest, objects};

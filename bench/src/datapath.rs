@@ -20,11 +20,12 @@ use aya::{
 use lb_common::{Counter, CtEntry, FLOW_WAYS, FlowKey, Verdict, map_names};
 use lb_userspace::{
     agent::node_config,
-    flows::FlowTable,
-    loader::{self, Capacities},
-    maps::{AyaMaps, LbMaps as _, Op},
-    programmer::Programmer,
-    state::DesiredState,
+    control::{programmer::Programmer, state::DesiredState},
+    datapath::{
+        flows::FlowTable,
+        loader::{self, Capacities},
+        maps::{AyaMaps, LbMaps as _, Op},
+    },
 };
 use xlb_tests::{
     harness::action::{XDP_PASS, XDP_TX},

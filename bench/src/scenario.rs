@@ -3,7 +3,7 @@
 //! self-backend frontend of the classic repeat-N figure. Also the frames that hit them.
 use std::net::{Ipv4Addr, SocketAddrV4};
 
-use lb_userspace::state::{
+use lb_userspace::control::state::{
     BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, Proto, Scope,
     ServicePortRef,
 };
@@ -255,10 +255,14 @@ mod tests {
     use std::collections::BTreeSet;
 
     use lb_userspace::{
-        loader::Capacities,
-        maps::{FakeMaps, LbMaps as _},
-        programmer::{Programmer, frontend_key},
-        state::{FrontendAddr, Proto, Scope},
+        control::{
+            programmer::{Programmer, frontend_key},
+            state::{FrontendAddr, Proto, Scope},
+        },
+        datapath::{
+            loader::Capacities,
+            maps::{FakeMaps, LbMaps as _},
+        },
     };
 
     use super::{NODE, NODE_PORT, SELF_PORT, self_backend, services};

@@ -251,8 +251,8 @@ fn load(addr: SocketAddrV4, duration: Duration) -> Run {
 
 /// The datapath's `drop_snat_exhausted` packets, from the maps pinned under `dir`.
 fn snat_exhausted(dir: &Path) -> Option<u64> {
-    let maps = lb_userspace::inspect::pinned::PinnedMaps::open(dir).ok()?;
-    lb_userspace::inspect::stats(&maps)
+    let maps = lb_userspace::ops::inspect::pinned::PinnedMaps::open(dir).ok()?;
+    lb_userspace::ops::inspect::stats(&maps)
         .ok()?
         .into_iter()
         .find(|v| v.verdict == lb_common::Verdict::DropSnatExhausted.name())

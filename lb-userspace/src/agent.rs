@@ -21,17 +21,23 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
-    flows::{self, FlowsError},
-    http::{self, Health, HttpError},
-    loader::{self, Capacities, HostRouting, LoaderError},
-    maps::{AyaMaps, LbMaps as _, MapsError, Op},
-    metrics::{DatapathSources, Metrics, MetricsError, SyncReport},
-    model::{ModelOptions, NodeInfo, Translator},
-    nattable::{self, NatTable},
-    netlink::{self, LinkEvent},
-    programmer::Programmer,
-    snat::{self, ExcludedMap, Exclusions, SnatError},
-    source::{kube as kube_source, manifests, shared::SharedStore},
+    control::{
+        model::{ModelOptions, NodeInfo, Translator},
+        programmer::Programmer,
+        source::{kube as kube_source, manifests, shared::SharedStore},
+    },
+    datapath::{
+        flows::{self, FlowsError},
+        loader::{self, Capacities, HostRouting, LoaderError},
+        maps::{AyaMaps, LbMaps as _, MapsError, Op},
+        nattable::{self, NatTable},
+        netlink::{self, LinkEvent},
+        snat::{self, ExcludedMap, Exclusions, SnatError},
+    },
+    ops::{
+        http::{self, Health, HttpError},
+        metrics::{DatapathSources, Metrics, MetricsError, SyncReport},
+    },
 };
 
 /// How the agent runs.
@@ -526,7 +532,7 @@ impl NodeState {
 /// Removes from `ip_local_reserved_ports` what the agents of `pin_dir` added (recorded in the
 /// pinned configuration); returns it.
 pub fn release_reserved_ports(pin_dir: &std::path::Path) -> Result<Vec<PortRange>, SnatError> {
-    let path = crate::pin::map_path(pin_dir, lb_common::map_names::CONFIG);
+    let path = crate::datapath::pin::map_path(pin_dir, lb_common::map_names::CONFIG);
     if !path.exists() {
         return Ok(Vec::new());
     }
@@ -692,7 +698,7 @@ fn start_snat_upkeep(
         .name("xlb-snat-upkeep".into())
         .spawn(move || {
             loop {
-                match crate::sockdiag::bound_ports() {
+                match crate::datapath::sockdiag::bound_ports() {
                     Ok(bound) => {
                         let mut sp = lock(&ports);
                         if sp.exclusions.bound != bound {
@@ -968,7 +974,7 @@ fn end_udp_sockets(pin_dir: &std::path::Path, left: &std::collections::HashSet<(
     if left.is_empty() {
         return;
     }
-    let revnat = aya::maps::MapData::from_pin(crate::pin::map_path(
+    let revnat = aya::maps::MapData::from_pin(crate::datapath::pin::map_path(
         pin_dir,
         lb_common::map_names::SOCK_REVNAT,
     ))
@@ -992,7 +998,7 @@ fn end_udp_sockets(pin_dir: &std::path::Path, left: &std::collections::HashSet<(
         };
         revnat.get(&key, 0).is_ok()
     };
-    match crate::sockdiag::end_udp_sockets_to(left, translated) {
+    match crate::datapath::sockdiag::end_udp_sockets_to(left, translated) {
         Ok(0) => {}
         Ok(n) => info!(
             sockets = n,

@@ -1,22 +1,7 @@
-//! xlb's agent and CLI: loads the eBPF datapath, attaches it, programs its maps, and reads
-//! them back for inspection.
+//! xlb's agent and CLI, by stage: [`control`] (sources → store → model → programmer),
+//! [`datapath`] (loader, maps, pins, the node's kernel), [`ops`] (HTTP, metrics, inspection).
+//! [`agent`] is the one place that wires them together; `main.rs` is only the CLI.
 pub mod agent;
-pub mod flows;
-pub mod http;
-pub mod inspect;
-pub mod invalid;
-pub mod loader;
-pub mod maglev;
-pub mod mapmem;
-pub mod maps;
-pub mod metrics;
-pub mod model;
-pub mod nattable;
-pub mod netlink;
-pub mod pin;
-pub mod programmer;
-pub mod snat;
-pub mod sockdiag;
-pub mod source;
-pub mod state;
-pub mod store;
+pub mod control;
+pub mod datapath;
+pub mod ops;

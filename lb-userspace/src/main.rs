@@ -10,14 +10,18 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lb_userspace::{
     agent::{self, AgentConfig},
-    http,
-    inspect::{
-        self, AddrFilter, CtFilter, ExplainQuery, InspectError, Target, pinned::PinnedMaps, render,
+    control::{model::ModelOptions, state::Scope},
+    datapath::{
+        loader::{self, Capacities, HostRouting},
+        pin, snat,
     },
-    loader::{self, Capacities, HostRouting},
-    model::ModelOptions,
-    pin, snat,
-    state::Scope,
+    ops::{
+        http,
+        inspect::{
+            self, AddrFilter, CtFilter, ExplainQuery, InspectError, Target, pinned::PinnedMaps,
+            render,
+        },
+    },
 };
 
 #[derive(Parser)]
@@ -29,6 +33,16 @@ use lb_userspace::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log line format on stderr: text for people, JSON (one object per line) for log
+    /// collectors. The level comes from `RUST_LOG` (default info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -42,7 +56,7 @@ enum Command {
     /// Remove everything the agent attached and pinned (detaches the datapath).
     Cleanup {
         /// The agent's pin directory.
-        #[arg(long, default_value = lb_userspace::pin::DEFAULT_PIN_DIR)]
+        #[arg(long, default_value = lb_userspace::datapath::pin::DEFAULT_PIN_DIR)]
         pin_dir: PathBuf,
     },
     /// Datapath diagnostics.
@@ -62,6 +76,12 @@ enum Command {
     /// Which frontend an address matches, its eligible backends, and which backend a client
     /// gets, and why (from the pinned maps).
     Explain(ExplainArgs),
+    /// Print a shell completion script for xlb (e.g. `xlb completions bash >
+    /// /etc/bash_completion.d/xlb`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Where the maps are and how to print them; every inspection command takes these.
@@ -163,7 +183,7 @@ struct AgentArgs {
     manifests: Option<PathBuf>,
     /// Where maps and attachments are pinned; a restarted agent adopts them, so restarts and
     /// upgrades drop no flow. SIGTERM leaves the datapath running; `xlb cleanup` removes it.
-    #[arg(long, default_value = lb_userspace::pin::DEFAULT_PIN_DIR)]
+    #[arg(long, default_value = lb_userspace::datapath::pin::DEFAULT_PIN_DIR)]
     pin_dir: PathBuf,
     /// Kubeconfig for the Kubernetes API (default: in-cluster configuration).
     #[arg(long)]
@@ -333,16 +353,33 @@ fn agent_config(a: AgentArgs) -> anyhow::Result<AgentConfig> {
     })
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => logs.json().init(),
+    }
+}
+
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory as _;
+            // Into a buffer first: the generator panics on a failed write (a closed pipe).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "xlb", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .context("writing the completion script")
+        }
         Command::Agent(args) => {
             let cfg = agent_config(args)?;
             let rt = tokio::runtime::Builder::new_current_thread()

@@ -16,7 +16,7 @@ use k8s_openapi::{
     },
     apimachinery::pkg::util::intstr::IntOrString,
 };
-use lb_userspace::http::{DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR};
+use lb_userspace::ops::http::{DEFAULT_HEALTH_ADDR, DEFAULT_METRICS_ADDR};
 use serde::{Deserialize as _, Serialize, de::DeserializeOwned};
 use serde_json::Value;
 

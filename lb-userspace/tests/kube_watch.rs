@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use lb_userspace::{
+use lb_userspace::control::{
     source::{kube as kube_source, shared::SharedStore},
     store::Store,
 };
@@ -410,7 +410,7 @@ struct Snapshot {
     services: Vec<String>,
 }
 
-fn final_picture(store: &Store, invalid: &[lb_userspace::invalid::Invalid]) -> bool {
+fn final_picture(store: &Store, invalid: &[lb_userspace::control::invalid::Invalid]) -> bool {
     let endpoints = store
         .endpoint_slices()
         .map(|(k, s)| (k.to_string(), s.endpoints.len()))

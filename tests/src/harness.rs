@@ -12,13 +12,14 @@ use lb_common::{
     Timeouts, Verdict, map_names,
 };
 use lb_userspace::{
-    flows::{FlowTable, OverflowSweeper, Sweep, open_conntrack},
-    loader::{self, Capacities, HostRouting},
-    mapmem::BucketArray,
-    maps::{AyaMaps, LbMaps as _, Op},
-    nattable::NatTable,
-    programmer::Programmer,
-    state::DesiredState,
+    control::{programmer::Programmer, state::DesiredState},
+    datapath::{
+        flows::{FlowTable, OverflowSweeper, Sweep, open_conntrack},
+        loader::{self, Capacities, HostRouting},
+        mapmem::BucketArray,
+        maps::{AyaMaps, LbMaps as _, Op},
+        nattable::NatTable,
+    },
 };
 
 /// A loaded (not attached) datapath and its writable maps.

@@ -5,6 +5,15 @@ pub mod harness;
 pub mod node;
 pub mod packet;
 
+/// A binary of this workspace's build (`xlb`, `xlb-echo`): next to the running test's own
+/// executable (`<target dir>/<profile>/deps/<test>`), so a `CARGO_TARGET_DIR` elsewhere works.
+#[must_use]
+pub fn workspace_bin(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let deps = exe.parent().unwrap_or(std::path::Path::new("."));
+    deps.parent().unwrap_or(deps).join(name)
+}
+
 /// Whether this test can use BPF and namespaces. Without root it is skipped with a note, except
 /// under `CI=true`, where a test that cannot run is a failure.
 #[must_use]

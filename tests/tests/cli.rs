@@ -17,12 +17,16 @@ use std::{
 
 use lb_common::{CT_FORWARD, Verdict, map_names};
 use lb_userspace::{
-    loader::{self, Capacities},
-    maps::AyaMaps,
-    programmer::Programmer,
-    state::{
-        BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, Proto,
-        Scope, ServicePortRef,
+    control::{
+        programmer::Programmer,
+        state::{
+            BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec,
+            Proto, Scope, ServicePortRef,
+        },
+    },
+    datapath::{
+        loader::{self, Capacities},
+        maps::AyaMaps,
     },
 };
 use serde_json::Value;
@@ -152,10 +156,8 @@ fn tomcat6() -> DesiredState {
 
 /// The `xlb` binary (`XLB_BIN`, or the debug build of this workspace).
 fn xlb_bin() -> PathBuf {
-    let bin = std::env::var_os("XLB_BIN").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/xlb"),
-        PathBuf::from,
-    );
+    let bin =
+        std::env::var_os("XLB_BIN").map_or_else(|| xlb_tests::workspace_bin("xlb"), PathBuf::from);
     assert!(
         bin.exists(),
         "{} is missing: run `cargo build -p lb-userspace --bin xlb` first",
@@ -484,4 +486,32 @@ fn cli_names_a_missing_pin_dir_in_one_line() {
         err.contains(map_names::FRONTENDS) && err.contains(&pins.path().display().to_string()),
         "{err}"
     );
+}
+
+/// `xlb completions <shell>` prints a script that shell loads, naming xlb's subcommands and
+/// flags; no pinned datapath or privilege is needed.
+#[test]
+fn completions_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F _xlb"),
+        ("zsh", "#compdef xlb"),
+        ("fish", "complete -c xlb"),
+    ] {
+        let out = Command::new(xlb_bin())
+            .args(["completions", shell])
+            .output()
+            .expect("running xlb");
+        assert!(out.status.success(), "xlb completions {shell}");
+        let script = String::from_utf8(out.stdout).expect("UTF-8 script");
+        assert!(script.contains(marker), "{shell}: no `{marker}`:\n{script}");
+        // Fish names long options without their dashes.
+        for word in ["explain", "conntrack", "pin-dir", "log-format"] {
+            assert!(script.contains(word), "{shell}: `{word}` missing");
+        }
+    }
+    let out = Command::new(xlb_bin())
+        .args(["completions", "tcsh"])
+        .output()
+        .expect("running xlb");
+    assert!(!out.status.success(), "an unknown shell is refused");
 }

@@ -24,9 +24,7 @@ const T: Duration = Duration::from_secs(5);
 const SYNC: Duration = Duration::from_secs(10);
 
 fn target_bin(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../target/debug")
-        .join(name)
+    xlb_tests::workspace_bin(name)
 }
 
 /// The `xlb` binary built by `cargo xtask test`'s ebpf-build stage (or `XLB_BIN`).
@@ -1506,4 +1504,47 @@ fn translated_packets_carry_valid_checksums_on_the_wire() {
             panic!("a DNATted request left node1 with a bad checksum: {e}: {f:02x?}");
         }
     }
+}
+
+/// `--log-format json`: every line the agent writes is one JSON object with the level, the
+/// target and the message (the fields a log collector indexes), and the agent still serves
+/// the reference case.
+#[test]
+fn agent_logs_json_lines_for_log_collectors() {
+    if !privileged("agent_logs_json_lines_for_log_collectors") {
+        return;
+    }
+    let t = Tomcat6::start(
+        "jsonlog",
+        1,
+        1,
+        &xlb_bin(),
+        &echo_bin(),
+        &["--log-format", "json"],
+    )
+    .expect("lab");
+    t.wait_ready(Duration::from_secs(20)).expect("agent ready");
+    let c = &t.cluster;
+    let answer = get(&c.client, SocketAddrV4::new(c.nodes[0].ip, NODE_PORT));
+    assert_eq!(answer.pod, pod_name(0));
+    let log = std::fs::read_to_string(c.log_path("agent-node1.log")).expect("agent log");
+    let mut messages = Vec::new();
+    for line in log.lines().filter(|l| !l.trim().is_empty()) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(v["level"].is_string(), "no level: {line}");
+        assert!(v["target"].is_string(), "no target: {line}");
+        let message = v["fields"]["message"].as_str();
+        messages.push(
+            message
+                .unwrap_or_else(|| panic!("no message: {line}"))
+                .to_owned(),
+        );
+    }
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("ready: the first full sync")),
+        "{messages:?}"
+    );
 }

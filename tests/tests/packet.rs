@@ -10,11 +10,11 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use lb_common::{
     IPPROTO_TCP, IPPROTO_UDP, PortRange, Timeouts, Verdict, XDP_META_TO_POD, hash::flow_hash,
 };
-use lb_userspace::loader::HostRouting;
-use lb_userspace::state::{
+use lb_userspace::control::state::{
     BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, Proto, Scope,
     ServicePortRef,
 };
+use lb_userspace::datapath::loader::HostRouting;
 use xlb_tests::{
     harness::{
         Datapath, Outcome,
@@ -1272,7 +1272,7 @@ fn flows_of_a_version_1_datapath_keep_their_snat_ports_through_the_upgrade() {
                 client_port_be: 40001u16.to_be(),
                 frontend_port_be: NODE_PORT.to_be(),
                 service_id,
-                last_seen_s: lb_userspace::nattable::now_s(),
+                last_seen_s: lb_userspace::datapath::nattable::now_s(),
                 state: lb_common::SNAT_ESTABLISHED,
                 _pad: [0; 3],
             },
@@ -1298,9 +1298,10 @@ fn flows_of_a_version_1_datapath_keep_their_snat_ports_through_the_upgrade() {
         // They are gone: new flows take the new ranges and skip the old one.
         cfg.flags = lb_common::CONFIG_F_SNAT_LEGACY;
         n.dp.set_config(cfg);
-        let mut excluded = lb_userspace::snat::ExcludedMap::open(&n.dp.ebpf).expect("map");
+        let mut excluded =
+            lb_userspace::datapath::snat::ExcludedMap::open(&n.dp.ebpf).expect("map");
         excluded
-            .write(&lb_userspace::snat::Exclusions {
+            .write(&lb_userspace::datapath::snat::Exclusions {
                 ranges: vec![legacy],
                 ..Default::default()
             })
@@ -1534,7 +1535,7 @@ fn flows_only_in_conntrack_are_found_once_the_table_is_marked() {
         // be found idle twice), which keeps working; once the flow has left the LRU map its
         // mark goes too. A bucket a new flow marks between two sweeps keeps its mark.
         let buckets = dp.flow_buckets() as usize;
-        let mut sweeper = lb_userspace::flows::OverflowSweeper::default();
+        let mut sweeper = lb_userspace::datapath::flows::OverflowSweeper::default();
         let sweep = dp.sweep_overflow(&mut sweeper);
         assert_eq!((sweep.marked, sweep.cleared), (buckets, 0));
         let sweep = dp.sweep_overflow(&mut sweeper);

@@ -17,7 +17,7 @@ use lb_lab::{
     tomcat6::{CLUSTER_IP, Tomcat6, pod_name},
 };
 
-use crate::{cargo, root, run, setup};
+use crate::{cargo, run, setup, target_dir};
 
 const REQUESTS_PER_NODE: usize = 4;
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -102,7 +102,7 @@ pub fn run_demo() -> anyhow::Result<()> {
     ]))?;
     let started = Instant::now();
     let lab = start_lab()?;
-    let tally = make_requests(&lab, &root().join("target/release/xlb-echo"));
+    let tally = make_requests(&lab, &target_dir().join("release/xlb-echo"));
     for i in 0..lab.cluster.pods.len() {
         let name = pod_name(i);
         let n = tally.answered.get(&name).copied().unwrap_or(0);
@@ -127,8 +127,8 @@ fn start_lab() -> anyhow::Result<Tomcat6> {
         "demo: creating the lab: an outside client and 3 nodes on one network segment, each in \
          its own network namespace (the host's own network is not touched)"
     );
-    let xlb = root().join("target/release/xlb");
-    let echo_bin = root().join("target/release/xlb-echo");
+    let xlb = target_dir().join("release/xlb");
+    let echo_bin = target_dir().join("release/xlb-echo");
     let lab = Tomcat6::start("demo", 3, 3, &xlb, &echo_bin, &[])?;
     for p in &lab.cluster.pods {
         let node = &lab.cluster.nodes[p.node].name;

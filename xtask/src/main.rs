@@ -60,6 +60,15 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR` (relative to the workspace, as cargo reads
+/// it), else `target/` in the workspace.
+fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => root().join(dir),
+        None => root().join("target"),
+    }
+}
+
 fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root());
@@ -75,7 +84,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Builds `target/release/xlb` and returns its path.
+/// Builds `<target dir>/release/xlb`.
 fn build_release() -> anyhow::Result<()> {
     run(cargo().args(["build", "--release", "-p", "lb-userspace", "--bin", "xlb"]))
 }

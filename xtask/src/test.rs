@@ -100,12 +100,12 @@ const STAGES: &[Stage] = &[
 /// `upgrade_from_the_previous_release_keeps_snat_flows` upgrades from its `xlb`.
 const PREVIOUS_RELEASE: &str = "40d656394fa295dfb57a1cb39b9718b4b57b6551";
 
-/// Builds the previous release's `xlb` (debug) from git into `target/previous-release`, once
+/// Builds the previous release's `xlb` (debug) from git into `<target dir>/previous-release`, once
 /// per commit; returns its path, or None where this checkout has no such commit (a shallow
 /// or exported tree), which is said.
 fn build_previous_release() -> anyhow::Result<Option<std::path::PathBuf>> {
     let root = crate::root();
-    let dir = root.join("target/previous-release");
+    let dir = crate::target_dir().join("previous-release");
     let src = dir.join("src");
     let bin = dir.join("target/debug/xlb");
     let stamp = dir.join("commit");

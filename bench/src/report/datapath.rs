@@ -91,7 +91,7 @@ fn write_header(out: &mut String, results: &Results, machine: &Machine) -> fmt::
         "conntrack  flow table of {} slots ({} buckets of {}) and an LRU map of {} for full \
          buckets, each; flows tracked at the end: {} (none lost)",
         thousands(flow_slots(results)),
-        thousands(u64::from(lb_userspace::loader::flow_buckets(
+        thousands(u64::from(lb_userspace::datapath::loader::flow_buckets(
             results.caps.flow_buckets
         ))),
         lb_common::FLOW_WAYS,
@@ -102,7 +102,7 @@ fn write_header(out: &mut String, results: &Results, machine: &Machine) -> fmt::
 
 /// Slots of the flow table the benchmark loaded.
 fn flow_slots(results: &Results) -> u64 {
-    u64::from(lb_userspace::loader::flow_buckets(
+    u64::from(lb_userspace::datapath::loader::flow_buckets(
         results.caps.flow_buckets,
     )) * lb_common::FLOW_WAYS as u64
 }

@@ -14,7 +14,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use crate::{
+use crate::control::{
     invalid::Invalid,
     store::{Changes, Store},
 };
@@ -155,7 +155,7 @@ impl SharedStore {
 #[cfg(test)]
 mod tests {
     use super::SharedStore;
-    use crate::store::Store;
+    use crate::control::store::Store;
 
     #[test]
     fn ready_only_when_every_source_listed_once() {

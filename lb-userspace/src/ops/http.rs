@@ -20,7 +20,7 @@ use tokio::{
 };
 use tracing::{debug, info};
 
-use crate::metrics::{self, Metrics};
+use crate::ops::metrics::{self, Metrics};
 
 /// kube-proxy's default metrics address.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:10249";
@@ -291,7 +291,7 @@ mod tests {
     };
 
     use super::{Health, Routes, parse_request_line, route, start};
-    use crate::{loader::Capacities, metrics::Metrics};
+    use crate::{datapath::loader::Capacities, ops::metrics::Metrics};
 
     fn metrics() -> Arc<Metrics> {
         Arc::new(Metrics::new(&Capacities::small(), None).expect("metrics"))

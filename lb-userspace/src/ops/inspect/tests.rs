@@ -16,12 +16,16 @@ use super::{
     backends, conntrack, datapath_now_s, explain, render, services, stats,
 };
 use crate::{
-    loader::Capacities,
-    maps::{FakeMaps, LbMaps as _, Op},
-    programmer::{Programmer, frontend_key},
-    state::{
-        BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, Proto,
-        ServicePortRef,
+    control::{
+        programmer::{Programmer, frontend_key},
+        state::{
+            BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec,
+            Proto, ServicePortRef,
+        },
+    },
+    datapath::{
+        loader::Capacities,
+        maps::{FakeMaps, LbMaps as _, Op},
     },
 };
 

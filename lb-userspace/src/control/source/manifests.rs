@@ -20,7 +20,7 @@ use k8s_openapi::{
 };
 use serde_json::Value;
 
-use crate::{
+use crate::control::{
     invalid::{Invalid, reason},
     source::shared::SharedStore,
     store::{Store, StoredKind},
@@ -539,7 +539,7 @@ fn line_at(text: &str, offset: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{ObjectKey, StoredService};
+    use crate::control::store::{ObjectKey, StoredService};
 
     fn read(text: &str) -> (Store, Vec<Invalid>) {
         let mut store = Store::new();

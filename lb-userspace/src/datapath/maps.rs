@@ -9,7 +9,7 @@ use aya::{
 };
 use lb_common::{Backend, Config, Frontend, FrontendKey, hash::flow_hash, map_names};
 
-use crate::mapmem::Pages;
+use crate::datapath::mapmem::Pages;
 
 /// One write to the datapath's maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -234,8 +234,11 @@ impl AyaMaps {
 
     /// The capacities of the maps as they are (pinned maps keep the sizes they were made with).
     #[must_use]
-    pub fn capacities(&self, requested: &crate::loader::Capacities) -> crate::loader::Capacities {
-        crate::loader::Capacities {
+    pub fn capacities(
+        &self,
+        requested: &crate::datapath::loader::Capacities,
+    ) -> crate::datapath::loader::Capacities {
+        crate::datapath::loader::Capacities {
             frontends: self.frontend_capacity,
             backends: self.backends.len(),
             ring_slots: self.rings.slots,

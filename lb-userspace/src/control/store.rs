@@ -3,7 +3,7 @@
 //! name, each kept in its compact form ([`compact`]: the fields the model reads). It only
 //! stores; every Kubernetes meaning is given to the objects by `model`. It also remembers which
 //! keys changed since [`Store::take_changes`] was last called, so a consumer that keeps results
-//! per object (the model's incremental [`Translator`](crate::model::Translator)) recomputes only
+//! per object (the model's incremental [`Translator`](crate::control::model::Translator)) recomputes only
 //! those; an object replaced by an equal one is no change.
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -1,5 +1,5 @@
 //! The agent's Prometheus metrics, encoded in the Prometheus text format (0.0.4) and served at
-//! `/metrics` by [`crate::http`]. The sync loop reports each sync ([`Metrics::observe_sync`])
+//! `/metrics` by [`crate::ops::http`]. The sync loop reports each sync ([`Metrics::observe_sync`])
 //! and what is attached; the datapath's verdict counters are read from the per-CPU stats map
 //! at scrape time. Conntrack and SNAT fill levels are not counted at scrape time: the kernel
 //! keeps no entry count a syscall can read, and walking a full 1 Mi-entry map takes a million
@@ -39,7 +39,7 @@ use prometheus_client::{
 };
 use tracing::warn;
 
-use crate::{invalid::Invalid, loader::Capacities};
+use crate::{control::invalid::Invalid, datapath::loader::Capacities};
 
 /// `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -69,7 +69,7 @@ pub enum MetricsError {
         source: MapError,
     },
     #[error(transparent)]
-    Flows(#[from] crate::flows::FlowsError),
+    Flows(#[from] crate::datapath::flows::FlowsError),
     #[error("starting the map walker thread")]
     Thread(#[source] std::io::Error),
 }
@@ -182,7 +182,7 @@ impl<K: Pod + Send, V: Pod + Send> CountEntries for BpfHashMap<MapData, K, V> {
     }
 }
 
-impl CountEntries for crate::flows::FlowTable {
+impl CountEntries for crate::datapath::flows::FlowTable {
     fn count(&self, limit: u64) -> Result<u64, MapError> {
         self.used(limit).map_err(|e| {
             MapError::SyscallError(aya::sys::SyscallError {
@@ -228,7 +228,7 @@ impl DatapathSources {
             verdicts: Box::new(verdicts),
             events: Box::new(events),
             services: Box::new(services),
-            flows: Box::new(crate::flows::FlowTable::open(ebpf)?),
+            flows: Box::new(crate::datapath::flows::FlowTable::open(ebpf)?),
             conntrack: Box::new(conntrack),
         })
     }
@@ -639,7 +639,12 @@ impl Metrics {
 
     /// Records the SNAT table's fill: `usable` ports per backend (the SNAT ranges less the
     /// excluded ports), `capacity` entries in the table.
-    pub fn set_snat_fill(&self, fill: &crate::nattable::Fill, usable: u32, capacity: u64) {
+    pub fn set_snat_fill(
+        &self,
+        fill: &crate::datapath::nattable::Fill,
+        usable: u32,
+        capacity: u64,
+    ) {
         let to_gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         self.map_entries
             .get_or_create(&[("map", map_label::SNAT)])
@@ -745,7 +750,7 @@ impl SnatMetrics {
         }
     }
 
-    fn set(&self, fill: &crate::nattable::Fill, usable: u32) {
+    fn set(&self, fill: &crate::datapath::nattable::Fill, usable: u32) {
         self.usable.set(i64::from(usable));
         self.by_address.clear();
         for (addr, n) in &fill.by_address {
@@ -843,12 +848,14 @@ fn register_datapath(
 
 /// Flows the SNAT table holds (3 per bucket).
 fn nat_slots(caps: &Capacities) -> u32 {
-    crate::loader::flow_buckets(caps.nat_buckets).saturating_mul(lb_common::FLOW_WAYS as u32)
+    crate::datapath::loader::flow_buckets(caps.nat_buckets)
+        .saturating_mul(lb_common::FLOW_WAYS as u32)
 }
 
 /// Flows the flow table holds (3 per bucket).
 fn flow_slots(caps: &Capacities) -> u32 {
-    crate::loader::flow_buckets(caps.flow_buckets).saturating_mul(lb_common::FLOW_WAYS as u32)
+    crate::datapath::loader::flow_buckets(caps.flow_buckets)
+        .saturating_mul(lb_common::FLOW_WAYS as u32)
 }
 
 fn gauge(n: usize) -> i64 {
@@ -873,8 +880,8 @@ mod tests {
         SyncReport, VerdictCounters,
     };
     use crate::{
-        invalid::{Invalid, reason},
-        loader::Capacities,
+        control::invalid::{Invalid, reason},
+        datapath::loader::Capacities,
     };
 
     fn invalid(kind: &'static str, name: &str, reason: &'static str) -> Invalid {
@@ -1163,7 +1170,7 @@ mod tests {
     fn snat_fill_reports_addresses_busiest_backends_and_levels() {
         use std::net::Ipv4Addr;
         let m = Metrics::new(&Capacities::small(), None).expect("metrics");
-        let mut fill = crate::nattable::Fill {
+        let mut fill = crate::datapath::nattable::Fill {
             live: 0,
             ..Default::default()
         };

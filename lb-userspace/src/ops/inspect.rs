@@ -36,7 +36,7 @@ pub enum InspectError {
     #[error("writing JSON")]
     Json(#[source] serde_json::Error),
     #[error(transparent)]
-    Flows(#[from] crate::flows::FlowsError),
+    Flows(#[from] crate::datapath::flows::FlowsError),
 }
 
 /// Read access to a datapath's maps: what every view is built from.

@@ -63,9 +63,11 @@ use std::{
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-pub use crate::invalid::{Invalid, reason};
-pub use crate::store::compact::{LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME};
-use crate::{
+pub use crate::control::invalid::{Invalid, reason};
+pub use crate::control::store::compact::{
+    LABEL_HEADLESS, LABEL_SERVICE_NAME, LABEL_SERVICE_PROXY_NAME,
+};
+use crate::control::{
     state::{
         BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec, Proto,
         Scope, ServicePortRef,
@@ -1277,7 +1279,7 @@ mod tests {
     use serde::Deserialize as _;
 
     use super::*;
-    use crate::{source::manifests, store::StoredKind as _};
+    use crate::control::{source::manifests, store::StoredKind as _};
 
     /// The objects of a YAML manifest, put in a store.
     fn store(yaml: &str) -> Store {
@@ -2799,7 +2801,7 @@ status:
     /// the same writes as a full plan of [`desired`].
     #[test]
     fn incremental_translation_equals_full_translation() {
-        use crate::{loader::Capacities, programmer::Programmer};
+        use crate::{control::programmer::Programmer, datapath::loader::Capacities};
         let caps = Capacities {
             frontends: 16,
             ..Capacities::small()

@@ -283,7 +283,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::{RingMember, Table, ring_member};
-    use crate::inspect::BackendView;
+    use crate::ops::inspect::BackendView;
 
     #[test]
     fn table_pads_all_but_the_last_column() {

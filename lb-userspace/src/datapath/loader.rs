@@ -18,7 +18,7 @@ use aya::{
 };
 use lb_common::{capacity, map_names};
 
-use crate::pin;
+use crate::datapath::pin;
 
 /// The datapath object, built by build.rs from lb-ebpf.
 pub static DATAPATH: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb-datapath"));

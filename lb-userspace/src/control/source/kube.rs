@@ -26,7 +26,7 @@ use kube::{
 };
 use serde::{Deserialize, Deserializer, de::DeserializeOwned};
 
-use crate::{
+use crate::control::{
     invalid::{Invalid, reason},
     source::shared::SharedStore,
     store::{ObjectKey, StoredKind},
@@ -348,7 +348,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::store::Store;
+    use crate::control::store::Store;
 
     fn service(name: &str, body: serde_json::Value) -> Lenient<Service> {
         let mut value =

@@ -7,14 +7,14 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use crate::mapmem::BucketArray;
+use crate::datapath::mapmem::BucketArray;
 use aya::maps::{Map, MapData};
 use lb_common::{
     CT_FORWARD, CT_REVERSE, CtEntry, FLOW_BUCKET_LOCKED, FLOW_BUCKET_OVERFLOW, FLOW_F_HAIRPIN,
     FLOW_F_SNAT, FlowBucket, FlowKey, FlowSlot, hash::flow_bucket,
 };
 
-pub use crate::mapmem::BucketError as FlowsError;
+pub use crate::datapath::mapmem::BucketError as FlowsError;
 
 /// The LRU conntrack map, as the agent reads it.
 pub type CtMap = aya::maps::HashMap<MapData, FlowKey, CtEntry>;

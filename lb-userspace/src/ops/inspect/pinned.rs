@@ -1,4 +1,4 @@
-//! A datapath's maps as pinned under a pin directory (`<dir>/<map name>`, see [`crate::pin`]),
+//! A datapath's maps as pinned under a pin directory (`<dir>/<map name>`, see [`crate::datapath::pin`]),
 //! opened read-only: the kernel refuses any write through these descriptors, so inspecting a
 //! live datapath cannot disturb it. The maps outlive the agent, so this works with or without
 //! one running.
@@ -20,7 +20,7 @@ use lb_common::{
 };
 
 use super::{InspectError, MapSource};
-use crate::{
+use crate::datapath::{
     flows::{self, FlowTable},
     nattable::{self, NatTable},
     pin,

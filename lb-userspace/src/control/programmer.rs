@@ -25,13 +25,14 @@ use lb_common::{
 use tracing::warn;
 
 use crate::{
-    loader::Capacities,
-    maglev,
-    maps::Op,
-    state::{
-        BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendSpec, Proto, Scope,
-        ServicePortRef,
+    control::{
+        maglev,
+        state::{
+            BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendSpec, Proto, Scope,
+            ServicePortRef,
+        },
     },
+    datapath::{loader::Capacities, maps::Op},
 };
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -1035,11 +1036,13 @@ mod tests {
 
     use super::{PlanError, Programmer, backend_value, frontend_key};
     use crate::{
-        loader::Capacities,
-        maps::{FakeMaps, LbMaps as _, Op},
-        state::{
+        control::state::{
             BackendAddr, BackendSpec, DesiredState, FrontendAddr, FrontendKind, FrontendSpec,
             Proto, Scope, ServicePortRef,
+        },
+        datapath::{
+            loader::Capacities,
+            maps::{FakeMaps, LbMaps as _, Op},
         },
     };
 

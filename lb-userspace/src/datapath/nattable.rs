@@ -13,7 +13,7 @@ use lb_common::{
     FlowKey, IPPROTO_TCP, NatBucket, NatEntry, SNAT_CLOSING, SNAT_NEW, SnatEntry, Timeouts, timeout,
 };
 
-use crate::mapmem::{BucketArray, BucketError};
+use crate::datapath::mapmem::{BucketArray, BucketError};
 
 /// The SNAT table of a loaded or pinned datapath.
 pub struct NatTable {
