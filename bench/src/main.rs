@@ -169,6 +169,22 @@ fn write_json(out: &Path, json: &serde_json::Value) -> anyhow::Result<()> {
 
 /// Prints the table and where the results went; with `json`, the table goes to stderr and
 /// the JSON object to stdout.
+/// Writes a benchmark's JSON (to `out`, else `<target>/bench/<name>.json`) and presents it.
+fn publish(
+    table: &str,
+    json: &serde_json::Value,
+    out: Option<&Path>,
+    name: &str,
+    print_json: bool,
+) -> anyhow::Result<()> {
+    let out = out.map_or_else(
+        || target_dir().join(format!("bench/{name}.json")),
+        Path::to_path_buf,
+    );
+    write_json(&out, json)?;
+    present(table, &out, print_json.then_some(json))
+}
+
 fn present(table: &str, out: &Path, json: Option<&serde_json::Value>) -> anyhow::Result<()> {
     if let Some(json) = json {
         eprint!("{table}");
@@ -200,12 +216,13 @@ fn control_plane_bench(args: &ControlPlaneArgs) -> anyhow::Result<()> {
     let results = control_plane::run_bench(plan, xlb.as_deref())?;
     let table = control_plane::table(&results, &machine, args.quick);
     let json = control_plane::json(&results, &machine, args.quick);
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| target_dir().join("bench/control-plane.json"));
-    write_json(&out, &json)?;
-    present(&table, &out, args.json.then_some(&json))
+    publish(
+        &table,
+        &json,
+        args.out.as_deref(),
+        "control-plane",
+        args.json,
+    )
 }
 
 fn combined_report() -> anyhow::Result<()> {
@@ -261,12 +278,7 @@ fn forward_bench(args: &ForwardArgs) -> anyhow::Result<()> {
     let results = forward::run_bench(plan, &bins)?;
     let table = forward::summary::table(&results, &machine, args.quick);
     let json = forward::summary::json(&results, &machine, args.quick);
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| target_dir().join("bench/forward.json"));
-    write_json(&out, &json)?;
-    present(&table, &out, args.json.then_some(&json))
+    publish(&table, &json, args.out.as_deref(), "forward", args.json)
 }
 
 fn snat_bench(args: &SnatArgs) -> anyhow::Result<()> {
@@ -286,12 +298,7 @@ fn snat_bench(args: &SnatArgs) -> anyhow::Result<()> {
     let runs = snat::run_bench(plan, &bins)?;
     let table = snat::table(&runs, &machine, args.quick);
     let json = snat::json(&runs, &machine, args.quick);
-    let out = args
-        .out
-        .clone()
-        .unwrap_or_else(|| target_dir().join("bench/snat.json"));
-    write_json(&out, &json)?;
-    present(&table, &out, args.json.then_some(&json))
+    publish(&table, &json, args.out.as_deref(), "snat", args.json)
 }
 
 fn datapath_bench(args: &DatapathArgs) -> anyhow::Result<()> {
