@@ -1,10 +1,14 @@
 //! The agent's HTTP endpoints, at kube-proxy's places: `/metrics` on the metrics address
 //! (default 127.0.0.1:10249), `/healthz` (the process answers) and `/readyz` (the first full
 //! sync is in the maps and the datapath is attached) on the health address (default
-//! 127.0.0.1:10256); one address may serve both. A deliberately small HTTP/1.1 server on the
-//! agent's tokio runtime: one `GET` or `HEAD` per connection, answered and closed, nothing
-//! read past the request head. Probes and a Prometheus scraper need no more.
+//! 127.0.0.1:10256); one address may serve both. Served by hyper's HTTP/1.1 server on the
+//! agent's tokio runtime, configured to protect the agent: a request head of at most
+//! [`MAX_HEAD`] bytes (431 beyond), [`HEAD_TIMEOUT`] to send it (then the connection is
+//! closed), at most [`MAX_CONNECTIONS`] connections at once (more wait in the listen backlog),
+//! `GET` and `HEAD` only (405), one request per connection. Probes and a Prometheus scraper
+//! need no more.
 use std::{
+    convert::Infallible,
     io,
     net::SocketAddr,
     sync::{
@@ -14,9 +18,16 @@ use std::{
     time::Duration,
 };
 
+use http_body_util::Full;
+use hyper::{
+    Method, Request, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
+    sync::Semaphore,
 };
 use tracing::{debug, info};
 
@@ -27,10 +38,28 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:10249";
 /// kube-proxy's health port, on loopback.
 pub const DEFAULT_HEALTH_ADDR: &str = "127.0.0.1:10256";
 
-/// Longest request head accepted.
-const MAX_HEAD: usize = 8 * 1024;
+/// Longest request head accepted (hyper's smallest read buffer).
+pub const MAX_HEAD: usize = 8 * 1024;
 /// Time a client has to send its request head.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once per listener.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// How a listener protects itself (see the module doc).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub head_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            head_timeout: HEAD_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
@@ -90,18 +119,6 @@ impl Response {
     }
 }
 
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "Internal Server Error",
-    }
-}
-
 /// The answer of `routes` to `method path` (a path without its query).
 #[must_use]
 pub fn route(routes: &Routes, method: &str, path: &str) -> Response {
@@ -157,10 +174,11 @@ pub async fn start(
         metrics: Some(Arc::clone(metrics)),
         health: Some(Arc::clone(health)),
     };
+    let limits = Limits::default();
     // Port 0 asks for two ephemeral ports, not one shared listener.
     if metrics_addr == health_addr && metrics_addr.port() != 0 {
         let (listener, local) = bind(metrics_addr, "metrics, healthz, readyz").await?;
-        tokio::spawn(serve(listener, both));
+        tokio::spawn(serve(listener, both, limits));
         return Ok((local, local));
     }
     let (m, m_local) = bind(metrics_addr, "metrics").await?;
@@ -171,6 +189,7 @@ pub async fn start(
             health: None,
             ..both.clone()
         },
+        limits,
     ));
     tokio::spawn(serve(
         h,
@@ -178,20 +197,28 @@ pub async fn start(
             metrics: None,
             ..both
         },
+        limits,
     ));
     Ok((m_local, h_local))
 }
 
-/// Answers connections on `listener` until the runtime stops.
-pub async fn serve(listener: TcpListener, routes: Routes) {
+/// Answers connections on `listener` until the runtime stops, at most
+/// `limits.max_connections` at once.
+pub async fn serve(listener: TcpListener, routes: Routes, limits: Limits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
+        // A slot first: past the cap, connections wait in the listen backlog.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let routes = routes.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = answer(stream, &routes).await {
+                    if let Err(e) = answer(stream, routes, limits).await {
                         debug!(%peer, error = %e, "HTTP connection failed");
                     }
+                    drop(slot);
                 });
             }
             Err(e) => {
@@ -203,82 +230,45 @@ pub async fn serve(listener: TcpListener, routes: Routes) {
     }
 }
 
-/// Reads one request head and writes the answer.
-async fn answer(mut stream: TcpStream, routes: &Routes) -> io::Result<()> {
-    let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(r) => r?,
-        Err(_) => return Err(io::ErrorKind::TimedOut.into()),
+/// Serves one connection: one request, answered, then closed.
+async fn answer(stream: TcpStream, routes: Routes, limits: Limits) -> hyper::Result<()> {
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let response = respond(&routes, &req);
+        async move { Ok::<_, Infallible>(response) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(MAX_HEAD)
+        .keep_alive(false)
+        .title_case_headers(true)
+        .serve_connection(TokioIo::new(stream), service)
+        .await
+}
+
+/// The HTTP response of `routes` to `req`.
+fn respond(routes: &Routes, req: &Request<Incoming>) -> hyper::Response<Full<Bytes>> {
+    let r = route(routes, req.method().as_str(), req.uri().path());
+    let head_only = req.method() == Method::HEAD;
+    let len = r.body.len();
+    let body = if head_only {
+        Bytes::new()
+    } else {
+        Bytes::from(r.body)
     };
-    let (method, response) = match head {
-        Head::Complete(text) => match parse_request_line(&text) {
-            Some((method, path)) => (method.to_owned(), route(routes, method, path)),
-            None => ("GET".to_owned(), Response::text(400, "bad request\n")),
-        },
-        Head::TooLarge => ("GET".to_owned(), Response::text(431, "request too large\n")),
-        Head::Closed => return Ok(()),
-    };
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        response.status,
-        reason_phrase(response.status),
-        response.content_type,
-        response.body.len()
+    let mut response = hyper::Response::new(Full::new(body));
+    *response.status_mut() =
+        StatusCode::from_u16(r.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(r.content_type),
     );
-    if response.status == 405 {
-        out.push_str("Allow: GET, HEAD\r\n");
+    headers.insert(header::CONTENT_LENGTH, header::HeaderValue::from(len));
+    if r.status == 405 {
+        headers.insert(header::ALLOW, header::HeaderValue::from_static("GET, HEAD"));
     }
-    out.push_str("\r\n");
-    if method != "HEAD" {
-        out.push_str(&response.body);
-    }
-    stream.write_all(out.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-enum Head {
-    Complete(String),
-    TooLarge,
-    /// The client closed before finishing its request.
-    Closed,
-}
-
-async fn read_head(stream: &mut TcpStream) -> io::Result<Head> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(Head::Closed);
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = find_end_of_head(&buf) {
-            return Ok(Head::Complete(
-                String::from_utf8_lossy(&buf[..end]).into_owned(),
-            ));
-        }
-        if buf.len() > MAX_HEAD {
-            return Ok(Head::TooLarge);
-        }
-    }
-}
-
-/// Length of the head (blank line excluded) once it is complete.
-fn find_end_of_head(buf: &[u8]) -> Option<usize> {
-    buf.windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .or_else(|| buf.windows(2).position(|w| w == b"\n\n"))
-}
-
-/// Method and path (query dropped) of an `HTTP/1.x` request line.
-fn parse_request_line(head: &str) -> Option<(&str, &str)> {
-    let line = head.lines().next()?;
-    let mut parts = line.split_ascii_whitespace();
-    let (method, target, version) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || !version.starts_with("HTTP/1.") || !target.starts_with('/') {
-        return None;
-    }
-    let path = target.split_once('?').map_or(target, |(p, _)| p);
-    Some((method, path))
+    response
 }
 
 #[cfg(test)]
@@ -290,7 +280,7 @@ mod tests {
         net::TcpStream,
     };
 
-    use super::{Health, Routes, parse_request_line, route, start};
+    use super::{Health, Limits, Routes, route, serve, start};
     use crate::{datapath::loader::Capacities, ops::metrics::Metrics};
 
     fn metrics() -> Arc<Metrics> {
@@ -316,20 +306,103 @@ mod tests {
         raw(addr, &format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")).await
     }
 
-    #[test]
-    fn request_lines() {
-        assert_eq!(
-            parse_request_line("GET /metrics?x=1 HTTP/1.1\r\nHost: a"),
-            Some(("GET", "/metrics"))
+    /// Request lines as hyper parses them: the query is dropped, HTTP/1.0 is served, a line
+    /// without a version or with another protocol is refused.
+    #[tokio::test]
+    async fn request_lines() {
+        let (metrics, health) = (metrics(), Arc::new(Health::default()));
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = probe.local_addr().expect("addr");
+        drop(probe);
+        start(addr, addr, &metrics, &health).await.expect("bind");
+        assert_eq!(get(addr, "/metrics?x=1").await.0, 200);
+        assert_eq!(raw(addr, "GET /readyz HTTP/1.0\r\n\r\n").await.0, 503);
+        assert_eq!(raw(addr, "GET /healthz HTTP/1.0\r\n\r\n").await.0, 200);
+        assert_eq!(raw(addr, "GET /readyz\r\n\r\n").await.0, 400);
+        assert!(raw(addr, "GET /readyz SPDY/3\r\n\r\n").await.0 >= 400);
+    }
+
+    /// A client that never finishes its head is closed after the head timeout; 200 of them at
+    /// once hold no one else up: `/metrics` answers meanwhile, and each that finishes its
+    /// request is answered.
+    #[tokio::test]
+    async fn slow_and_many_clients_are_bounded() {
+        let routes = Routes {
+            metrics: Some(metrics()),
+            health: Some(Arc::new(Health::default())),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = Limits {
+            head_timeout: std::time::Duration::from_secs(1),
+            max_connections: 256,
+        };
+        tokio::spawn(serve(listener, routes, limits));
+        let mut slow = Vec::new();
+        for _ in 0..200 {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .expect("write");
+            slow.push(s);
+        }
+        let started = tokio::time::Instant::now();
+        let (status, _, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("xlb_syncs_total"), "{body}");
+        assert!(
+            started.elapsed() < limits.head_timeout,
+            "/metrics waited for the slow clients"
         );
-        assert_eq!(
-            parse_request_line("GET /readyz HTTP/1.0"),
-            Some(("GET", "/readyz"))
-        );
-        assert_eq!(parse_request_line("GET /readyz"), None);
-        assert_eq!(parse_request_line("GET readyz HTTP/1.1"), None);
-        assert_eq!(parse_request_line("GET /readyz SPDY/3"), None);
-        assert_eq!(parse_request_line(""), None);
+        // Half of them finish their request within the timeout and are answered.
+        let finishing: Vec<TcpStream> = slow.drain(..100).collect();
+        for mut s in finishing {
+            s.write_all(b"\r\n").await.expect("write");
+            let mut text = String::new();
+            s.read_to_string(&mut text).await.expect("read");
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        }
+        // The others are closed once their time is up (EOF), well before three times it.
+        for mut s in slow {
+            let mut text = String::new();
+            let read = tokio::time::timeout(limits.head_timeout * 3, s.read_to_string(&mut text))
+                .await
+                .expect("a slow client was not closed");
+            assert!(read.is_ok_and(|_| !text.contains(" 200 ")), "{text}");
+        }
+    }
+
+    /// Past the connection cap a client waits in the listen backlog until a slot frees (here
+    /// when the one slot's slow client is timed out), then is served.
+    #[tokio::test]
+    async fn connections_past_the_cap_wait_for_a_slot() {
+        let routes = Routes {
+            metrics: None,
+            health: Some(Arc::new(Health::default())),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let limits = Limits {
+            head_timeout: std::time::Duration::from_secs(1),
+            max_connections: 1,
+        };
+        tokio::spawn(serve(listener, routes, limits));
+        let mut slow = TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(b"GET /healthz HTTP/1.1\r\n")
+            .await
+            .expect("write");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let waiting = tokio::spawn(async move { get(addr, "/healthz").await });
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "served past the cap");
+        let mut text = String::new();
+        slow.read_to_string(&mut text).await.expect("closed");
+        let (status, _, body) = waiting.await.expect("task");
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
     }
 
     #[test]
