@@ -1,12 +1,24 @@
 //! Network interfaces of this namespace: the current list, the addresses they hold, and a
 //! stream of rtnetlink link notifications, so the agent attaches to pod interfaces that
-//! appear after it started.
+//! appear after it started. The rtnetlink messages are built and parsed by
+//! `netlink-packet-route` and sent over `netlink-sys` sockets (blocking: the link watcher runs
+//! on a thread of its own); only the `ETHTOOL_GDRVINFO` ioctl of [`driver`] is by hand (no
+//! maintained crate offers it). Reads only: nothing here changes a link or an address.
 use std::{
-    ffi::CStr,
-    io, mem,
-    net::Ipv4Addr,
-    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    io,
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd as _,
 };
+
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::{
+    AddressFamily, RouteNetlinkMessage,
+    address::{AddressAttribute, AddressMessage},
+    link::{LinkAttribute, LinkMessage},
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 /// A link notification.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,52 +73,47 @@ pub fn driver(name: &str) -> Option<String> {
     Some(String::from_utf8_lossy(&driver[..end]).into_owned())
 }
 
-/// Interfaces that exist now: (index, name).
+/// Interfaces that exist now: (index, name); empty if the kernel cannot be asked.
 #[must_use]
 pub fn links() -> Vec<(u32, String)> {
-    let mut out = Vec::new();
-    // SAFETY: if_nameindex returns an array terminated by a zero entry, freed below.
-    unsafe {
-        let list = libc::if_nameindex();
-        if list.is_null() {
-            return out;
-        }
-        let mut p = list;
-        while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            let name = CStr::from_ptr((*p).if_name).to_string_lossy().into_owned();
-            out.push(((*p).if_index, name));
-            p = p.add(1);
-        }
-        libc::if_freenameindex(list);
-    }
-    out
+    let answers = ask(RouteNetlinkMessage::GetLink(LinkMessage::default()), true);
+    answers
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(l) => Some((l.header.index, link_name(&l)?)),
+            _ => None,
+        })
+        .collect()
 }
 
-/// IPv4 addresses held by interfaces now: (interface name, address).
+/// IPv4 addresses held by interfaces now: (interface name, address). The name is the
+/// address's label (the interface's name, or an alias such as `eth0:1`), and the address its
+/// local one, as `getifaddrs` gives them.
 #[must_use]
 pub fn addresses() -> Vec<(String, Ipv4Addr)> {
-    let mut out = Vec::new();
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs fills a linked list that we walk read-only and free once.
-    unsafe {
-        if libc::getifaddrs(&raw mut head) != 0 {
-            return out;
-        }
-        let mut p = head;
-        while !p.is_null() {
-            let a = (*p).ifa_addr;
-            if !a.is_null() && i32::from((*a).sa_family) == libc::AF_INET {
-                // An AF_INET sockaddr is a sockaddr_in; read it unaligned all the same.
-                let sin = a.cast::<libc::sockaddr_in>().read_unaligned();
-                let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
-                let name = CStr::from_ptr((*p).ifa_name).to_string_lossy().into_owned();
-                out.push((name, ip));
+    let mut request = AddressMessage::default();
+    request.header.family = AddressFamily::Inet;
+    let answers = ask(RouteNetlinkMessage::GetAddress(request), true);
+    answers
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) if a.header.family == AddressFamily::Inet => {
+                let (mut local, mut address, mut label) = (None, None, None);
+                for attr in &a.attributes {
+                    match attr {
+                        AddressAttribute::Local(IpAddr::V4(ip)) => local = Some(*ip),
+                        AddressAttribute::Address(IpAddr::V4(ip)) => address = Some(*ip),
+                        AddressAttribute::Label(l) => label = Some(l.clone()),
+                        _ => {}
+                    }
+                }
+                Some((label?, local.or(address)?))
             }
-            p = (*p).ifa_next;
-        }
-        libc::freeifaddrs(head);
-    }
-    out
+            _ => None,
+        })
+        .collect()
 }
 
 /// Shell-style match with `*` (any run) and `?` (one character).
@@ -124,154 +131,150 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
+/// The link notification group, as a bind mask (`RTMGRP_LINK`).
 const RTMGRP_LINK: u32 = 1;
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const IFLA_IFNAME: u16 = 3;
-const IFLA_LINK_NETNSID: u16 = 37;
-const RTM_GETLINK: u16 = 18;
-const NLMSG_HDRLEN: usize = 16;
-const IFINFOMSG_LEN: usize = 16;
 
 /// A netlink socket subscribed to link notifications.
 pub struct LinkWatcher {
-    fd: OwnedFd,
+    socket: Socket,
 }
 
 impl LinkWatcher {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain socket/bind calls; the fd is owned right after creation.
-        unsafe {
-            let fd = libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            );
-            if fd < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let fd = OwnedFd::from_raw_fd(fd);
-            let mut addr: libc::sockaddr_nl = mem::zeroed();
-            addr.nl_family = libc::AF_NETLINK as u16;
-            addr.nl_groups = RTMGRP_LINK;
-            let rc = libc::bind(
-                fd.as_raw_fd(),
-                (&raw const addr).cast(),
-                size_of::<libc::sockaddr_nl>() as u32,
-            );
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(Self { fd })
-        }
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind(&SocketAddr::new(0, RTMGRP_LINK))?;
+        Ok(Self { socket })
     }
 
     /// Blocks until notifications arrive and returns them.
     pub fn recv(&self) -> io::Result<Vec<LinkEvent>> {
         let mut buf = vec![0u8; 64 * 1024];
-        // SAFETY: reading into a buffer we own, bounded by its length.
-        let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
-        Ok(parse_link_messages(&buf[..n]))
+        let n = self.socket.recv(&mut &mut buf[..], 0)?;
+        Ok(parse_link_messages(&buf[..n.min(buf.len())]))
     }
 }
 
-fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(off..off + 2)?.try_into().ok()?))
-}
-fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(off..off + 4)?.try_into().ok()?))
+/// The rtnetlink messages of a datagram, in order; parsing stops at the first malformed one.
+fn messages(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
+    let mut out = Vec::new();
+    let mut off = 0;
+    while off < buf.len() {
+        let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..]) else {
+            break;
+        };
+        let len = m.header.length as usize;
+        if len == 0 {
+            break;
+        }
+        out.push(m);
+        off += (len + 3) & !3;
+    }
+    out
 }
 
 /// Parses a datagram of netlink messages into link events; malformed parts are skipped.
 #[must_use]
 pub fn parse_link_messages(buf: &[u8]) -> Vec<LinkEvent> {
-    let mut events = Vec::new();
-    let mut off = 0;
-    while let (Some(len), Some(kind)) = (u32_at(buf, off), u16_at(buf, off + 4)) {
-        let len = len as usize;
-        if len < NLMSG_HDRLEN || off + len > buf.len() {
-            break;
-        }
-        let msg = &buf[off + NLMSG_HDRLEN..off + len];
-        if (kind == RTM_NEWLINK || kind == RTM_DELLINK)
-            && let (Some(index), Some(name)) = (u32_at(msg, 4), ifname(msg))
-        {
-            events.push(if kind == RTM_NEWLINK {
-                LinkEvent::New { index, name }
-            } else {
-                LinkEvent::Removed { index, name }
-            });
-        }
-        off += (len + 3) & !3;
-    }
-    events
+    messages(buf)
+        .into_iter()
+        .filter_map(|m| match m.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => Some(LinkEvent::New {
+                index: l.header.index,
+                name: link_name(&l)?,
+            }),
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                Some(LinkEvent::Removed {
+                    index: l.header.index,
+                    name: link_name(&l)?,
+                })
+            }
+            _ => None,
+        })
+        .collect()
 }
 
-/// The payload of attribute `want` of a link message (after its `ifinfomsg`).
-fn attribute(msg: &[u8], want: u16) -> Option<&[u8]> {
-    let mut off = IFINFOMSG_LEN;
-    while let (Some(len), Some(kind)) = (u16_at(msg, off), u16_at(msg, off + 2)) {
-        let len = len as usize;
-        if len < 4 || off + len > msg.len() {
-            return None;
-        }
-        if kind == want {
-            return msg.get(off + 4..off + len);
-        }
-        off += (len + 3) & !3;
-    }
-    None
+fn link_name(l: &LinkMessage) -> Option<String> {
+    l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::IfName(name) => Some(name.clone()),
+        _ => None,
+    })
 }
 
-fn ifname(msg: &[u8]) -> Option<String> {
-    let raw = attribute(msg, IFLA_IFNAME)?;
-    let end = raw.iter().position(|b| *b == 0).unwrap_or(raw.len());
-    String::from_utf8(raw[..end].to_vec()).ok()
+/// Sends `request` to the kernel and collects its answers: every part of a dump (`dump`), or
+/// the one answer. A netlink error is returned as the OS error it carries.
+fn ask(request: RouteNetlinkMessage, dump: bool) -> io::Result<Vec<RouteNetlinkMessage>> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut packet = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(request));
+    packet.header.flags = if dump {
+        NLM_F_REQUEST | NLM_F_DUMP
+    } else {
+        NLM_F_REQUEST
+    };
+    packet.header.sequence_number = 1;
+    packet.finalize();
+    let mut out = vec![0u8; packet.buffer_len()];
+    packet.serialize(&mut out);
+    socket.send(&out, 0)?;
+    let mut answers = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = socket.recv(&mut &mut buf[..], 0)?;
+        let parts = messages(&buf[..n.min(buf.len())]);
+        if parts.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "an rtnetlink answer that does not parse",
+            ));
+        }
+        for m in parts {
+            match m.payload {
+                NetlinkPayload::InnerMessage(inner) => answers.push(inner),
+                NetlinkPayload::Done(_) => return Ok(answers),
+                NetlinkPayload::Error(e) => {
+                    return match e.code {
+                        Some(code) => Err(io::Error::from_raw_os_error(-code.get())),
+                        None => Ok(answers),
+                    };
+                }
+                _ => {}
+            }
+        }
+        if !dump && !answers.is_empty() {
+            return Ok(answers);
+        }
+    }
 }
 
 /// Whether a datagram answering `RTM_GETLINK` describes a link whose peer (veth, netkit) is in
-/// another network namespace (it carries `IFLA_LINK_NETNSID`); None if it holds no link.
+/// another network namespace (it carries `IFLA_LINK_NETNSID`); None if it holds no link. The
+/// tests' view of what [`peer_elsewhere`] decides from the kernel's answer.
+#[cfg(test)]
 fn peer_elsewhere_in(buf: &[u8]) -> Option<bool> {
-    let (len, kind) = (u32_at(buf, 0)? as usize, u16_at(buf, 4)?);
-    if kind != RTM_NEWLINK || len < NLMSG_HDRLEN || len > buf.len() {
-        return None;
+    match messages(buf).into_iter().next()?.payload {
+        NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => Some(has_peer_netns(&l)),
+        _ => None,
     }
-    Some(attribute(&buf[NLMSG_HDRLEN..len], IFLA_LINK_NETNSID).is_some())
+}
+
+fn has_peer_netns(l: &LinkMessage) -> bool {
+    l.attributes
+        .iter()
+        .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)))
 }
 
 /// Whether the peer of link `index` (a veth or netkit device) is in another network namespace,
 /// as a pod's is; asked of the kernel with `RTM_GETLINK`. None if it cannot tell.
 #[must_use]
 pub fn peer_elsewhere(index: u32) -> Option<bool> {
-    // SAFETY: a plain socket call; the fd is owned right after creation.
-    let fd = unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return None;
-        }
-        OwnedFd::from_raw_fd(fd)
-    };
-    // nlmsghdr (len, type, flags = NLM_F_REQUEST, seq, pid), then ifinfomsg with the index.
-    let mut req = [0u8; NLMSG_HDRLEN + IFINFOMSG_LEN];
-    req[0..4].copy_from_slice(&((NLMSG_HDRLEN + IFINFOMSG_LEN) as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&RTM_GETLINK.to_ne_bytes());
-    req[6..8].copy_from_slice(&1u16.to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    req[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8].copy_from_slice(&index.to_ne_bytes());
-    // SAFETY: sending from and receiving into buffers we own, bounded by their lengths.
-    unsafe {
-        if libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) < 0 {
-            return None;
-        }
-        let mut buf = vec![0u8; 32 * 1024];
-        let n = libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0);
-        peer_elsewhere_in(buf.get(..usize::try_from(n).ok()?)?)
-    }
+    let mut request = LinkMessage::default();
+    request.header.index = index;
+    let answers = ask(RouteNetlinkMessage::GetLink(request), false).ok()?;
+    answers.into_iter().find_map(|m| match m {
+        RouteNetlinkMessage::NewLink(l) => Some(has_peer_netns(&l)),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -354,5 +357,23 @@ mod tests {
         assert_eq!(peer_elsewhere_in(&local), Some(false));
         assert_eq!(peer_elsewhere_in(&newlink(17, 8, "lxc43")), None);
         assert_eq!(peer_elsewhere_in(&[0xff; 7]), None);
+    }
+
+    /// Asked of this namespace's kernel (read only): its loopback is there, with its address,
+    /// and a link's peer is not reported elsewhere when the link has none.
+    #[test]
+    fn lists_the_loopback_link_and_its_address() {
+        let links = super::links();
+        let lo = links.iter().find(|(_, name)| name == "lo");
+        let Some((index, _)) = lo else {
+            panic!("no lo among {links:?}");
+        };
+        assert!(
+            super::addresses().contains(&("lo".to_string(), std::net::Ipv4Addr::LOCALHOST)),
+            "{:?}",
+            super::addresses()
+        );
+        assert_eq!(super::peer_elsewhere(*index), Some(false));
+        assert_eq!(super::peer_elsewhere(u32::MAX), None);
     }
 }
