@@ -5,13 +5,14 @@
 //! on a thread of its own); only the `ETHTOOL_GDRVINFO` ioctl of [`driver`] is by hand (no
 //! maintained crate offers it). Reads only: nothing here changes a link or an address.
 use std::{
-    io,
+    fmt, io,
     net::{IpAddr, Ipv4Addr},
     os::fd::AsRawFd as _,
 };
 
 use netlink_packet_core::{
-    NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_DUMP, NLM_F_REQUEST, NetlinkDeserializable, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload, NetlinkSerializable,
 };
 use netlink_packet_route::{
     AddressFamily, RouteNetlinkMessage,
@@ -76,7 +77,11 @@ pub fn driver(name: &str) -> Option<String> {
 /// Interfaces that exist now: (index, name); empty if the kernel cannot be asked.
 #[must_use]
 pub fn links() -> Vec<(u32, String)> {
-    let answers = ask(RouteNetlinkMessage::GetLink(LinkMessage::default()), true);
+    let answers = ask(
+        NETLINK_ROUTE,
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        DUMP,
+    );
     answers
         .unwrap_or_default()
         .into_iter()
@@ -94,7 +99,11 @@ pub fn links() -> Vec<(u32, String)> {
 pub fn addresses() -> Vec<(String, Ipv4Addr)> {
     let mut request = AddressMessage::default();
     request.header.family = AddressFamily::Inet;
-    let answers = ask(RouteNetlinkMessage::GetAddress(request), true);
+    let answers = ask(
+        NETLINK_ROUTE,
+        RouteNetlinkMessage::GetAddress(request),
+        DUMP,
+    );
     answers
         .unwrap_or_default()
         .into_iter()
@@ -131,6 +140,9 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
+/// The flags of a dump request.
+pub(super) const DUMP: u16 = NLM_F_REQUEST | NLM_F_DUMP;
+
 /// The link notification group, as a bind mask (`RTMGRP_LINK`).
 const RTMGRP_LINK: u32 = 1;
 
@@ -154,12 +166,12 @@ impl LinkWatcher {
     }
 }
 
-/// The rtnetlink messages of a datagram, in order; parsing stops at the first malformed one.
-fn messages(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
+/// The netlink messages of a datagram, in order; parsing stops at the first malformed one.
+pub(super) fn messages<T: NetlinkDeserializable>(buf: &[u8]) -> Vec<NetlinkMessage<T>> {
     let mut out = Vec::new();
     let mut off = 0;
     while off < buf.len() {
-        let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..]) else {
+        let Ok(m) = NetlinkMessage::<T>::deserialize(&buf[off..]) else {
             break;
         };
         let len = m.header.length as usize;
@@ -175,7 +187,7 @@ fn messages(buf: &[u8]) -> Vec<NetlinkMessage<RouteNetlinkMessage>> {
 /// Parses a datagram of netlink messages into link events; malformed parts are skipped.
 #[must_use]
 pub fn parse_link_messages(buf: &[u8]) -> Vec<LinkEvent> {
-    messages(buf)
+    messages::<RouteNetlinkMessage>(buf)
         .into_iter()
         .filter_map(|m| match m.payload {
             NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => Some(LinkEvent::New {
@@ -200,32 +212,36 @@ fn link_name(l: &LinkMessage) -> Option<String> {
     })
 }
 
-/// Sends `request` to the kernel and collects its answers: every part of a dump (`dump`), or
-/// the one answer. A netlink error is returned as the OS error it carries.
-fn ask(request: RouteNetlinkMessage, dump: bool) -> io::Result<Vec<RouteNetlinkMessage>> {
-    let mut socket = Socket::new(NETLINK_ROUTE)?;
+/// Sends `request` over a fresh socket of netlink `protocol` and collects the answers: every
+/// part of a dump (`NLM_F_DUMP` in `flags`), or the one answer (or acknowledgement) of any
+/// other request. A netlink error comes back as the OS error it carries.
+pub(super) fn ask<T>(protocol: isize, request: T, flags: u16) -> io::Result<Vec<T>>
+where
+    T: NetlinkSerializable + NetlinkDeserializable + fmt::Debug,
+{
+    let mut socket = Socket::new(protocol)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
-    let mut packet = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(request));
-    packet.header.flags = if dump {
-        NLM_F_REQUEST | NLM_F_DUMP
-    } else {
-        NLM_F_REQUEST
-    };
+    let mut packet = NetlinkMessage::new(
+        NetlinkHeader::default(),
+        NetlinkPayload::InnerMessage(request),
+    );
+    packet.header.flags = flags;
     packet.header.sequence_number = 1;
     packet.finalize();
     let mut out = vec![0u8; packet.buffer_len()];
     packet.serialize(&mut out);
     socket.send(&out, 0)?;
+    let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
     let mut answers = Vec::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = socket.recv(&mut &mut buf[..], 0)?;
-        let parts = messages(&buf[..n.min(buf.len())]);
+        let parts = messages::<T>(&buf[..n.min(buf.len())]);
         if parts.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                "an rtnetlink answer that does not parse",
+                "a netlink answer that does not parse",
             ));
         }
         for m in parts {
@@ -252,7 +268,11 @@ fn ask(request: RouteNetlinkMessage, dump: bool) -> io::Result<Vec<RouteNetlinkM
 /// tests' view of what [`peer_elsewhere`] decides from the kernel's answer.
 #[cfg(test)]
 fn peer_elsewhere_in(buf: &[u8]) -> Option<bool> {
-    match messages(buf).into_iter().next()?.payload {
+    match messages::<RouteNetlinkMessage>(buf)
+        .into_iter()
+        .next()?
+        .payload
+    {
         NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => Some(has_peer_netns(&l)),
         _ => None,
     }
@@ -270,7 +290,12 @@ fn has_peer_netns(l: &LinkMessage) -> bool {
 pub fn peer_elsewhere(index: u32) -> Option<bool> {
     let mut request = LinkMessage::default();
     request.header.index = index;
-    let answers = ask(RouteNetlinkMessage::GetLink(request), false).ok()?;
+    let answers = ask(
+        NETLINK_ROUTE,
+        RouteNetlinkMessage::GetLink(request),
+        NLM_F_REQUEST,
+    )
+    .ok()?;
     answers.into_iter().find_map(|m| match m {
         RouteNetlinkMessage::NewLink(l) => Some(has_peer_netns(&l)),
         _ => None,
