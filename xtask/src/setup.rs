@@ -50,6 +50,13 @@ pub fn ensure() -> anyhow::Result<()> {
             .env("LLVM_PREFIX", LLVM_PREFIX))
         .context("installing bpf-linker with cargo")?;
     }
+    if !has("kubectl", "--help") {
+        eprintln!(
+            "setup: warning: kubectl not found; the manifest tests render deploy/ with \
+             `kubectl kustomize` and will fail without it (install kubectl: \
+             https://kubernetes.io/docs/tasks/tools/)"
+        );
+    }
     ensure_nightly_rust_src()?;
     mount_bpffs()?;
     Ok(())
