@@ -134,6 +134,47 @@ impl Datapath {
         )
     }
 
+    /// Runs `program` (`nic_xdp`, `pod_tc` or `nic_tc_ingress`) once on `frame` as received on
+    /// `ifindex`; an error where `BPF_PROG_TEST_RUN` refuses the frame (the kernel builds no
+    /// skb from an IPv4 or IPv6 frame too short for its header, nor a context from a frame
+    /// shorter than Ethernet's).
+    pub fn try_run(
+        &mut self,
+        program: &str,
+        frame: &[u8],
+        ifindex: u32,
+    ) -> Result<Outcome, ProgramError> {
+        let mut skb = [0u8; 192];
+        skb[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let md: [u32; 6] = [0, frame.len() as u32, 0, ifindex, 0, 0];
+        let xdp_ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        match program {
+            "nic_xdp" => {
+                let prog = loader::xdp_program(&mut self.ebpf).expect("xdp program");
+                try_run(|opts| prog.test_run(opts), frame, Some(&xdp_ctx))
+            }
+            "pod_tc" => {
+                let prog = loader::tc_program(&mut self.ebpf).expect("tc program");
+                try_run(|opts| prog.test_run(opts), frame, Some(&skb))
+            }
+            _ => {
+                let prog =
+                    loader::nic_ingress_program(&mut self.ebpf).expect("nic ingress program");
+                try_run(|opts| prog.test_run(opts), frame, Some(&skb))
+            }
+        }
+    }
+
+    /// Packets counted per verdict (in [`Verdict::ALL`] order), summed over CPUs.
+    #[must_use]
+    pub fn counts(&self) -> [u64; Verdict::COUNT as usize] {
+        let mut out = [0; Verdict::COUNT as usize];
+        for (slot, v) in out.iter_mut().zip(Verdict::ALL) {
+            *slot = self.count(v);
+        }
+        out
+    }
+
     /// Runs the pod program on each list of frames in its own thread, all at once (one
     /// thread per CPU makes the runs concurrent), each list in order. Returns the outcomes in
     /// the same shape.
@@ -351,16 +392,46 @@ fn run(
     frame: &[u8],
     ctx: Option<&[u8]>,
 ) -> Outcome {
+    try_run(f, frame, ctx).expect("BPF_PROG_TEST_RUN")
+}
+
+fn try_run(
+    f: impl FnOnce(TestRunOptions<'_>) -> Result<TestRunResult, ProgramError>,
+    frame: &[u8],
+    ctx: Option<&[u8]>,
+) -> Result<Outcome, ProgramError> {
+    record_for_fuzzing(frame);
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
     opts.data_out = Some(&mut out);
     opts.ctx_in = ctx;
-    let result = f(opts).expect("BPF_PROG_TEST_RUN");
+    let result = f(opts)?;
     out.truncate(result.data_size_out as usize);
-    Outcome {
+    Ok(Outcome {
         action: result.return_value,
         frame: out,
+    })
+}
+
+/// With `XLB_PACKET_CORPUS=<dir>` set, every frame a test runs is kept there (one file per
+/// distinct frame, named by its hash): the packet fuzzer's corpus (`cargo xtask fuzz`).
+fn record_for_fuzzing(frame: &[u8]) {
+    let Some(dir) = std::env::var_os("XLB_PACKET_CORPUS") else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    // FNV-1a: stable across runs, so the same frame is one file.
+    let hash = frame.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(dir.join(format!("{hash:016x}.bin")), frame));
+    if let Err(e) = written {
+        eprintln!(
+            "XLB_PACKET_CORPUS: cannot keep a frame in {}: {e}",
+            dir.display()
+        );
     }
 }
 

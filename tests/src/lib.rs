@@ -1,6 +1,7 @@
 //! Shared helpers of xlb's packet tests and lab tests: privilege checks, a packet builder with
 //! real checksums, a checksum verifier, and a harness around `BPF_PROG_TEST_RUN`.
 pub mod capture;
+pub mod fuzz;
 pub mod harness;
 pub mod node;
 pub mod packet;

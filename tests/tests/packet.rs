@@ -1697,3 +1697,82 @@ fn snat_flow_keeps_its_address_when_the_node_address_changes() {
         );
     });
 }
+
+/// Frames the node's kernel would drop (`ip_rcv`: a wrong IPv4 header checksum; `udp_rcv`: a
+/// UDP length below 8 or past the IP payload; `tcp_v4_rcv`: a data offset past the segment)
+/// pass both programs untouched, counted `pass_malformed`, and take no flow entry. Found by
+/// the packet fuzzer (`cargo xtask fuzz`) on the datapath before the checks.
+#[test]
+fn frames_the_kernel_refuses_pass_untouched_and_take_no_flow() {
+    if !privileged("frames_the_kernel_refuses_pass_untouched_and_take_no_flow") {
+        return;
+    }
+    let mut dp = loaded(&[LOCAL_POD, REMOTE_POD_A], false);
+    let l4 = ETH_HLEN + 20;
+    let refix_ip = |f: &mut Vec<u8>| xlb_tests::fuzz::frame::fix_ip_checksum(f);
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    for udp in [false, true] {
+        let to = |dst| {
+            if udp {
+                Frame::udp(client(), dst).build()
+            } else {
+                Frame::tcp(client(), dst).build()
+            }
+        };
+        for dst in [node_port(), cluster_ip()] {
+            let mut f = to(dst);
+            f[ETH_HLEN + 10] ^= 0x40;
+            cases.push(("wrong IPv4 header checksum", f));
+            let mut f = to(dst);
+            f[ETH_HLEN + 10] = 0;
+            f[ETH_HLEN + 11] = 0;
+            cases.push(("zero IPv4 header checksum", f));
+        }
+    }
+    let mut f = Frame::udp(client(), node_port()).build();
+    f[l4 + 4..l4 + 6].copy_from_slice(&4u16.to_be_bytes());
+    cases.push(("UDP length 4", f));
+    let mut f = Frame::udp(client(), node_port()).build();
+    f[l4 + 4..l4 + 6].copy_from_slice(&200u16.to_be_bytes());
+    cases.push(("UDP length past the IP payload", f));
+    let mut f = Frame::tcp(client(), node_port()).build();
+    f[l4 + 12] = 0xf0 | (f[l4 + 12] & 0x0f);
+    cases.push(("TCP data offset 15 in a 36-byte segment", f));
+    let mut f = Frame {
+        ip_options: vec![1, 1, 1, 0],
+        ..Frame::tcp(client(), node_port())
+    }
+    .build();
+    f[ETH_HLEN + 22] ^= 0x01; // inside the options
+    cases.push(("options under a stale checksum", f));
+    // And what must still translate: options with the checksum right.
+    let mut with_options = Frame {
+        ip_options: vec![1, 1, 1, 0],
+        ..Frame::tcp(client(), node_port())
+    }
+    .build();
+    refix_ip(&mut with_options);
+    for (what, frame) in &cases {
+        let before = dp.count(Verdict::PassMalformed);
+        let out = dp.xdp(frame);
+        assert_eq!(out.action, XDP_PASS, "{what}");
+        assert_eq!(&out.frame, frame, "{what}: the NIC program changed it");
+        let out = dp.tc(frame);
+        assert_eq!(out.action, TC_NEXT, "{what}");
+        assert_eq!(&out.frame, frame, "{what}: the pod program changed it");
+        assert_eq!(dp.count(Verdict::PassMalformed), before + 2, "{what}");
+    }
+    assert!(
+        dp.flow_table_entries().is_empty(),
+        "a refused frame took a flow entry"
+    );
+    let mut local = loaded(&[LOCAL_POD], false);
+    let out = local.xdp(&with_options);
+    assert_eq!(out.action, XDP_PASS);
+    assert_eq!(
+        parse(&out.frame).dst,
+        pod(LOCAL_POD),
+        "a valid frame with options translates"
+    );
+    assert_valid(&out, "options");
+}

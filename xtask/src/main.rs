@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask setup | build | test | demo | bench`.
+//! Project tasks: `cargo xtask setup | build | test | demo | bench | fuzz`.
 //!
 //! xtask depends on nothing that needs the eBPF toolchain, so it runs on a fresh machine and
 //! installs that toolchain itself (`setup`, run automatically by the other tasks).
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -28,13 +29,17 @@ enum Task {
     Setup,
     /// Build the xlb binary (release) with its embedded datapath.
     Build,
-    /// The whole test suite: fmt, clippy, unit, eBPF build, packet tests, CLI tests, lab tests.
+    /// The whole test suite: fmt, clippy, unit, eBPF build, packet tests, the packet fuzzer,
+    /// CLI tests, lab tests.
     Test,
     /// Run xlb's main job on its built-in example.
     Demo,
     /// Benchmarks: `datapath` (ns per packet), `forward` (packets/s vs kube-proxy),
     /// `control-plane` (sync time, memory); all three and the report when none is named.
     Bench(bench::BenchArgs),
+    /// The packet fuzzer: mutated frames through every datapath program, judged by an oracle
+    /// (exits non-zero on a violation).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +50,7 @@ fn main() -> ExitCode {
         Task::Test => test::run(),
         Task::Demo => demo::run_demo(),
         Task::Bench(args) => bench::run_bench(&args),
+        Task::Fuzz(args) => fuzz::run_fuzz(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -70,9 +70,25 @@ const STAGES: &[Stage] = &[
     },
     Stage {
         name: "packet",
-        args: &["test", "-p", "xlb-tests", "--test", "packet"],
+        args: &["test", "-p", "xlb-tests", "--lib", "--test", "packet"],
         skip_ebpf: false,
         tests: true,
+    },
+    // The packet fuzzer over the packet stage's inputs (kept in XLB_PACKET_CORPUS) and
+    // generated frames; `cargo xtask fuzz` runs it longer.
+    Stage {
+        name: "fuzz",
+        args: &[
+            "run",
+            "-p",
+            "xlb-tests",
+            "--bin",
+            "xlb-fuzz",
+            "--",
+            "--packets=10000",
+        ],
+        skip_ebpf: false,
+        tests: false,
     },
     Stage {
         name: "cli",
@@ -214,7 +230,9 @@ fn print_summary(lines: &[String], started: Instant) {
 /// Runs one stage; for test stages returns (passed, failed) summed over cargo's result lines.
 fn run_stage(stage: &Stage) -> anyhow::Result<Option<(u64, u64)>> {
     let mut cmd = cargo();
-    cmd.args(stage.args).stdout(Stdio::piped());
+    cmd.args(stage.args)
+        .stdout(Stdio::piped())
+        .env("XLB_PACKET_CORPUS", crate::fuzz::corpus_dir());
     if stage.skip_ebpf {
         cmd.env("AYA_BUILD_SKIP", "1");
     } else {
