@@ -103,6 +103,20 @@ pub fn ipv4_flow(data: usize, data_end: usize, pkt_len: usize) -> Result<Flow, V
     if ip.ver_ihl >> 4 != 4 || ihl < 20 {
         return Err(Verdict::PassMalformed);
     }
+    // The kernel drops a header whose checksum is wrong (ip_rcv); translating it would carry
+    // the error on and take a flow entry for a packet no one receives. (Checked before the
+    // length checks: after them the compiler would drop bounds checks the verifier needs.)
+    if !ipv4_header_checksum_ok(data, data_end, ihl) {
+        return Err(Verdict::PassMalformed);
+    }
+    // Read the IHL again, volatile so the compiler keeps the read: the checksum's branches
+    // narrowed the verifier's view of the first read into one range per option length, and
+    // carrying those ranges on would make it verify the rest of the program once per range.
+    // SAFETY: inside the header ptr_at checked above.
+    let ihl = usize::from(unsafe { core::ptr::read_volatile(&raw const ip.ver_ihl) } & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(Verdict::PassMalformed);
+    }
     let tot_len = usize::from(u16::from_be_bytes(ip.tot_len));
     if tot_len < ihl || ETH_HLEN + tot_len > pkt_len {
         return Err(Verdict::PassMalformed);
@@ -124,12 +138,20 @@ pub fn ipv4_flow(data: usize, data_end: usize, pkt_len: usize) -> Result<Flow, V
         let tcp: *const TcpHdr = ptr_at(data, data_end, l4_off).ok_or(Verdict::PassMalformed)?;
         // SAFETY: as above.
         let doff_flags = unsafe { (*tcp).doff_flags };
-        if doff_flags[0] >> 4 < 5 {
+        // A data offset below the minimum or past the segment: tcp_v4_rcv drops it.
+        let doff = usize::from(doff_flags[0] >> 4) * 4;
+        if doff < 20 || doff > tot_len - ihl {
             return Err(Verdict::PassMalformed);
         }
         tcp_flags = doff_flags[1];
-    } else if ptr_at::<UdpHdr>(data, data_end, l4_off).is_none() {
-        return Err(Verdict::PassMalformed);
+    } else {
+        let udp: *const UdpHdr = ptr_at(data, data_end, l4_off).ok_or(Verdict::PassMalformed)?;
+        // SAFETY: as above.
+        let len = usize::from(u16::from_be_bytes(unsafe { (*udp).len }));
+        // Shorter than its header or longer than the IP payload: udp_rcv drops it.
+        if len < 8 || len > tot_len - ihl {
+            return Err(Verdict::PassMalformed);
+        }
     }
     let ports: *const Ports = ptr_at(data, data_end, l4_off).ok_or(Verdict::PassMalformed)?;
     // SAFETY: as above.
@@ -145,4 +167,48 @@ pub fn ipv4_flow(data: usize, data_end: usize, pkt_len: usize) -> Result<Flow, V
         sport_be: u16::from_ne_bytes(ports.src),
         dport_be: u16::from_ne_bytes(ports.dst),
     })
+}
+
+/// Whether the IPv4 header of `ihl` bytes (20..=60) at the start of the network header has a
+/// valid checksum: its 16-bit one's complement sum is all ones. Summed in 32-bit words (the
+/// one's complement sum does not depend on byte order or word size).
+#[inline(always)]
+fn ipv4_header_checksum_ok(data: usize, data_end: usize, ihl: usize) -> bool {
+    let Some(base) = ptr_at::<[u32; 5]>(data, data_end, ETH_HLEN) else {
+        return false;
+    };
+    // SAFETY: ptr_at checked that the 20 bytes lie inside the packet.
+    let words = unsafe { base.read_unaligned() };
+    let mut sum: u64 = words.iter().map(|w| u64::from(*w)).sum();
+    // Options: one word at a time at constant offsets (written out, not a loop, so that each
+    // access keeps a bounds check the verifier can follow).
+    macro_rules! option_word {
+        ($end:literal) => {
+            if ihl >= $end {
+                let Some(w) = ptr_at::<u32>(data, data_end, ETH_HLEN + $end - 4) else {
+                    return false;
+                };
+                // SAFETY: ptr_at checked that the word lies inside the packet.
+                sum += u64::from(unsafe { w.read_unaligned() });
+            }
+        };
+    }
+    if ihl > 20 {
+        option_word!(24);
+        option_word!(28);
+        option_word!(32);
+        option_word!(36);
+        option_word!(40);
+        option_word!(44);
+        option_word!(48);
+        option_word!(52);
+        option_word!(56);
+        option_word!(60);
+    }
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    let mut folded = (sum & 0xffff) + (sum >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded = (folded & 0xffff) + (folded >> 16);
+    folded == 0xffff
 }
