@@ -385,13 +385,7 @@ fn probes_and_ports_are_the_agents() {
             assert_eq!(get.port, IntOrString::Int(health_port), "{mode} {path}");
             assert_eq!(get.host.as_deref(), Some("127.0.0.1"), "{path}");
         }
-        let ports: BTreeSet<i32> = c
-            .ports
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .map(|p| p.container_port)
-            .collect();
+        let ports = container_ports(c);
         assert_eq!(ports, BTreeSet::from([metrics_port, health_port]), "{mode}");
     }
 }
@@ -406,6 +400,16 @@ fn mode_args(mode: &str) -> &'static [&'static str] {
         ],
         _ => &[],
     }
+}
+
+/// The ports the agent's container declares.
+fn container_ports(c: &Container) -> BTreeSet<i32> {
+    c.ports
+        .as_deref()
+        .unwrap_or_default()
+        .iter()
+        .map(|p| p.container_port)
+        .collect()
 }
 
 /// The value of `--name=value` among the agent's arguments.
@@ -433,13 +437,7 @@ fn each_overlay_sets_up_its_mode() {
     let kube_proxy_ports = BTreeSet::from([10249, 10256]);
     for (mode, m) in &load_all() {
         let c = agent_container(pod_spec(one(&format!("{mode}: DaemonSet"), &m.daemon_sets)));
-        let ports: BTreeSet<i32> = c
-            .ports
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .map(|p| p.container_port)
-            .collect();
+        let ports = container_ports(c);
         let api_server = (
             env(c, "KUBERNETES_SERVICE_HOST"),
             env(c, "KUBERNETES_SERVICE_PORT"),
