@@ -157,6 +157,14 @@ fn malformed() -> Vec<(&'static str, Vec<u8>, Verdict)> {
         f(&mut v);
         v
     };
+    // A header field changed on purpose, with the header checksum made right again, so the
+    // frame is refused for that field and not for its checksum.
+    let with_ip = |base: &[u8], f: &dyn Fn(&mut Vec<u8>)| {
+        let mut v = base.to_vec();
+        f(&mut v);
+        xlb_tests::fuzz::frame::fix_ip_checksum(&mut v);
+        v
+    };
     let set_tot_len = |v: &mut Vec<u8>, n: u16| v[16..18].copy_from_slice(&n.to_be_bytes());
     vec![
         (
@@ -244,24 +252,32 @@ fn malformed() -> Vec<(&'static str, Vec<u8>, Verdict)> {
         ),
         (
             "non-first fragment",
-            with(&tcp, &|v| v[20..22].copy_from_slice(&[0x00, 0x10])),
+            with_ip(&tcp, &|v| v[20..22].copy_from_slice(&[0x00, 0x10])),
             Verdict::PassFragment,
         ),
         (
             "first fragment (MF)",
-            with(&tcp, &|v| v[20..22].copy_from_slice(&[0x20, 0x00])),
+            with_ip(&tcp, &|v| v[20..22].copy_from_slice(&[0x20, 0x00])),
             Verdict::PassFragment,
         ),
         (
             "last fragment",
-            with(&udp, &|v| v[20..22].copy_from_slice(&[0x00, 0xb9])),
+            with_ip(&udp, &|v| v[20..22].copy_from_slice(&[0x00, 0xb9])),
             Verdict::PassFragment,
         ),
-        ("ICMP", with(&tcp, &|v| v[23] = 1), Verdict::PassOtherProto),
-        ("GRE", with(&tcp, &|v| v[23] = 47), Verdict::PassOtherProto),
+        (
+            "ICMP",
+            with_ip(&tcp, &|v| v[23] = 1),
+            Verdict::PassOtherProto,
+        ),
+        (
+            "GRE",
+            with_ip(&tcp, &|v| v[23] = 47),
+            Verdict::PassOtherProto,
+        ),
         (
             "SCTP",
-            with(&tcp, &|v| v[23] = 132),
+            with_ip(&tcp, &|v| v[23] = 132),
             Verdict::PassOtherProto,
         ),
         (
