@@ -250,18 +250,14 @@ fn load_with(
     let bpf_routing = u32::from(routing == HostRouting::Bpf);
     loader.override_global(HOST_ROUTING_BPF, &bpf_routing, true);
     let mut ebpf = loader.load(DATAPATH).map_err(LoaderError::Load)?;
-    xdp_program(&mut ebpf)?
-        .load()
-        .map_err(|e| LoaderError::Program(PROG_NIC, e))?;
+    xdp_program(&mut ebpf)?.load_retrying(PROG_NIC)?;
     // The new-flow programs the NIC and pod programs tail-call. A pinned table of a previous
     // agent gets this agent's programs at once (same layout version: the same maps).
     let nic_new: &mut Xdp = ebpf
         .program_mut(PROG_NIC_NEW)
         .and_then(|p| p.try_into().ok())
         .ok_or(LoaderError::MissingProgram(PROG_NIC_NEW))?;
-    nic_new
-        .load()
-        .map_err(|e| LoaderError::Program(PROG_NIC_NEW, e))?;
+    nic_new.load_retrying(PROG_NIC_NEW)?;
     let nic_new = nic_new
         .fd()
         .and_then(|fd| fd.try_clone().map_err(Into::into))
@@ -270,9 +266,7 @@ fn load_with(
         .program_mut(PROG_POD_NEW)
         .and_then(|p| p.try_into().ok())
         .ok_or(LoaderError::MissingProgram(PROG_POD_NEW))?;
-    pod_new
-        .load()
-        .map_err(|e| LoaderError::Program(PROG_POD_NEW, e))?;
+    pod_new.load_retrying(PROG_POD_NEW)?;
     let pod_new = pod_new
         .fd()
         .and_then(|fd| fd.try_clone().map_err(Into::into))
@@ -297,13 +291,9 @@ fn load_with(
             .set(index, fd, 0)
             .map_err(|e| LoaderError::ProgramTable(format!("{table}: {e}")))?;
     }
-    tc_program(&mut ebpf)?
-        .load()
-        .map_err(|e| LoaderError::Program(PROG_POD, e))?;
+    tc_program(&mut ebpf)?.load_retrying(PROG_POD)?;
     if routing == HostRouting::Bpf {
-        nic_ingress_program(&mut ebpf)?
-            .load()
-            .map_err(|e| LoaderError::Program(PROG_NIC_INGRESS, e))?;
+        nic_ingress_program(&mut ebpf)?.load_retrying(PROG_NIC_INGRESS)?;
     }
     Ok(ebpf)
 }
@@ -511,7 +501,7 @@ pub fn attach_sock_pinned(
             .and_then(|p| p.try_into().ok())
             .ok_or(LoaderError::MissingProgram(name))?;
         if prog.fd().is_err() {
-            prog.load().map_err(|e| LoaderError::Program(name, e))?;
+            prog.load_retrying(name)?;
         }
         let id = prog
             // A link attachment always lets others run too (the kernel takes no flags).
@@ -862,3 +852,31 @@ pub fn attach_pod(ebpf: &mut Ebpf, iface: &str) -> Result<(), LoaderError> {
         .map_err(|e| LoaderError::Program(PROG_POD, e))?;
     Ok(())
 }
+
+/// Loading a program, again when the kernel's verifier was interrupted: it gives up with
+/// `EAGAIN` when a signal is pending for the loading thread (a child exiting, for instance), as
+/// libbpf's loader also retries.
+trait LoadRetrying {
+    fn load_retrying(&mut self, name: &'static str) -> Result<(), LoaderError>;
+}
+
+macro_rules! load_retrying {
+    ($($program:ty),*) => {$(
+        impl LoadRetrying for $program {
+            fn load_retrying(&mut self, name: &'static str) -> Result<(), LoaderError> {
+                let mut tries = 0;
+                loop {
+                    match self.load() {
+                        Err(aya::programs::ProgramError::LoadError { io_error, .. })
+                            if io_error.raw_os_error() == Some(libc::EAGAIN) && tries < 5 =>
+                        {
+                            tries += 1;
+                        }
+                        other => return other.map_err(|e| LoaderError::Program(name, e)),
+                    }
+                }
+            }
+        }
+    )*};
+}
+load_retrying!(Xdp, SchedClassifier, CgroupSockAddr);
