@@ -392,6 +392,7 @@ fn run(
     frame: &[u8],
     ctx: Option<&[u8]>,
 ) -> Outcome {
+    record_for_fuzzing(frame);
     try_run(f, frame, ctx).expect("BPF_PROG_TEST_RUN")
 }
 
@@ -400,7 +401,6 @@ fn try_run(
     frame: &[u8],
     ctx: Option<&[u8]>,
 ) -> Result<Outcome, ProgramError> {
-    record_for_fuzzing(frame);
     let mut out = vec![0u8; frame.len() + 256];
     let mut opts = TestRunOptions::new();
     opts.data_in = Some(frame);
@@ -414,7 +414,8 @@ fn try_run(
     })
 }
 
-/// With `XLB_PACKET_CORPUS=<dir>` set, every frame a test runs is kept there (one file per
+/// With `XLB_PACKET_CORPUS=<dir>` set, every frame a packet test runs (not the fuzzer's own
+/// frames, which go through [`Datapath::try_run`]) is kept there (one file per
 /// distinct frame, named by its hash): the packet fuzzer's corpus (`cargo xtask fuzz`).
 fn record_for_fuzzing(frame: &[u8]) {
     let Some(dir) = std::env::var_os("XLB_PACKET_CORPUS") else {

@@ -372,7 +372,14 @@ pub fn run(packets: u64, seed: u64, corpus: &[Vec<u8>], eth0: u32, lxc0: u32) ->
             }
             if i == packets / 2 {
                 for s in &seeds {
-                    let _ = target.run(s);
+                    // A seed translated here starts a flow whose replies go back to its source.
+                    if let Some(out) = target.run(s)
+                        && out.frame != *s
+                        && let Some(i) = ip(s)
+                        && let Some(src) = endpoint(s, ETH_HLEN + 12, i.l4)
+                    {
+                        known.clients.insert(src);
+                    }
                 }
                 counts = target.dp.counts();
                 state = target.state();
