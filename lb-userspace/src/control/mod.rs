@@ -5,6 +5,8 @@
 //! (the API server, manifest files); the store, model, state, Maglev and the programmer's
 //! planning are pure, and nothing here touches a BPF map: the programmer hands its writes to
 //! [`crate::datapath::maps`].
+#[cfg(test)]
+mod fuzz;
 pub mod invalid;
 pub mod maglev;
 pub mod model;

@@ -234,6 +234,47 @@ impl<K: StoredKind> Mirror<K> {
     }
 }
 
+/// Test access to the watch path: `objects` (JSON as the API server sends them) go through the
+/// same lenient decoding and [`Mirror`] a watch uses, as one listing or as one watch event each.
+#[cfg(test)]
+pub(crate) mod replay {
+    use super::{Lenient, Mirror, SharedStore, StoredKind, watcher};
+
+    /// A full listing of `objects` (`Init`, `InitApply` each, `InitDone`), as after a relist.
+    pub(crate) fn listing<K: StoredKind + serde::de::DeserializeOwned>(
+        source: &'static str,
+        store: &SharedStore,
+        objects: &[serde_json::Value],
+    ) {
+        let mut mirror = Mirror::<K>::new(source);
+        mirror.handle(watcher::Event::Init, store);
+        for object in objects {
+            mirror.handle(watcher::Event::InitApply(decode(object)), store);
+        }
+        mirror.handle(watcher::Event::InitDone, store);
+    }
+
+    /// One watch event applying `object`.
+    pub(crate) fn apply<K: StoredKind + serde::de::DeserializeOwned>(
+        source: &'static str,
+        store: &SharedStore,
+        object: &serde_json::Value,
+    ) {
+        Mirror::<K>::new(source).handle(watcher::Event::Apply(decode(object)), store);
+    }
+
+    fn decode<K: StoredKind + serde::de::DeserializeOwned>(
+        object: &serde_json::Value,
+    ) -> Lenient<K> {
+        // What the watcher's decoding does with the body of an event.
+        let text = object.to_string();
+        serde_json::from_str(&text).unwrap_or_else(|error| Lenient::Unreadable {
+            meta: Box::default(),
+            error: error.to_string(),
+        })
+    }
+}
+
 /// Drops the refusal recorded for `key`, if any.
 fn forget(invalid: &mut Vec<Invalid>, key: &ObjectKey) {
     invalid.retain(|i| i.namespace != key.namespace || i.name != key.name);
@@ -297,16 +338,30 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
         Ok(match K::deserialize(&value) {
             Ok(object) => Self::Read(object),
             Err(error) => Self::Unreadable {
-                meta: Box::new(
-                    value
-                        .get("metadata")
-                        .and_then(|m| ObjectMeta::deserialize(m).ok())
-                        .unwrap_or_default(),
-                ),
+                meta: Box::new(readable_metadata(&value)),
                 error: error.to_string(),
             },
         })
     }
+}
+
+/// The metadata of an object that does not deserialize: all of it when it reads, else its
+/// name, namespace and resourceVersion where those are strings. A bad field elsewhere in the
+/// metadata (labels of the wrong type, say) must not lose the key: without it the refusal
+/// would name nothing and the object's last readable version would stay programmed.
+fn readable_metadata(value: &serde_json::Value) -> ObjectMeta {
+    let Some(meta) = value.get("metadata") else {
+        return ObjectMeta::default();
+    };
+    ObjectMeta::deserialize(meta).unwrap_or_else(|_| {
+        let text = |field: &str| meta.get(field).and_then(|v| v.as_str()).map(str::to_owned);
+        ObjectMeta {
+            name: text("name"),
+            namespace: text("namespace"),
+            resource_version: text("resourceVersion"),
+            ..ObjectMeta::default()
+        }
+    })
 }
 
 impl<K: StoredKind> kube::Resource for Lenient<K> {
@@ -453,5 +508,24 @@ mod tests {
         mirror.handle(watcher::Event::Apply(bad.clone()), &store);
         mirror.handle(watcher::Event::Delete(bad), &store);
         assert!(invalid_names(&store).is_empty());
+    }
+
+    /// Found by the control-plane fuzzer: labels of the wrong type made the whole metadata
+    /// unreadable, so the refusal named nothing and the last readable version stayed.
+    #[test]
+    fn an_object_with_unreadable_metadata_keeps_its_key() {
+        let store = SharedStore::new();
+        let mut mirror = Mirror::<Service>::new(SOURCE_SERVICES);
+        mirror.handle(watcher::Event::Init, &store);
+        mirror.handle(watcher::Event::InitDone, &store);
+        mirror.handle(watcher::Event::Apply(service("a", json!({}))), &store);
+        let bad: Lenient<Service> = serde_json::from_value(json!({
+            "metadata": {"namespace": "web", "name": "a", "labels": []},
+        }))
+        .expect("any object deserializes leniently");
+        assert_eq!(bad.meta().name.as_deref(), Some("a"));
+        mirror.handle(watcher::Event::Apply(bad), &store);
+        assert!(names(&store).is_empty());
+        assert_eq!(invalid_names(&store), ["a"]);
     }
 }
