@@ -18,7 +18,7 @@ use lb_common::{
     MAX_SNAT_RANGES, PortRange, Timeouts,
 };
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::{
     control::{
@@ -32,6 +32,7 @@ use crate::{
         maps::{AyaMaps, LbMaps as _, MapsError, Op},
         nattable::{self, NatTable},
         netlink::{self, LinkEvent},
+        pin,
         snat::{self, ExcludedMap, Exclusions, SnatError},
     },
     ops::{
@@ -105,8 +106,11 @@ pub enum AgentError {
 }
 
 /// Runs the agent until SIGINT/SIGTERM.
+/// How often the agent checks that the running datapath's pins are where they should be.
+const PIN_CHECK: Duration = Duration::from_secs(2);
+
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
-    let (mut ebpf, mut maps, mut programmer, upgrade) = load_datapath(&cfg)?;
+    let (mut ebpf, mut maps, mut programmer, upgrade, map_ids) = load_datapath(&cfg)?;
     let mut snat = SnatSide::start(&cfg, &ebpf, &maps, upgrade)?;
     let mut caps = maps.capacities(&cfg.capacities);
     // Pinned bucket tables keep their sizes.
@@ -128,6 +132,8 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
     let (legacy_tx, mut legacy_rx) = mpsc::unbounded_channel();
     let mut frontend_ports_of = None;
     let mut node: Option<NodeInfo> = None;
+    let mut pin_check = tokio::time::interval(PIN_CHECK);
+    pin_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Netlink)?;
     loop {
@@ -189,6 +195,9 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     info!("ready: the first full sync is programmed and the datapath attached");
                 }
             }
+            _ = pin_check.tick(), if attached.started => {
+                attached.check_pins(&map_ids, &cfg, &metrics, &health);
+            }
             Some(event) = link_rx.recv() => {
                 attached.on_link(&mut ebpf, &cfg, &event);
                 attached.report(&metrics);
@@ -240,7 +249,9 @@ struct Upgrade {
 const LEGACY_DEFAULT_PORTS: PortRange = PortRange::new(61000, 65535);
 
 /// Loads the datapath with its maps pinned, adopting what a previous agent left there.
-fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer, Upgrade), AgentError> {
+fn load_datapath(
+    cfg: &AgentConfig,
+) -> Result<(Ebpf, AyaMaps, Programmer, Upgrade, loader::MapIds), AgentError> {
     let other_versions = other_layout_versions(&cfg.pin_dir);
     let legacy_ports = loader::previous_snat_range(&cfg.pin_dir, &other_versions);
     let legacy_snat_map = other_versions.iter().any(|n| {
@@ -268,6 +279,7 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer, Upgrad
     let other_versions = other_layout_versions(&cfg.pin_dir);
     let (mut ebpf, mut adopted) =
         loader::load_pinned(&cfg.capacities, &cfg.pin_dir, cfg.host_routing)?;
+    let map_ids = loader::MapIds::of(&cfg.pin_dir)?;
     let had = |name: &str| adopted.maps.contains(&name);
     let older_datapath = had(lb_common::map_names::CONNTRACK) && !had(lb_common::map_names::FLOWS);
     let upgrade = Upgrade {
@@ -346,7 +358,7 @@ fn load_datapath(cfg: &AgentConfig) -> Result<(Ebpf, AyaMaps, Programmer, Upgrad
     for stale in loader::remove_stale_links(&cfg.pin_dir) {
         info!(link = %stale, "removed the pinned link of an interface that is gone");
     }
-    Ok((ebpf, maps, programmer, upgrade))
+    Ok((ebpf, maps, programmer, upgrade, map_ids))
 }
 
 /// How often the agent clears the overflow marks of flow-table buckets that have no flow in
@@ -532,7 +544,7 @@ impl NodeState {
 /// Removes from `ip_local_reserved_ports` what the agents of `pin_dir` added (recorded in the
 /// pinned configuration); returns it.
 pub fn release_reserved_ports(pin_dir: &std::path::Path) -> Result<Vec<PortRange>, SnatError> {
-    let path = crate::datapath::pin::map_path(pin_dir, lb_common::map_names::CONFIG);
+    let path = pin::map_path(pin_dir, lb_common::map_names::CONFIG);
     if !path.exists() {
         return Ok(Vec::new());
     }
@@ -974,17 +986,15 @@ fn end_udp_sockets(pin_dir: &std::path::Path, left: &std::collections::HashSet<(
     if left.is_empty() {
         return;
     }
-    let revnat = aya::maps::MapData::from_pin(crate::datapath::pin::map_path(
-        pin_dir,
-        lb_common::map_names::SOCK_REVNAT,
-    ))
-    .ok()
-    .and_then(|m| {
-        aya::maps::HashMap::<_, lb_common::SockKey, lb_common::SockRevNat>::try_from(
-            aya::maps::Map::LruHashMap(m),
-        )
-        .ok()
-    });
+    let revnat =
+        aya::maps::MapData::from_pin(pin::map_path(pin_dir, lb_common::map_names::SOCK_REVNAT))
+            .ok()
+            .and_then(|m| {
+                aya::maps::HashMap::<_, lb_common::SockKey, lb_common::SockRevNat>::try_from(
+                    aya::maps::Map::LruHashMap(m),
+                )
+                .ok()
+            });
     let Some(revnat) = revnat else {
         return;
     };
@@ -1029,6 +1039,9 @@ struct Attached {
     /// Pod interfaces attached to: name → ifindex.
     pod_ifaces: std::collections::BTreeMap<String, u32>,
     sock: bool,
+    /// Every link attached, held open (see [`loader::HeldLink`]): `xdp:<nic>`, `tcnic:<nic>`,
+    /// `tc:<pod iface>`, `sock:<n>`.
+    held: std::collections::BTreeMap<String, loader::HeldLink>,
 }
 
 impl Attached {
@@ -1088,7 +1101,8 @@ impl Attached {
         };
         for nic in &nics {
             match loader::attach_nic_pinned(ebpf, nic, &cfg.pin_dir) {
-                Ok(how) => {
+                Ok((how, link)) => {
+                    self.held.insert(format!("xdp:{nic}"), link);
                     self.nics.push(nic.clone());
                     set_accept_local(nic);
                     info!(nic = %nic, how = ?how, "XDP attached");
@@ -1106,7 +1120,10 @@ impl Attached {
         match &cfg.socket_lb_cgroup {
             // A failure here must not stop the agent: the NICs run the new programs already.
             Some(cgroup) => match loader::attach_sock_pinned(ebpf, cgroup, &cfg.pin_dir) {
-                Ok(how) => {
+                Ok((how, links)) => {
+                    for (i, link) in links.into_iter().enumerate() {
+                        self.held.insert(format!("sock:{i}"), link);
+                    }
                     self.sock = true;
                     info!(cgroup = %cgroup.display(), how = ?how, "socket-level load balancing attached");
                 }
@@ -1154,6 +1171,58 @@ impl Attached {
         Ok(())
     }
 
+    /// Pins removed from under the running agent (the directory deleted, a map's or a link's
+    /// file unlinked) are pinned again from the agent's own descriptors: traffic never stops,
+    /// and a restarted agent or `xlb stats` finds the live state again. A repair that fails
+    /// makes the agent unready until one succeeds.
+    fn check_pins(
+        &mut self,
+        maps: &loader::MapIds,
+        cfg: &AgentConfig,
+        metrics: &Metrics,
+        health: &Health,
+    ) {
+        if !loader::pins_missing(&cfg.pin_dir, self.held.values()) {
+            return;
+        }
+        if pin::cleanup_mark(&cfg.pin_dir).exists() {
+            if !self.held.is_empty() {
+                // Letting the links go detaches the datapath, as the operator asked.
+                self.held.clear();
+                warn!(
+                    pin_dir = %cfg.pin_dir.display(),
+                    "`xlb cleanup` removed the datapath: not pinning it again; this agent no \
+                     longer forwards (not ready) until it is restarted"
+                );
+            }
+            health.set_fault(Some("`xlb cleanup` removed the datapath"));
+            return;
+        }
+        let mut links: Vec<&mut loader::HeldLink> = self.held.values_mut().collect();
+        match loader::repair_pins(maps, &cfg.pin_dir, &mut links) {
+            Ok(repaired) => {
+                metrics.add_pins_repaired(repaired.maps.len(), repaired.links.len());
+                warn!(
+                    pin_dir = %cfg.pin_dir.display(),
+                    maps = repaired.maps.len(),
+                    links = repaired.links.len(),
+                    "pins of the running datapath were removed: pinned them again (repaired)"
+                );
+                health.set_fault(None);
+            }
+            Err(e) => {
+                error!(
+                    pin_dir = %cfg.pin_dir.display(),
+                    error = %e,
+                    "pins of the running datapath were removed and cannot be pinned again: \
+                     not ready"
+                );
+                health.set_fault(Some("the pinned datapath could not be repaired"));
+            }
+        }
+        self.held.retain(|_, l| l.is_held());
+    }
+
     fn report(&self, metrics: &Metrics) {
         metrics.set_attached(
             self.nics.len(),
@@ -1182,7 +1251,8 @@ impl Attached {
                     None => {}
                 }
                 match loader::attach_pod_pinned(ebpf, name, &cfg.pin_dir) {
-                    Ok(how) => {
+                    Ok((how, link)) => {
+                        self.held.insert(format!("tc:{name}"), link);
                         info!(iface = %name, how = ?how, "TC attached");
                         self.pod_ifaces.insert(name.clone(), *index);
                         if cfg.host_routing == HostRouting::Bpf {
@@ -1217,6 +1287,7 @@ impl Attached {
                 // The kernel removed the tcx link with the interface; drop its pin.
                 if self.pod_ifaces.get(name) == Some(index) {
                     self.pod_ifaces.remove(name);
+                    self.held.remove(&format!("tc:{name}"));
                     set_pod_iface(ebpf, *index, false);
                     loader::unpin_pod_link(&cfg.pin_dir, name);
                 }
@@ -1259,7 +1330,10 @@ impl Attached {
         }
         for nic in &self.nics {
             match loader::attach_nic_ingress_pinned(ebpf, nic, &cfg.pin_dir) {
-                Ok(how) => info!(nic = %nic, how = ?how, "BPF host routing attached (TC ingress)"),
+                Ok((how, link)) => {
+                    self.held.insert(format!("tcnic:{nic}"), link);
+                    info!(nic = %nic, how = ?how, "BPF host routing attached (TC ingress)");
+                }
                 // Not an attachment failure in `failures`' sense: no older datapath keeps
                 // running for it, the kernel just forwards as without the option.
                 Err(e) => warn!(

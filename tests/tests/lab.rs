@@ -1052,6 +1052,115 @@ fn kill_and_restart(t: &Tomcat6, keep: &mut [(KeepAlive, String)]) {
     assert!(log.contains("adopted the pinned datapath"), "{log}");
 }
 
+/// Someone removes the pinned directory (`rm -r /sys/fs/bpf/xlb`) under a running agent: the
+/// datapath stays attached (the agent holds its links and maps open), no connection breaks,
+/// and within seconds the agent pins everything again (directory 0700, files 0600), so that
+/// `xlb stats` reads the live state and a restarted agent adopts it with its flows.
+#[test]
+fn pinned_directory_removed_under_a_running_agent_is_repaired() {
+    use std::os::unix::fs::PermissionsExt as _;
+    if !privileged("pinned_directory_removed_under_a_running_agent_is_repaired") {
+        return;
+    }
+    let t = tomcat6("pins", 3);
+    let addr = t.node_port(0);
+    let c = &t.cluster;
+    let pin_dir = c.pin_dir(0);
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let frontends = pin_dir.join(lb_common::map_names::FRONTENDS);
+    assert_eq!(mode(&pin_dir), 0o700);
+    assert_eq!(mode(&frontends), 0o600);
+    let mut keep = keepalives(c, addr, 6);
+    thread::scope(|s| {
+        let stream = s.spawn(|| {
+            c.client
+                .enter(|| echo::download_paced(addr, 32 << 20, T, Duration::from_millis(8)))
+                .expect("netns")
+        });
+        thread::sleep(Duration::from_millis(200));
+        std::fs::remove_dir_all(&pin_dir).expect("remove the pin directory");
+        assert!(!pin_dir.exists());
+        // Unpinned, still attached: old and new connections keep working.
+        let seen = new_connections(&t, addr, 30);
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        check_keepalives(&t, &mut keep);
+        let (a, _) = ask_from_node(c, 0, "tcp", SocketAddrV4::new(CLUSTER_IP, 80))
+            .unwrap_or_else(|e| panic!("ClusterIP from the node without pins: {e}"));
+        assert!(a.pod.starts_with("tomcat6-"), "{a:?}");
+        let log = wait_for_log(c, "agent-node1.log", "pinned them again (repaired)");
+        assert!(frontends.exists(), "{log}");
+        let served = stream.join().expect("stream thread");
+        assert!(served.is_ok(), "the stream broke: {served:?}");
+    });
+    assert_eq!(mode(&pin_dir), 0o700);
+    assert_eq!(mode(&frontends), 0o600);
+    let links: Vec<String> = std::fs::read_dir(pin_dir.join("links"))
+        .expect("links directory")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    for hook in ["xdp-eth0-", "tc-", "sock-"] {
+        assert!(
+            links.iter().any(|l| l.starts_with(hook)),
+            "no {hook} link pinned again: {links:?}"
+        );
+    }
+    let (status, page) = local_get(&c.nodes[0].ns, 10249, "/metrics");
+    assert_eq!(status, 200);
+    assert_eq!(
+        sample(&page, "xlb_pins_repaired_total{kind=\"map\"}"),
+        lb_userspace::datapath::loader::MAP_NAMES.len() as u64,
+        "{page}"
+    );
+    assert_eq!(local_get(&c.nodes[0].ns, 10256, "/readyz").0, 200);
+    // The inspection CLI reads the live maps from the new pins.
+    let out = std::process::Command::new(xlb_bin())
+        .args(["stats", "--pin-dir"])
+        .arg(&pin_dir)
+        .output()
+        .expect("xlb stats");
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{printed}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(printed.contains("nat_new"), "{printed}");
+    // A restarted agent adopts the re-pinned maps: its flows survive it.
+    kill_and_restart(&t, &mut keep);
+
+    // `xlb cleanup` under the running agent still detaches the datapath: the agent lets its
+    // links go instead of pinning them again, and says it is not ready.
+    let out = std::process::Command::new(xlb_bin())
+        .args(["cleanup", "--pin-dir"])
+        .arg(&pin_dir)
+        .output()
+        .expect("xlb cleanup");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eventually("NodePort traffic untranslated after cleanup", || {
+        match c.client.enter(|| echo::http_get(addr, T)).expect("netns") {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(()),
+            other => Err(std::io::Error::other(format!("{other:?}"))),
+        }
+    });
+    let (status, body) = local_get(&c.nodes[0].ns, 10256, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("xlb cleanup"), "{body}");
+    assert!(
+        !pin_dir.exists(),
+        "the agent pinned the datapath again after cleanup"
+    );
+}
+
 /// An upgrade to a build whose maps have another layout version (simulated: the running
 /// datapath's pinned maps are renamed to `_v0`, as an older build would have named them):
 /// the new agent builds fresh service maps, takes the flow maps over (their entry layout is

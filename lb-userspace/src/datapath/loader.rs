@@ -191,6 +191,8 @@ pub fn load_pinned(
     };
     fs::create_dir_all(pin::links_dir(dir)).map_err(pin_err)?;
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(pin_err)?;
+    // A load after `xlb cleanup`: the operator wants xlb again.
+    let _ = fs::remove_dir(pin::cleanup_mark(dir));
     let adopted = Adopted {
         maps: MAP_NAMES
             .into_iter()
@@ -403,15 +405,15 @@ pub fn attach_nic_pinned(
     ebpf: &mut Ebpf,
     iface: &str,
     dir: &Path,
-) -> Result<Attachment, LoaderError> {
+) -> Result<(Attachment, HeldLink), LoaderError> {
     let path = link_pin_path(dir, "xdp", iface, existing_ifindex(iface)?);
     let prog = xdp_program(ebpf)?;
     attach_pinned(&path, PROG_NIC, |old| {
-        if let Some(link) = old {
-            return prog.attach_to_link(link).map(|_| None);
-        }
-        let id = prog.attach(iface, XdpMode::Driver)?;
-        prog.take_link(id).map(Some)
+        let id = match old {
+            Some(link) => prog.attach_to_link(link)?,
+            None => prog.attach(iface, XdpMode::Driver)?,
+        };
+        prog.take_link(id)
     })
 }
 
@@ -424,7 +426,7 @@ pub fn attach_nic_ingress_pinned(
     ebpf: &mut Ebpf,
     iface: &str,
     dir: &Path,
-) -> Result<Attachment, LoaderError> {
+) -> Result<(Attachment, HeldLink), LoaderError> {
     let path = link_pin_path(dir, NIC_INGRESS_HOOK, iface, existing_ifindex(iface)?);
     attach_tc_ingress_pinned(nic_ingress_program(ebpf)?, PROG_NIC_INGRESS, iface, &path)
 }
@@ -436,13 +438,13 @@ fn attach_tc_ingress_pinned(
     name: &'static str,
     iface: &str,
     path: &Path,
-) -> Result<Attachment, LoaderError> {
+) -> Result<(Attachment, HeldLink), LoaderError> {
     attach_pinned(path, name, |old| {
-        if let Some(link) = old {
-            return prog.attach_to_link(link).map(|_| None);
-        }
-        let id = prog.attach(iface, TcAttachType::Ingress)?;
-        prog.take_link(id).map(Some)
+        let id = match old {
+            Some(link) => prog.attach_to_link(link)?,
+            None => prog.attach(iface, TcAttachType::Ingress)?,
+        };
+        prog.take_link(id)
     })
 }
 
@@ -478,7 +480,7 @@ pub fn attach_sock_pinned(
     ebpf: &mut Ebpf,
     cgroup: &Path,
     dir: &Path,
-) -> Result<Attachment, LoaderError> {
+) -> Result<(Attachment, Vec<HeldLink>), LoaderError> {
     let cgroup_err = |source| LoaderError::Cgroup {
         path: cgroup.to_owned(),
         source,
@@ -495,6 +497,7 @@ pub fn attach_sock_pinned(
         source: io::Error::other(e),
     })?;
     let mut replaced = false;
+    let mut held = Vec::with_capacity(PROGS_SOCK.len());
     for name in PROGS_SOCK {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -524,12 +527,14 @@ pub fn attach_sock_pinned(
             path: path.clone(),
             source,
         })?;
+        held.push(HeldLink::open(&path)?);
     }
-    Ok(if replaced {
+    let how = if replaced {
         Attachment::Replaced
     } else {
         Attachment::Attached
-    })
+    };
+    Ok((how, held))
 }
 
 /// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux ≥ 5.14).
@@ -568,7 +573,7 @@ pub fn attach_pod_pinned(
     ebpf: &mut Ebpf,
     iface: &str,
     dir: &Path,
-) -> Result<Attachment, LoaderError> {
+) -> Result<(Attachment, HeldLink), LoaderError> {
     let path = link_pin_path(dir, "tc", iface, existing_ifindex(iface)?);
     attach_tc_ingress_pinned(tc_program(ebpf)?, PROG_POD, iface, &path)
 }
@@ -581,13 +586,15 @@ fn existing_ifindex(iface: &str) -> Result<u32, LoaderError> {
 }
 
 /// The attach-or-take-over logic of both hooks. `attach` gets the pinned link of a previous
-/// agent (`Some`: replace its program, return `None`) or nothing (attach anew and return the
-/// new link, which is then pinned at `path`).
+/// agent (`Some`: replace its program in place) or nothing (attach anew), and returns the link
+/// taken from the program; a new one is then pinned at `path`. Either way the agent keeps the
+/// link's descriptor (see [`HeldLink`]), and the program keeps none: letting the held link go
+/// with its pin removed detaches it.
 fn attach_pinned<L>(
     path: &Path,
     prog: &'static str,
-    attach: impl FnOnce(Option<L>) -> Result<Option<L>, aya::programs::ProgramError>,
-) -> Result<Attachment, LoaderError>
+    attach: impl FnOnce(Option<L>) -> Result<L, aya::programs::ProgramError>,
+) -> Result<(Attachment, HeldLink), LoaderError>
 where
     L: TryFrom<FdLink, Error = LinkError>,
     FdLink: TryFrom<L, Error = LinkError>,
@@ -601,12 +608,154 @@ where
         .transpose()
         .map_err(link_err)?;
     let replaced = old.is_some();
-    match attach(old).map_err(|e| LoaderError::Program(prog, e))? {
-        Some(new) => pin_new_link(path, FdLink::try_from(new).map_err(link_err)?)?,
-        None if replaced => return Ok(Attachment::Replaced),
-        None => {}
+    let link = attach(old).map_err(|e| LoaderError::Program(prog, e))?;
+    let fd = FdLink::try_from(link).map_err(link_err)?;
+    let (how, fd) = if replaced {
+        (Attachment::Replaced, fd)
+    } else {
+        let pinned = fd.pin(path).map_err(|e| LoaderError::Link {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        (Attachment::Attached, FdLink::from(pinned))
+    };
+    Ok((
+        how,
+        HeldLink {
+            path: path.to_owned(),
+            fd: Some(fd),
+        },
+    ))
+}
+
+/// An attachment's link as the running agent holds it: where it is pinned, and a descriptor
+/// of the agent's own. The pin keeps the attachment across agent restarts; the descriptor
+/// keeps it while the agent runs even if the pin is removed (`rm -r` of the pin directory
+/// would otherwise detach the datapath at once), so that [`repair_pins`] can pin it again
+/// with no moment without the datapath.
+#[derive(Debug)]
+pub struct HeldLink {
+    path: PathBuf,
+    /// None only after pinning it again failed (the attachment ended with it).
+    fd: Option<FdLink>,
+}
+
+impl HeldLink {
+    fn open(path: &Path) -> Result<Self, LoaderError> {
+        let fd = pinned_link(path)?.ok_or_else(|| LoaderError::Link {
+            path: path.to_owned(),
+            message: "the link just pinned is not there".into(),
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            fd: Some(fd),
+        })
     }
-    Ok(Attachment::Attached)
+
+    /// Where this link is pinned.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The attachment still exists (its descriptor was not lost to a failed re-pin).
+    #[must_use]
+    pub fn is_held(&self) -> bool {
+        self.fd.is_some()
+    }
+}
+
+/// The kernel ids of the running datapath's maps, by name, taken at load (the agent then
+/// moves the maps into its typed writers): what [`repair_pins`] opens them by.
+#[derive(Clone, Debug, Default)]
+pub struct MapIds(Vec<(&'static str, u32)>);
+
+impl MapIds {
+    /// The ids of the maps pinned under `dir` (just loaded there by [`load_pinned`]).
+    pub fn of(dir: &Path) -> Result<Self, LoaderError> {
+        MAP_NAMES
+            .into_iter()
+            .map(|name| {
+                let path = pin::map_path(dir, name);
+                let id = aya::maps::MapData::from_pin(&path)
+                    .and_then(|m| m.info())
+                    .map_err(|e| LoaderError::Link {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?
+                    .id();
+                Ok((name, id))
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
+    }
+}
+
+/// What [`repair_pins`] pinned again.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Repaired {
+    pub maps: Vec<&'static str>,
+    pub links: Vec<PathBuf>,
+}
+
+impl Repaired {
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.maps.is_empty() && self.links.is_empty()
+    }
+}
+
+/// Whether a pin of the running datapath is missing under `dir`: a map's, or one of `links`'.
+/// Cheap (one `stat` per pin): called every few seconds.
+#[must_use]
+pub fn pins_missing<'a>(dir: &Path, links: impl IntoIterator<Item = &'a HeldLink>) -> bool {
+    MAP_NAMES.iter().any(|n| !pin::map_path(dir, n).exists())
+        || links.into_iter().any(|l| l.is_held() && !l.path.exists())
+}
+
+/// Pins again what was removed from under a running agent: the directory itself (mode 0700),
+/// every map of `ebpf` whose pin is gone (the agent's descriptors kept the maps and their
+/// contents alive), and every link of `links` whose pin is gone. Maps first: an agent
+/// started meanwhile must find the running datapath's state, not make a new one. A link that
+/// cannot be pinned again is reported in the error and is lost with its descriptor.
+pub fn repair_pins(
+    maps: &MapIds,
+    dir: &Path,
+    links: &mut [&mut HeldLink],
+) -> Result<Repaired, LoaderError> {
+    let pin_err = |source| LoaderError::PinDir {
+        path: dir.to_owned(),
+        source,
+    };
+    fs::create_dir_all(pin::links_dir(dir)).map_err(pin_err)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(pin_err)?;
+    let mut repaired = Repaired::default();
+    for &(name, id) in &maps.0 {
+        let path = pin::map_path(dir, name);
+        if path.exists() {
+            continue;
+        }
+        let pin_error = |message: String| LoaderError::Link {
+            path: path.clone(),
+            message,
+        };
+        let map = aya::maps::MapData::from_id(id).map_err(|e| pin_error(e.to_string()))?;
+        map.pin(&path).map_err(|e| pin_error(e.to_string()))?;
+        repaired.maps.push(name);
+    }
+    for link in links.iter_mut() {
+        if link.path.exists() {
+            continue;
+        }
+        let Some(fd) = link.fd.take() else { continue };
+        let pinned = fd.pin(&link.path).map_err(|e| LoaderError::Link {
+            path: link.path.clone(),
+            message: e.to_string(),
+        })?;
+        link.fd = Some(FdLink::from(pinned));
+        repaired.links.push(link.path.clone());
+    }
+    Ok(repaired)
 }
 
 /// Removes pinned links whose interface is gone (or was re-created with another index);
@@ -819,12 +968,18 @@ pub fn previous_snat_range(dir: &Path, old: &[String]) -> Option<lb_common::Port
 }
 
 /// Removes everything xlb pinned under `dir`: links first (which detaches the programs), then
-/// maps, then the directory. Returns what was removed.
+/// maps, then the directory. Returns what was removed. A running agent holds its links and
+/// maps open: it finds [`pin::cleanup_mark`], left first, lets them go (which detaches the
+/// datapath) and turns unready, instead of pinning them again.
 pub fn cleanup(dir: &Path) -> Result<Vec<PathBuf>, LoaderError> {
     let pin_err = |source| LoaderError::PinDir {
         path: dir.to_owned(),
         source,
     };
+    if dir.exists() {
+        let mark = pin::cleanup_mark(dir);
+        fs::create_dir_all(&mark).map_err(|source| LoaderError::PinDir { path: mark, source })?;
+    }
     let mut removed = Vec::new();
     let links = pin::links_dir(dir);
     if let Ok(entries) = fs::read_dir(&links) {

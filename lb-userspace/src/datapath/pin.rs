@@ -18,3 +18,13 @@ pub fn map_path(dir: &Path, name: &str) -> PathBuf {
 pub fn links_dir(dir: &Path) -> PathBuf {
     dir.join("links")
 }
+
+/// The mark `xlb cleanup` leaves beside `dir` (an empty bpffs directory, `<dir>-cleaned-up`):
+/// a running agent that finds its pins gone repairs them, unless this says an operator
+/// removed them on purpose. The next agent to start removes it.
+#[must_use]
+pub fn cleanup_mark(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push("-cleaned-up");
+    dir.with_file_name(name)
+}

@@ -76,6 +76,8 @@ pub enum HttpError {
 #[derive(Debug, Default)]
 pub struct Health {
     ready: AtomicBool,
+    /// A fault that makes the agent unready while it lasts (e.g. pins it could not repair).
+    fault: std::sync::Mutex<Option<&'static str>>,
 }
 
 impl Health {
@@ -84,9 +86,25 @@ impl Health {
         self.ready.store(true, Ordering::Release);
     }
 
+    /// Ready, and no fault.
     #[must_use]
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && self.fault().is_none()
+    }
+
+    /// Sets (Some) or clears (None) the fault that makes the agent unready.
+    pub fn set_fault(&self, fault: Option<&'static str>) {
+        *self
+            .fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = fault;
+    }
+
+    fn fault(&self) -> Option<&'static str> {
+        *self
+            .fault
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -132,13 +150,13 @@ pub fn route(routes: &Routes, method: &str, path: &str) -> Response {
             Err(_) => Response::text(500, "encoding the metrics failed\n"),
         }),
         ("/healthz" | "/livez", _, Some(_)) => Some(Response::text(200, "ok\n")),
-        ("/readyz", _, Some(h)) => Some(if h.is_ready() {
-            Response::text(200, "ok\n")
-        } else {
-            Response::text(
+        ("/readyz", _, Some(h)) => Some(match (h.is_ready(), h.fault()) {
+            (true, _) => Response::text(200, "ok\n"),
+            (false, Some(fault)) => Response::text(503, &format!("not ready: {fault}\n")),
+            (false, None) => Response::text(
                 503,
                 "not ready: the first sync is not programmed or the datapath not attached\n",
-            )
+            ),
         }),
         _ => None,
     };

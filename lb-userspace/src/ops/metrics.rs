@@ -442,6 +442,7 @@ pub struct Metrics {
     map_entries: Family<MapLabels, Gauge>,
     map_capacity: Family<MapLabels, Gauge>,
     attached: Family<MapLabels, Gauge>,
+    pins_repaired: Family<MapLabels, Counter>,
     snat: SnatMetrics,
     /// Refused objects of the previous sync, with how many records each had.
     invalid_seen: Mutex<BTreeMap<InvalidId, usize>>,
@@ -453,6 +454,31 @@ impl fmt::Debug for Metrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
+}
+
+/// The attachment metrics: attached interfaces per hook, and pins repaired per kind.
+fn register_attachments(
+    registry: &mut Registry,
+) -> (Family<MapLabels, Gauge>, Family<MapLabels, Counter>) {
+    let attached = Family::<MapLabels, Gauge>::default();
+    registry.register(
+        "xlb_attached_interfaces",
+        "Interfaces the datapath is attached to: xdp on NICs, tc on pod interfaces",
+        attached.clone(),
+    );
+    for hook in ["xdp", "tc"] {
+        attached.get_or_create(&[("hook", hook)]).set(0);
+    }
+    let pins_repaired = Family::<MapLabels, Counter>::default();
+    registry.register(
+        "xlb_pins_repaired",
+        "Pins of the running datapath found removed and pinned again, by kind (map, link)",
+        pins_repaired.clone(),
+    );
+    for kind in ["map", "link"] {
+        drop(pins_repaired.get_or_create(&[("kind", kind)]));
+    }
+    (attached, pins_repaired)
 }
 
 impl Metrics {
@@ -518,15 +544,7 @@ impl Metrics {
         );
         let (map_entries, map_capacity) = register_map_levels(&mut registry, caps);
         let snat = SnatMetrics::register(&mut registry);
-        let attached = Family::<MapLabels, Gauge>::default();
-        registry.register(
-            "xlb_attached_interfaces",
-            "Interfaces the datapath is attached to: xdp on NICs, tc on pod interfaces",
-            attached.clone(),
-        );
-        for hook in ["xdp", "tc"] {
-            attached.get_or_create(&[("hook", hook)]).set(0);
-        }
+        let (attached, pins_repaired) = register_attachments(&mut registry);
         let service_names = ServiceNames::default();
         let walker = match datapath {
             Some(d) => Some(register_datapath(
@@ -551,6 +569,7 @@ impl Metrics {
             map_entries,
             map_capacity,
             attached,
+            pins_repaired,
             snat,
             invalid_seen: Mutex::new(BTreeMap::new()),
             walker,
@@ -671,6 +690,15 @@ impl Metrics {
     pub fn set_attached(&self, xdp: usize, tc: usize, cgroups: usize) {
         for (hook, n) in [("xdp", xdp), ("tc", tc), ("cgroup", cgroups)] {
             self.attached.get_or_create(&[("hook", hook)]).set(gauge(n));
+        }
+    }
+
+    /// Counts pins found removed and pinned again.
+    pub fn add_pins_repaired(&self, maps: usize, links: usize) {
+        for (kind, n) in [("map", maps), ("link", links)] {
+            self.pins_repaired
+                .get_or_create(&[("kind", kind)])
+                .inc_by(n as u64);
         }
     }
 
