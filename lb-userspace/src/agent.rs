@@ -105,11 +105,12 @@ pub enum AgentError {
     Snat(#[from] SnatError),
 }
 
-/// Runs the agent until SIGINT/SIGTERM.
 /// How often the agent checks that the running datapath's pins are where they should be.
 const PIN_CHECK: Duration = Duration::from_secs(2);
 
+/// Runs the agent until SIGINT/SIGTERM.
 pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
+    raise_open_file_limit();
     let (mut ebpf, mut maps, mut programmer, upgrade, map_ids) = load_datapath(&cfg)?;
     let mut snat = SnatSide::start(&cfg, &ebpf, &maps, upgrade)?;
     let mut caps = maps.capacities(&cfg.capacities);
@@ -247,6 +248,17 @@ struct Upgrade {
 /// The port range of a datapath of layout version 1 whose configuration cannot be read: its
 /// default.
 const LEGACY_DEFAULT_PORTS: PortRange = PortRange::new(61000, 65535);
+
+/// Raises the soft open file limit to the hard one. The agent holds one descriptor per
+/// attached interface (see [`loader::HeldLink`]) on top of maps, programs and sockets: a node
+/// with a thousand pods passes the usual soft limit of 1024. The hard limit is the
+/// operator's (Go programs such as kube-proxy raise theirs at start the same way).
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => warn!(error = %e, "could not raise the open file limit"),
+    }
+}
 
 /// Loads the datapath with its maps pinned, adopting what a previous agent left there.
 fn load_datapath(
