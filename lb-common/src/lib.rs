@@ -705,10 +705,13 @@ pub enum Event {
     /// Every SNAT port tried was held: a new flow took the port of a finished flow whose
     /// close time still ran (a tuple the backend may hold in `TIME_WAIT`).
     SnatPortTakenEarly = 6,
+    /// A new flow found every slot of its flow-table bucket held by a live flow: it was
+    /// recorded in the LRU conntrack map, which evicts its least recently used entry when full.
+    FlowOverflow = 7,
 }
 
 impl Event {
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
     pub const ALL: [Event; Self::COUNT as usize] = [
         Event::SockTranslated,
         Event::SockNoBackend,
@@ -717,6 +720,7 @@ impl Event {
         Event::SnatPortReused,
         Event::FlowRestarted,
         Event::SnatPortTakenEarly,
+        Event::FlowOverflow,
     ];
 
     /// Metric label value.
@@ -730,6 +734,7 @@ impl Event {
             Event::SnatPortReused => "snat_port_reused",
             Event::FlowRestarted => "flow_restarted",
             Event::SnatPortTakenEarly => "snat_port_taken_early",
+            Event::FlowOverflow => "flow_overflow",
         }
     }
 }

@@ -541,6 +541,9 @@ fn record(
             false
         }
     };
+    if !placed {
+        stats::event(Event::FlowOverflow);
+    }
     if placed && cfg.is_none_or(|c| c.flags & CONFIG_F_CONNTRACK_TOO == 0) {
         return Ok(());
     }

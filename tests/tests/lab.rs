@@ -1052,6 +1052,65 @@ fn kill_and_restart(t: &Tomcat6, keep: &mut [(KeepAlive, String)]) {
     assert!(log.contains("adopted the pinned datapath"), "{log}");
 }
 
+/// The flow table and the conntrack map full: node 1 runs with one flow-table bucket (3
+/// flows) and a 64-entry conntrack map, and 1,000 new connections go through it while
+/// long-lived ones keep exchanging (one request per 10 new connections, so well within the
+/// table's turnover). New flows beyond capacity are accepted (the LRU conntrack map evicts its
+/// least recently used entries) and counted as `flow_overflow`; nothing is dropped for a full
+/// map; the long-lived connections keep their pods; and one to the local pod left idle
+/// meanwhile, whose entries were evicted, still answers from its pod (chosen again by the same
+/// hash). (An idle SNATed connection whose entries were evicted is not recovered: see
+/// docs/operating.md.)
+#[test]
+fn flow_table_and_conntrack_full_keep_established_flows() {
+    if !privileged("flow_table_and_conntrack_full_keep_established_flows") {
+        return;
+    }
+    let t = Tomcat6::start(
+        "full",
+        3,
+        3,
+        &xlb_bin(),
+        &echo_bin(),
+        &["--flow-buckets", "1", "--max-conntrack", "64"],
+    )
+    .expect("lab");
+    t.wait_ready(Duration::from_secs(20)).expect("agents ready");
+    let addr = t.node_port(0);
+    let c = &t.cluster;
+    let local_pod = t.cluster.pods[0].name.clone();
+    let mut active = keepalives(c, addr, 6);
+    let mut idle: Vec<(KeepAlive, String)> = keepalives(c, addr, 12)
+        .into_iter()
+        .filter(|(_, pod)| *pod == local_pod)
+        .collect();
+    assert!(!idle.is_empty(), "no connection landed on the local pod");
+    let mut seen = BTreeMap::new();
+    for _ in 0..100 {
+        for (pod, n) in new_connections(&t, addr, 10) {
+            *seen.entry(pod).or_insert(0) += n;
+        }
+        check_keepalives(&t, &mut active);
+    }
+    assert_eq!(seen.values().sum::<usize>(), 1000);
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    check_keepalives(&t, &mut idle);
+    let (_, page) = local_get(&c.nodes[0].ns, 10249, "/metrics");
+    let overflow = sample(&page, "xlb_datapath_events_total{event=\"flow_overflow\"}");
+    assert!(
+        overflow >= 900,
+        "{overflow} flows overflowed the 3-slot flow table"
+    );
+    assert_eq!(
+        sample(
+            &page,
+            "xlb_datapath_packets_total{verdict=\"drop_map_full\"}"
+        ),
+        0,
+        "{page}"
+    );
+}
+
 /// Someone removes the pinned directory (`rm -r /sys/fs/bpf/xlb`) under a running agent: the
 /// datapath stays attached (the agent holds its links and maps open), no connection breaks,
 /// and within seconds the agent pins everything again (directory 0700, files 0600), so that
