@@ -419,6 +419,107 @@ fn snat_sustains_udp_exchanges() {
     sustain(&c, "UDP exchange", || echo::udp_ask(addr, T));
 }
 
+/// Two UDP NodePort Services through node 1, each with one pod on another node: `a` (32701,
+/// pod on node 2) and `b` (32702, pod on node 3).
+const TWO_REMOTE: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: a, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.41
+  ports: [{name: dns, port: 53, targetPort: 8080, nodePort: 32701, protocol: UDP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.42
+  ports: [{name: dns, port: 53, targetPort: 8080, nodePort: 32702, protocol: UDP}]
+";
+
+/// SNAT ports of one backend run out: node 1 SNATs with 8 ports (`--snat-ports`) and a 2 s
+/// UDP timeout. Eight exchanges to Service `a` hold all of pod a's ports; the ninth gets no
+/// answer and is counted as `drop_snat_exhausted`, while exchanges to Service `b` (another
+/// backend, its own 8 ports) are answered; once the UDP timeout has passed, `a` answers again.
+#[test]
+fn snat_exhaustion_of_one_backend_spares_the_others_and_recovers() {
+    if !privileged("snat_exhaustion_of_one_backend_spares_the_others_and_recovers") {
+        return;
+    }
+    let mut c = Cluster::new("snatfull", 3).expect("lab");
+    c.add_pod("pod-a", 1, &echo_bin(), &[8080]).expect("pod");
+    c.add_pod("pod-b", 2, &echo_bin(), &[8080]).expect("pod");
+    c.write_manifest("two.yaml", TWO_REMOTE).expect("manifest");
+    let ports = [("dns", 8080, "UDP")];
+    let states = EndpointStates::default();
+    for (service, pod) in [("a", "pod-a"), ("b", "pod-b")] {
+        let slice = c.endpoint_slice(service, &ports, &[pod], &states);
+        c.write_manifest(&format!("{service}-eps.yaml"), &slice)
+            .expect("manifest");
+    }
+    c.start_agent(
+        0,
+        &xlb_bin(),
+        &[
+            "--snat-ports",
+            "40000-40007",
+            "--conntrack-udp-timeout",
+            "2s",
+        ],
+    )
+    .expect("agent");
+    for n in 1..3 {
+        c.start_agent(n, &xlb_bin(), &[]).expect("agent");
+    }
+    let node1 = c.nodes[0].ip;
+    let (a, b) = (
+        SocketAddrV4::new(node1, 32701),
+        SocketAddrV4::new(node1, 32702),
+    );
+    let ask = |addr| c.client.enter(|| echo::udp_ask(addr, T)).expect("netns");
+    let exhausted = || {
+        let page = local_get(&c.nodes[0].ns, 10249, "/metrics").1;
+        sample(
+            &page,
+            "xlb_datapath_packets_total{verdict=\"drop_snat_exhausted\"}",
+        )
+    };
+    for addr in [a, b] {
+        eventually("first answer", || ask(addr));
+    }
+    // Let the first answers' flows time out: each backend starts with all 8 ports free.
+    thread::sleep(Duration::from_secs(3));
+    let before = exhausted();
+    let fill = Instant::now();
+    for i in 0..8 {
+        let answer = ask(a).unwrap_or_else(|e| panic!("exchange {i} with a: {e}"));
+        assert_eq!(answer.pod, "pod-a");
+    }
+    let refused = c
+        .client
+        .enter(|| echo::udp_ask(a, Duration::from_millis(500)))
+        .expect("netns");
+    assert!(
+        refused.is_err(),
+        "a ninth flow to pod a got a port: {refused:?}"
+    );
+    assert!(exhausted() > before, "the refused flow was not counted");
+    for i in 0..8 {
+        let answer = ask(b).unwrap_or_else(|e| panic!("exchange {i} with b: {e}"));
+        assert_eq!(answer.pod, "pod-b");
+    }
+    assert!(
+        fill.elapsed() < Duration::from_secs(2),
+        "too slow to show exhaustion within the UDP timeout: {:?}",
+        fill.elapsed()
+    );
+    thread::sleep(Duration::from_secs(3));
+    let answer = ask(a).expect("pod a's ports were not given back after the UDP timeout");
+    assert_eq!(answer.pod, "pod-a");
+}
+
 /// The node's reserved ports, as its kernel lists them.
 fn reserved_ports(ns: &Netns) -> String {
     let out = lb_lab::run(
