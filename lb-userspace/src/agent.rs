@@ -23,8 +23,9 @@ use tracing::{error, info, warn};
 use crate::{
     control::{
         model::{ModelOptions, NodeInfo, Translator},
-        programmer::Programmer,
+        programmer::{PlanError, Programmer},
         source::{kube as kube_source, manifests, shared::SharedStore},
+        state::ServicePortRef,
     },
     datapath::{
         flows::{self, FlowsError},
@@ -161,7 +162,10 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                     maps: &mut maps,
                     published_services: &mut published_services,
                 };
-                let Synced { errors, ops, left } = sync(&store, &n, &mut state, &metrics);
+                let Synced { errors, ops, left, retry } = sync(&store, &n, &mut state, &metrics);
+                if retry {
+                    changes.mark_changed();
+                }
                 // New SNATed flows skip the ports of frontends on the node's addresses.
                 if frontend_ports_of != Some(programmer.services_generation()) {
                     snat.set_frontend_ports(node_frontend_ports(&translator, &n));
@@ -170,16 +174,7 @@ pub async fn run(cfg: AgentConfig) -> Result<(), AgentError> {
                 if attached.sock {
                     end_udp_sockets(&cfg.pin_dir, &left);
                 }
-                // Big syncs leave big temporaries (plans, a re-read store); a sync of one
-                // change leaves little, and trimming a heap of 10,000 Services' state costs
-                // milliseconds even when there is nothing to give back.
-                if ops >= TRIM_AFTER_OPS
-                    || !attached.started
-                    || last_trim.elapsed() >= TRIM_INTERVAL
-                {
-                    release_free_memory();
-                    last_trim = Instant::now();
-                }
+                trim_if_due(ops, !attached.started, &mut last_trim);
                 if !attached.started {
                     programmer.release_inherited();
                     // Just before the swap, the flows the old programs made since the load;
@@ -903,6 +898,42 @@ struct Synced {
     ops: usize,
     /// Backends (address, port) that no ring holds any more since this sync.
     left: std::collections::HashSet<(Ipv4Addr, u16)>,
+    /// Service ports did not fit while this sync freed room (removed frontends, rings or
+    /// backends, usable from the next plan on): plan again soon, without waiting for a change.
+    retry: bool,
+}
+
+/// Logs the service ports that stopped fitting the maps at this plan, and those that fit
+/// again: once each, not at every sync.
+fn report_failed(
+    before: &std::collections::BTreeSet<ServicePortRef>,
+    now: &[(ServicePortRef, PlanError)],
+) {
+    for (service, error) in now {
+        if !before.contains(service) {
+            warn!(
+                service = %service,
+                %error,
+                "service port does not fit the maps: not programmed (what it had stays; \
+                 retried at every sync; raise --max-frontends / --max-backends)"
+            );
+        }
+    }
+    for service in before {
+        if !now.iter().any(|(s, _)| s == service) {
+            info!(service = %service, "service port fits the maps again (or is gone)");
+        }
+    }
+}
+
+/// Hands freed memory back after a sync when it is worth it. Big syncs leave big temporaries
+/// (plans, a re-read store); a sync of one change leaves little, and trimming a heap of
+/// 10,000 Services' state costs milliseconds even when there is nothing to give back.
+fn trim_if_due(ops: usize, first: bool, last_trim: &mut Instant) {
+    if ops >= TRIM_AFTER_OPS || first || last_trim.elapsed() >= TRIM_INTERVAL {
+        release_free_memory();
+        *last_trim = Instant::now();
+    }
 }
 
 /// A sync with at least this many map writes hands freed memory back to the kernel, and so
@@ -927,7 +958,10 @@ fn sync(
     } = state;
     let ((changed, source_invalid), changed_at) =
         store.read_changes(|s, changes, inv| (translator.update(s, node, changes), inv.to_vec()));
+    let failed_before: std::collections::BTreeSet<ServicePortRef> =
+        programmer.failed_services().cloned().collect();
     let plan = programmer.plan_changes(translator.state(), &changed);
+    report_failed(&failed_before, &plan.failed);
     let mut errors = 0usize;
     for op in &plan.ops {
         if let Err(e) = maps.apply(op) {
@@ -988,6 +1022,7 @@ fn sync(
         errors,
         ops: plan.ops.len(),
         left,
+        retry: !plan.failed.is_empty() && !plan.ops.is_empty(),
     }
 }
 

@@ -1153,6 +1153,106 @@ fn kill_and_restart(t: &Tomcat6, keep: &mut [(KeepAlive, String)]) {
     assert!(log.contains("adopted the pinned datapath"), "{log}");
 }
 
+/// More Services than the frontends map holds: node 1 runs with room for 12 frontends, 4 of
+/// them tomcat6's (ClusterIP and NodePort, two scopes each). Five more NodePort Services
+/// arrive at once: two fit and answer, three are refused (counted in `xlb_failed_services`,
+/// logged once each) while tomcat6 and the two keep answering; deleting one that fits makes
+/// room, and a refused one is programmed at the next sync.
+#[test]
+fn services_beyond_map_capacity_are_refused_and_the_rest_keep_working() {
+    if !privileged("services_beyond_map_capacity_are_refused_and_the_rest_keep_working") {
+        return;
+    }
+    let t = Tomcat6::start(
+        "capacity",
+        3,
+        3,
+        &xlb_bin(),
+        &echo_bin(),
+        &["--max-frontends", "12"],
+    )
+    .expect("lab");
+    t.wait_ready(Duration::from_secs(20)).expect("agents ready");
+    let c = &t.cluster;
+    let node1 = c.nodes[0].ip;
+    let pods: Vec<&str> = c.pods.iter().map(|p| p.name.as_str()).collect();
+    let syncs = c.all_agent_syncs();
+    for i in 0..5 {
+        let service = format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: extra-{i}, namespace: default}}\n\
+             spec:\n  type: NodePort\n  clusterIP: 10.96.0.{}\n  ports: [{{port: 80, \
+             targetPort: {TARGET_PORT}, nodePort: {}}}]\n",
+            50 + i,
+            32600 + i
+        );
+        let slice = c.endpoint_slice(
+            &format!("extra-{i}"),
+            &[("", TARGET_PORT, "TCP")],
+            &pods,
+            &EndpointStates::default(),
+        );
+        c.write_manifest(
+            &format!("extra-{i}.yaml"),
+            &format!("{service}---\n{slice}"),
+        )
+        .expect("manifest");
+    }
+    c.wait_synced_since(&syncs, SYNC).expect("sync");
+    let answering = |what: &str| -> Vec<u16> {
+        (0..5)
+            .map(|i| 32600 + i)
+            .filter(|&port| {
+                let addr = SocketAddrV4::new(node1, port);
+                c.client
+                    .enter(|| echo::http_get(addr, Duration::from_millis(500)))
+                    .expect("netns")
+                    .is_ok()
+            })
+            .inspect(|port| eprintln!("{what}: {port} answers"))
+            .collect()
+    };
+    let failed = || {
+        sample(
+            &local_get(&c.nodes[0].ns, 10249, "/metrics").1,
+            "xlb_failed_services",
+        )
+    };
+    eventually("three Services refused", || {
+        let n = failed();
+        if n == 3 {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("{n} failed")))
+        }
+    });
+    let fit = answering("full");
+    assert_eq!(fit.len(), 2, "{fit:?}");
+    let seen = new_connections(&t, t.node_port(0), 30);
+    assert_eq!(seen.len(), 3, "tomcat6 lost pods: {seen:?}");
+    let log = wait_for_log(c, "agent-node1.log", "does not fit the maps");
+    assert_eq!(
+        log.matches("does not fit the maps").count(),
+        3,
+        "each refusal logged once:\n{log}"
+    );
+    // Room for one more.
+    let gone = fit[0] - 32600;
+    c.remove_manifest(&format!("extra-{gone}.yaml"))
+        .expect("remove");
+    eventually("one refused Service programmed", || {
+        let n = failed();
+        if n == 2 {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("{n} failed")))
+        }
+    });
+    let now = answering("after a deletion");
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(!now.contains(&fit[0]), "{now:?}");
+    assert!(now.contains(&fit[1]), "{now:?}");
+}
+
 /// The flow table and the conntrack map full: node 1 runs with one flow-table bucket (3
 /// flows) and a 64-entry conntrack map, and 1,000 new connections go through it while
 /// long-lived ones keep exchanging (one request per 10 new connections, so well within the

@@ -25,7 +25,6 @@ use std::{
 use lb_common::{
     BACKEND_F_DRAINING, BACKEND_F_LOCAL, Backend, FRONTEND_F_SNAT_REMOTE, Frontend, FrontendKey,
 };
-use tracing::warn;
 
 pub use self::adopt::Adoption;
 use self::allocators::{Ids, Slab};
@@ -194,6 +193,11 @@ impl Programmer {
         }
     }
 
+    /// The service ports that did not fit at the last plan (retried by the next).
+    pub fn failed_services(&self) -> impl Iterator<Item = &ServicePortRef> {
+        self.failed.keys()
+    }
+
     /// Changes whenever [`Programmer::services`] may give another result.
     #[must_use]
     pub fn services_generation(&self) -> u64 {
@@ -265,7 +269,7 @@ impl Programmer {
         let mut failed = BTreeMap::new();
         for (service, frontends) in &by_service {
             if let Err(e) = self.plan_service(service, frontends, &mut out) {
-                warn!(service = %service, error = %e, "service not programmed");
+                // The caller reports it (once, not at every plan).
                 plan.failed.push(((*service).clone(), e));
                 let wanted = frontends.iter().map(|(a, _)| **a).collect();
                 failed.insert((*service).clone(), wanted);
