@@ -1153,6 +1153,107 @@ fn kill_and_restart(t: &Tomcat6, keep: &mut [(KeepAlive, String)]) {
     assert!(log.contains("adopted the pinned datapath"), "{log}");
 }
 
+/// 200 pod interfaces come and go on node 1 (two waves of 100 veth devices named as pods'
+/// are) while clients keep connecting through its NodePort: every connection succeeds, the
+/// agent attaches TC to each and lets each go, and afterwards it holds no more pinned links,
+/// attachments or open descriptors than before.
+#[test]
+fn pod_interface_churn_leaks_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if !privileged("pod_interface_churn_leaks_nothing") {
+        return;
+    }
+    let t = tomcat6("churn", 3);
+    let c = &t.cluster;
+    let node = &c.nodes[0].ns;
+    let agent = t.agents[0];
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{agent}/fd"))
+            .expect("the agent's descriptors")
+            .count()
+    };
+    let links = || -> std::collections::BTreeSet<String> {
+        std::fs::read_dir(c.pin_dir(0).join("links"))
+            .expect("links directory")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let tc_attached = || {
+        sample(
+            &local_get(node, 10249, "/metrics").1,
+            "xlb_attached_interfaces{hook=\"tc\"}",
+        )
+    };
+    let (fds_before, links_before) = (fds(), links());
+    assert_eq!(tc_attached(), 1, "one pod per node");
+    let batch = c.log_path("churn.batch");
+    let ip_batch = |verb: &str| {
+        let lines: String = (0..100)
+            .map(|i| match verb {
+                "add" => format!(
+                    "link add lxcchurn{i} type veth peer name pchurn{i}\nlink set lxcchurn{i} up\n"
+                ),
+                _ => format!("link del lxcchurn{i}\n"),
+            })
+            .collect();
+        std::fs::write(&batch, lines).expect("batch file");
+        node.ip([std::ffi::OsStr::new("-batch"), batch.as_os_str()])
+            .expect("ip -batch");
+    };
+    let stop = AtomicBool::new(false);
+    let addr = t.node_port(0);
+    thread::scope(|s| {
+        let traffic = s.spawn(|| {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                c.client
+                    .enter(|| echo::http_get(addr, T))
+                    .expect("netns")
+                    .unwrap_or_else(|e| panic!("connection {n} during the churn failed: {e}"));
+                n += 1;
+            }
+            n
+        });
+        for wave in 0..2 {
+            ip_batch("add");
+            eventually(&format!("wave {wave}: TC on 101 interfaces"), || {
+                let n = tc_attached();
+                if n == 101 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!("{n}")))
+                }
+            });
+            ip_batch("del");
+            eventually(&format!("wave {wave}: TC on 1 interface"), || {
+                let n = tc_attached();
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::other(format!("{n}")))
+                }
+            });
+        }
+        stop.store(true, Ordering::Relaxed);
+        let n = traffic.join().expect("traffic thread");
+        assert!(n > 0, "no connection made during the churn");
+        eprintln!("{n} connections during the churn, all answered");
+    });
+    eventually("pinned links back to before", || {
+        let now = links();
+        if now == links_before {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!("{now:?}")))
+        }
+    });
+    let fds_after = fds();
+    assert!(
+        fds_after <= fds_before + 4,
+        "the agent holds {fds_after} descriptors, {fds_before} before the churn"
+    );
+}
+
 /// More Services than the frontends map holds: node 1 runs with room for 12 frontends, 4 of
 /// them tomcat6's (ClusterIP and NodePort, two scopes each). Five more NodePort Services
 /// arrive at once: two fit and answer, three are refused (counted in `xlb_failed_services`,
