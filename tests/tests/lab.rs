@@ -1188,7 +1188,7 @@ fn pod_interface_churn_leaks_nothing() {
     assert_eq!(tc_attached(), 1, "one pod per node");
     let batch = c.log_path("churn.batch");
     let ip_batch = |verb: &str| {
-        let lines: String = (0..100)
+        let script: String = (0..100)
             .map(|i| match verb {
                 "add" => format!(
                     "link add lxcchurn{i} type veth peer name pchurn{i}\nlink set lxcchurn{i} up\n"
@@ -1196,7 +1196,7 @@ fn pod_interface_churn_leaks_nothing() {
                 _ => format!("link del lxcchurn{i}\n"),
             })
             .collect();
-        std::fs::write(&batch, lines).expect("batch file");
+        std::fs::write(&batch, script).expect("batch file");
         node.ip([std::ffi::OsStr::new("-batch"), batch.as_os_str()])
             .expect("ip -batch");
     };
