@@ -623,17 +623,18 @@ fn refused_alone(
     Ok(())
 }
 
+/// One watch listing per kind into `store`, of the objects `of_kind` gives.
+fn list_every_kind(store: &SharedStore, of_kind: impl Fn(Kind) -> Vec<Value>) {
+    replay::listing::<Service>("s", store, &of_kind(Kind::Service));
+    replay::listing::<EndpointSlice>("e", store, &of_kind(Kind::EndpointSlice));
+    replay::listing::<Node>("n", store, &of_kind(Kind::Node));
+}
+
 /// The API path: one listing per kind, with and without the mutated object.
 fn api_listing(objects: &Objects) -> Result<(), TestCaseError> {
     let list = |with_mutated: bool| {
         let store = SharedStore::new();
-        replay::listing::<Service>("s", &store, &objects.of_kind(Kind::Service, with_mutated));
-        replay::listing::<EndpointSlice>(
-            "e",
-            &store,
-            &objects.of_kind(Kind::EndpointSlice, with_mutated),
-        );
-        replay::listing::<Node>("n", &store, &objects.of_kind(Kind::Node, with_mutated));
+        list_every_kind(&store, |kind| objects.of_kind(kind, with_mutated));
         store.read(|store, invalid| (store.clone(), invalid.to_vec()))
     };
     let (with, with_sources) = list(true);
@@ -656,9 +657,7 @@ fn api_watch_event(objects: &Objects) -> Result<(), TestCaseError> {
             objects.of_kind(kind, false)
         }
     };
-    replay::listing::<Service>("s", &store, &listed(Kind::Service));
-    replay::listing::<EndpointSlice>("e", &store, &listed(Kind::EndpointSlice));
-    replay::listing::<Node>("n", &store, &listed(Kind::Node));
+    list_every_kind(&store, listed);
     let mut translator = Translator::new(opts.clone());
     let check = |translator: &mut Translator| {
         store
@@ -691,13 +690,7 @@ fn api_watch_event(objects: &Objects) -> Result<(), TestCaseError> {
     if same_key && refused_whole(*kind, &full.invalid, !sources.is_empty()) {
         // The last readable version goes with the refusal: as if the object were deleted.
         let without = SharedStore::new();
-        replay::listing::<Service>("s", &without, &objects.of_kind(Kind::Service, false));
-        replay::listing::<EndpointSlice>(
-            "e",
-            &without,
-            &objects.of_kind(Kind::EndpointSlice, false),
-        );
-        replay::listing::<Node>("n", &without, &objects.of_kind(Kind::Node, false));
+        list_every_kind(&without, |kind| objects.of_kind(kind, false));
         let expected = without.read(|store, _| desired(store, &node_of(store), &opts));
         prop_assert_eq!(&full.state, &expected.state);
     }
