@@ -25,11 +25,11 @@ mod snat;
 mod sock;
 mod stats;
 
-use aya_ebpf::macros::{cgroup_sock_addr, classifier, xdp};
+use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, classifier, xdp};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
-    programs::{SockAddrContext, TcContext, XdpContext},
+    programs::{SockAddrContext, SockContext, TcContext, XdpContext},
 };
 use lb_common::{PROG_INDEX_NIC_NEW, PROG_INDEX_POD_NEW, Scope, Verdict};
 
@@ -414,6 +414,13 @@ pub fn xlb_recvmsg6(ctx: SockAddrContext) -> i32 {
 #[cgroup_sock_addr(getpeername6)]
 pub fn xlb_getpeername6(ctx: SockAddrContext) -> i32 {
     sock::reverse6(&ctx);
+    SOCK_ALLOW
+}
+
+/// Socket-level load balancing: a socket's translation is forgotten as it closes.
+#[cgroup_sock(sock_release)]
+pub fn xlb_sock_release(ctx: SockContext) -> i32 {
+    sock::release(&ctx);
     SOCK_ALLOW
 }
 

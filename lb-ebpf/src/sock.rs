@@ -4,10 +4,12 @@
 //! socket is translated instead: `connect()` and an unconnected `sendmsg()` to a frontend are
 //! pointed at one of its backends before any packet exists, and no packet needs NAT. What the
 //! process reads back as its peer (`getpeername()`, the source of a `recvmsg()`) is the
-//! frontend again, as it would be through kube-proxy's NAT.
+//! frontend again, as it would be through kube-proxy's NAT. What a connected socket's
+//! translation remembered is forgotten when the socket is released ([`release`]), so sockets
+//! that come and go by the million never push a long-lived socket's entry out of the map.
 use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::SockAddrContext,
+    programs::{SockAddrContext, SockContext},
 };
 use lb_common::{Event, Scope, SockKey, SockRevNat, hash::flow_hash};
 
@@ -203,3 +205,59 @@ pub fn reverse6(ctx: &SockAddrContext) {
         }
     }
 }
+
+/// `sock_release`: forgets what [`pick`] remembered for a connected socket (TCP, or UDP after
+/// `connect()`) as its last descriptor closes: the socket is connected to the backend it was
+/// pointed at, so its cookie and destination are the entry's key. Without this the entries of
+/// closed sockets would fill the map until the LRU evicted live sockets' entries with them.
+/// An unconnected UDP socket's entries (one per backend its `sendmsg()` calls went to) have no
+/// destination to find them by and are left to the LRU.
+#[inline(always)]
+pub fn release(ctx: &SockContext) {
+    let sk = ctx.sock;
+    // SAFETY: the kernel hands a sock_release program a valid bpf_sock; these fields are
+    // readable in it (dst_port as the 2-byte network-order field it is since Linux 5.19).
+    // Volatile: each load stays a load at a constant offset from the context, as the verifier
+    // requires (otherwise LLVM may keep `ctx + off` in a register and load through it later).
+    let (family, proto, port_be, ip4, ip6) = unsafe {
+        use core::ptr::read_volatile as rd;
+        (
+            rd(&raw const (*sk).family),
+            rd(&raw const (*sk).protocol),
+            rd(&raw const (*sk).dst_port),
+            rd(&raw const (*sk).dst_ip4),
+            [
+                rd(&raw const (*sk).dst_ip6[0]),
+                rd(&raw const (*sk).dst_ip6[1]),
+                rd(&raw const (*sk).dst_ip6[2]),
+                rd(&raw const (*sk).dst_ip6[3]),
+            ],
+        )
+    };
+    let addr_be = match family {
+        AF_INET => ip4,
+        AF_INET6 => match mapped_v4(ip6) {
+            Some(a) => a,
+            None => return,
+        },
+        _ => return,
+    };
+    if addr_be == 0 || port_be == 0 {
+        return;
+    }
+    // SAFETY: the socket cookie helper takes a sock_release program's socket.
+    let cookie = unsafe { bpf_get_socket_cookie(sk.cast()) };
+    let key = SockKey {
+        cookie,
+        backend_addr_be: addr_be,
+        backend_port_be: port_be,
+        proto: proto as u8,
+        _pad: 0,
+    };
+    // Most released sockets were never translated: nothing to remove.
+    let _ = SOCK_REVNAT.remove(key);
+}
+
+/// `AF_INET` and `AF_INET6` as `bpf_sock.family` holds them.
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;

@@ -297,6 +297,99 @@ fn cluster_ip_from_the_node_itself() {
     assert!(refused.contains("Operation not permitted"), "{refused}");
 }
 
+/// A UDP ClusterIP Service (10.96.0.53:53 → 8080) with one pod on node 1.
+const DNS: &str = r"
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: default}
+spec:
+  clusterIP: 10.96.0.53
+  ports: [{name: dns, port: 53, targetPort: 8080, protocol: UDP}]
+";
+
+/// Sockets of the node's processes churned by the `sock_churn` test (the map holds 262,144).
+const SOCK_CHURN: u64 = 1_000_000;
+
+/// Socket-level load balancing under socket churn: 1,000,000 short-lived connected UDP sockets
+/// of a node process come and go (as DNS clients' do) while one long-lived socket keeps asking
+/// the Service: every answer it reads comes from the Service address (its reverse translation
+/// was never pushed out), and the closed sockets' translations are gone from the map.
+#[test]
+fn socket_churn_keeps_the_long_lived_socket_translated() {
+    if !privileged("socket_churn_keeps_the_long_lived_socket_translated") {
+        return;
+    }
+    let mut c = Cluster::new("churn", 1).expect("lab");
+    c.add_pod("dns-0", 0, &echo_bin(), &[8080]).expect("pod");
+    c.write_manifest("dns.yaml", DNS).expect("manifest");
+    let ports = [("dns", 8080, "UDP")];
+    c.write_manifest(
+        "eps.yaml",
+        &c.endpoint_slice("dns", &ports, &["dns-0"], &EndpointStates::default()),
+    )
+    .expect("manifest");
+    start_agents(&c);
+    let service = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 53), 53);
+    eventually("UDP ClusterIP from the node", || {
+        ask_from_node(&c, 0, "udp", service).map_err(std::io::Error::other)
+    });
+    let out = c
+        .node_process(0, echo_bin())
+        .expect("node process")
+        .args([
+            "sock-churn",
+            &service.to_string(),
+            &SOCK_CHURN.to_string(),
+            "50000",
+        ])
+        .output()
+        .expect("xlb-echo sock-churn");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let asks: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("sockets="))
+        .collect();
+    let done = stdout
+        .lines()
+        .find(|l| l.starts_with("done "))
+        .unwrap_or("");
+    assert_eq!(
+        done.split_whitespace().nth(1),
+        Some(format!("sockets={SOCK_CHURN}").as_str()),
+        "{stdout}"
+    );
+    assert_eq!(asks.len(), (SOCK_CHURN / 50_000 + 1) as usize, "{stdout}");
+    for ask in &asks {
+        assert!(
+            ask.contains(&format!(" from={service} pod=dns-0 ")),
+            "the long-lived socket read an answer not from the Service: {ask}\n{stdout}"
+        );
+    }
+    // Only the long-lived socket's translation (and the readiness ask's, if its socket was
+    // unconnected) is left: every churned socket's went with it. The gauge is refreshed by a
+    // periodic walk of the map, so wait for a walk after the churn.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let page = local_get(&c.nodes[0].ns, 10249, "/metrics").1;
+        let entries = page
+            .contains("xlb_map_entries{map=\"sockets\"}")
+            .then(|| sample(&page, "xlb_map_entries{map=\"sockets\"}"));
+        if entries.is_some_and(|n| n <= 4) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{entries:?} socket translations left after {SOCK_CHURN} sockets closed ({done})"
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn start_agents(c: &Cluster) {
     for n in 0..c.nodes.len() {
         c.start_agent(n, &xlb_bin(), &[]).expect("agent");

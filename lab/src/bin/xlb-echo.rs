@@ -8,6 +8,12 @@
 //! the IPv4-mapped address), for tests that need a process
 //! of its own (one in a given cgroup): one request, then `pod=… client=… peer=…` where peer
 //! is the address the socket reported (`getpeername`, or the source of the echo).
+//!
+//! `xlb-echo sock-churn <address:port> <sockets> <every>`: connects and closes `sockets` UDP
+//! sockets to `address:port` one after another (as short-lived DNS clients do) while one
+//! long-lived socket, connected once, asks `address:port` at the start, after every `every`
+//! sockets and at the end: one line `sockets=… from=… pod=…` (or `sockets=… error=…`) per ask,
+//! where `from` is the source its `recvfrom()` reported; then `done sockets=… ms=…`.
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddrV4, TcpListener, TcpStream, UdpSocket},
@@ -31,6 +37,17 @@ fn main() -> ExitCode {
             return udp_session(addr, count);
         }
         eprintln!("usage: xlb-echo udp-session <address:port> <count>");
+        return ExitCode::FAILURE;
+    }
+    if name.as_deref() == Some("sock-churn") {
+        let addr = args.next().and_then(|a| a.parse::<SocketAddrV4>().ok());
+        let sockets = args.next().and_then(|n| n.parse::<u64>().ok());
+        let every = args.next().and_then(|n| n.parse::<u64>().ok());
+        if let (Some(addr), Some(sockets), Some(every)) = (addr, sockets, every.filter(|&e| e > 0))
+        {
+            return sock_churn(addr, sockets, every);
+        }
+        eprintln!("usage: xlb-echo sock-churn <address:port> <sockets> <every>");
         return ExitCode::FAILURE;
     }
     let ports: Vec<u16> = args.filter_map(|p| p.parse().ok()).collect();
@@ -130,6 +147,48 @@ fn udp_session(addr: SocketAddrV4, count: u32) -> ExitCode {
         }
         thread::sleep(Duration::from_millis(50));
     }
+    ExitCode::SUCCESS
+}
+
+/// See the module's usage. Fails only when the long-lived socket cannot be made; a churned
+/// socket that cannot be made is reported and ends the churn.
+fn sock_churn(addr: SocketAddrV4, sockets: u64, every: u64) -> ExitCode {
+    let long_lived = match UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.set_read_timeout(Some(Duration::from_secs(2))).map(|()| s))
+        .and_then(|s| s.connect(addr).map(|()| s))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("xlb-echo: socket: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut buf = [0u8; 512];
+    let ask = |done: u64, buf: &mut [u8]| {
+        let answer = long_lived.send(b"who").and_then(|_| {
+            let (n, from) = long_lived.recv_from(buf)?;
+            Ok((from, String::from_utf8_lossy(&buf[..n]).trim().to_owned()))
+        });
+        match answer {
+            Ok((from, line)) => println!("sockets={done} from={from} {line}"),
+            Err(e) => println!("sockets={done} error={e}"),
+        }
+    };
+    let start = std::time::Instant::now();
+    ask(0, &mut buf);
+    let mut done = 0;
+    while done < sockets {
+        let churned = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(addr));
+        if let Err(e) = churned {
+            println!("sockets={done} error=churned socket: {e}");
+            break;
+        }
+        done += 1;
+        if done % every == 0 || done == sockets {
+            ask(done, &mut buf);
+        }
+    }
+    println!("done sockets={done} ms={}", start.elapsed().as_millis());
     ExitCode::SUCCESS
 }
 

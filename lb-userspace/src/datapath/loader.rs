@@ -11,7 +11,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
+        CgroupAttachMode, CgroupSock, CgroupSockAddr, SchedClassifier, TcAttachType, Xdp,
         links::{FdLink, LinkError, PinnedLink},
         xdp::XdpMode,
     },
@@ -46,6 +46,9 @@ pub const PROGS_SOCK: [&str; 8] = [
     "xlb_recvmsg6",
     "xlb_getpeername6",
 ];
+/// Forgets a connected socket's translation as the socket closes (a cgroup `sock_release`
+/// hook), attached with [`PROGS_SOCK`].
+pub const PROG_SOCK_RELEASE: &str = "xlb_sock_release";
 /// Pinned links of the socket hooks start with this (interface links with their hook name).
 const SOCK_LINK_PREFIX: &str = "sock-";
 
@@ -497,7 +500,8 @@ pub fn attach_sock_pinned(
         source: io::Error::other(e),
     })?;
     let mut replaced = false;
-    let mut held = Vec::with_capacity(PROGS_SOCK.len());
+    // Load all nine before attaching any: a program the kernel refuses must not leave the
+    // others attached while the agent reports the socket hooks as not attached.
     for name in PROGS_SOCK {
         let prog: &mut CgroupSockAddr = ebpf
             .program_mut(name)
@@ -506,35 +510,70 @@ pub fn attach_sock_pinned(
         if prog.fd().is_err() {
             prog.load_retrying(name)?;
         }
-        let id = prog
+    }
+    let release: &mut CgroupSock = ebpf
+        .program_mut(PROG_SOCK_RELEASE)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoaderError::MissingProgram(PROG_SOCK_RELEASE))?;
+    if release.fd().is_err() {
+        release.load_retrying(PROG_SOCK_RELEASE)?;
+    }
+    let mut held = Vec::with_capacity(PROGS_SOCK.len() + 1);
+    for name in PROGS_SOCK {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .and_then(|p| p.try_into().ok())
+            .ok_or(LoaderError::MissingProgram(name))?;
+        let link = prog
             // A link attachment always lets others run too (the kernel takes no flags).
             .attach(&cg, CgroupAttachMode::Single)
+            .and_then(|id| prog.take_link(id))
             .map_err(|e| LoaderError::Program(name, e))?;
-        let link = prog
-            .take_link(id)
-            .map_err(|e| LoaderError::Program(name, e))?;
-        let path = pin::links_dir(dir).join(format!("{SOCK_LINK_PREFIX}{name}"));
-        // bpffs names take no dots.
-        let fresh = pin::links_dir(dir).join(format!("{SOCK_LINK_PREFIX}{name}-new"));
-        let _ = fs::remove_file(&fresh);
-        let link = FdLink::try_from(link).map_err(|e| LoaderError::Link {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        pin_new_link(&fresh, link)?;
-        replaced |= path.exists();
-        fs::rename(&fresh, &path).map_err(|source| LoaderError::PinDir {
-            path: path.clone(),
-            source,
-        })?;
-        held.push(HeldLink::open(&path)?);
+        held.push(pin_sock_link(dir, name, link, &mut replaced)?);
     }
+    let release: &mut CgroupSock = ebpf
+        .program_mut(PROG_SOCK_RELEASE)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(LoaderError::MissingProgram(PROG_SOCK_RELEASE))?;
+    let link = release
+        .attach(&cg, CgroupAttachMode::Single)
+        .and_then(|id| release.take_link(id))
+        .map_err(|e| LoaderError::Program(PROG_SOCK_RELEASE, e))?;
+    held.push(pin_sock_link(dir, PROG_SOCK_RELEASE, link, &mut replaced)?);
     let how = if replaced {
         Attachment::Replaced
     } else {
         Attachment::Attached
     };
     Ok((how, held))
+}
+
+/// Pins the link of socket hook `name` under `dir` (renamed over a previous agent's pin, which
+/// detaches that one) and returns it held; `replaced` is set when there was one.
+fn pin_sock_link<L>(
+    dir: &Path,
+    name: &str,
+    link: L,
+    replaced: &mut bool,
+) -> Result<HeldLink, LoaderError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let path = pin::links_dir(dir).join(format!("{SOCK_LINK_PREFIX}{name}"));
+    // bpffs names take no dots.
+    let fresh = pin::links_dir(dir).join(format!("{SOCK_LINK_PREFIX}{name}-new"));
+    let _ = fs::remove_file(&fresh);
+    let link = FdLink::try_from(link).map_err(|e| LoaderError::Link {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    pin_new_link(&fresh, link)?;
+    *replaced |= path.exists();
+    fs::rename(&fresh, &path).map_err(|source| LoaderError::PinDir {
+        path: path.clone(),
+        source,
+    })?;
+    HeldLink::open(&path)
 }
 
 /// The cookie of this process's network namespace (`SO_NETNS_COOKIE`, Linux ≥ 5.14).
@@ -1034,4 +1073,4 @@ macro_rules! load_retrying {
         }
     )*};
 }
-load_retrying!(Xdp, SchedClassifier, CgroupSockAddr);
+load_retrying!(Xdp, SchedClassifier, CgroupSockAddr, CgroupSock);

@@ -56,6 +56,9 @@ pub mod map_label {
     pub const SNAT: &str = "snat";
     /// Slots of the flow table (flows; conntrack holds those of full buckets).
     pub const FLOWS: &str = "flows";
+    /// The socket-level load balancer's reverse translations (one per translated socket and
+    /// backend; a connected socket's goes when it closes).
+    pub const SOCKETS: &str = "sockets";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +205,7 @@ pub struct DatapathSources {
     pub services: Box<dyn ServiceCounters>,
     pub flows: Box<dyn CountEntries>,
     pub conntrack: Box<dyn CountEntries>,
+    pub sockets: Box<dyn CountEntries>,
 }
 
 impl DatapathSources {
@@ -224,7 +228,11 @@ impl DatapathSources {
         let conntrack: BpfHashMap<MapData, FlowKey, CtEntry> =
             BpfHashMap::try_from(reopen(ebpf, map_names::CONNTRACK)?)
                 .map_err(err(map_names::CONNTRACK))?;
+        let sockets: BpfHashMap<MapData, lb_common::SockKey, lb_common::SockRevNat> =
+            BpfHashMap::try_from(reopen(ebpf, map_names::SOCK_REVNAT)?)
+                .map_err(err(map_names::SOCK_REVNAT))?;
         Ok(Self {
+            sockets: Box::new(sockets),
             verdicts: Box::new(verdicts),
             events: Box::new(events),
             services: Box::new(services),
@@ -820,8 +828,8 @@ fn register_map_levels(
     registry.register(
         "xlb_map_entries",
         "Entries in use per datapath map (ring_slots: Maglev ring slots; flows and \
-         conntrack: from the last background walk, at most one per 30 s, started by a \
-         scrape; snat: SNATed flows live or in their close timeout, counted every 10 s)",
+         conntrack and sockets: from the last background walk, at most one per 30 s, started \
+         by a scrape; snat: SNATed flows live or in their close timeout, counted every 10 s)",
         map_entries.clone(),
     );
     let map_capacity = Family::<MapLabels, Gauge>::default();
@@ -837,6 +845,7 @@ fn register_map_levels(
         (map_label::CONNTRACK, caps.conntrack),
         (map_label::SNAT, nat_slots(caps)),
         (map_label::FLOWS, flow_slots(caps)),
+        (map_label::SOCKETS, lb_common::capacity::SOCK_REVNAT),
     ] {
         map_capacity
             .get_or_create(&[("map", label)])
@@ -869,6 +878,11 @@ fn register_datapath(
             label: map_label::CONNTRACK,
             capacity: u64::from(caps.conntrack),
             map: d.conntrack,
+        },
+        Walked {
+            label: map_label::SOCKETS,
+            capacity: u64::from(lb_common::capacity::SOCK_REVNAT),
+            map: d.sockets,
         },
     ];
     MapWalker::spawn(maps, map_entries.clone(), WALK_INTERVAL)
@@ -1116,6 +1130,10 @@ mod tests {
                 entries: 1_000_000,
                 walks: Arc::clone(&walks),
             }),
+            sockets: Box::new(FakeTable {
+                entries: 12,
+                walks: Arc::clone(&walks),
+            }),
         };
         let m = Metrics::new(&Capacities::small(), Some(sources)).expect("metrics");
         m.set_services(vec![("default/tomcat6".into(), 3)]);
@@ -1171,7 +1189,7 @@ mod tests {
         );
         // The first scrape started a walk; a later scrape reports it.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while walks.load(Ordering::SeqCst) < 2 {
+        while walks.load(Ordering::SeqCst) < 3 {
             assert!(Instant::now() < deadline, "no walk");
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -1179,6 +1197,11 @@ mod tests {
         assert_eq!(
             value(&text, "xlb_map_entries{map=\"conntrack\"}").as_deref(),
             Some("16384"),
+            "{text}"
+        );
+        assert_eq!(
+            value(&text, "xlb_map_entries{map=\"sockets\"}").as_deref(),
+            Some("12"),
             "{text}"
         );
         assert_eq!(
